@@ -2,6 +2,11 @@
 """A transformer in plain NumPy, built chapter by chapter in the book's notebooks."""
 
 from .data import *  # noqa: F403  (notebooks/01_data.py)
+from .layers import *  # noqa: F403  (notebooks/02_layers.py)
+from .attention import *  # noqa: F403  (notebooks/03_attention.py)
+from .transformer import *  # noqa: F403  (notebooks/04_transformer.py)
+from .training import *  # noqa: F403  (notebooks/05_training.py)
+from .evaluation import *  # noqa: F403  (notebooks/06_evaluation.py)
 
 __all__ = [
     "OPERATIONS",
@@ -23,4 +28,46 @@ __all__ = [
     "Batch",
     "pad_sequences",
     "create_batch",
+    "DEFAULT_DTYPE",
+    "row_max",
+    "row_sum",
+    "Parameter",
+    "Module",
+    "Linear",
+    "Embedding",
+    "PositionalEncoding",
+    "LayerNorm",
+    "ReLU",
+    "Softmax",
+    "relative_error",
+    "numerical_gradient",
+    "gradient_check",
+    "NEG_INF",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+    "MultiHeadAttention",
+    "READOUTS",
+    "FeedForward",
+    "TransformerBlock",
+    "Transformer",
+    "CrossEntropyLoss",
+    "flatten_parameters",
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "clip_grad_norm",
+    "warmup_cosine",
+    "evaluate",
+    "train_one_epoch",
+    "History",
+    "fit",
+    "save_model",
+    "load_model",
+    "ARTIFACTS",
+    "REFERENCE_PATH",
+    "REFERENCE_CONFIG",
+    "default_splits",
+    "train_reference_model",
+    "load_or_train_reference",
+    "predict",
 ]
