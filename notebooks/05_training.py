@@ -6,8 +6,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 5. Training
 #
