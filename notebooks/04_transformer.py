@@ -708,7 +708,8 @@ show_error(lambda: model(np.array([good, good[:3] + [25] + good[4:]])),
            "token id 25 at position (1, 3) (sequence 1, token 3) is out of range 0–19")
 show_error(lambda: model(np.array([[-1] + good[1:]])), "token id -1 at position (0, 0)")
 # what NumPy alone would have done with id -1: silently return the last token's row
-assert np.array_equal(model.embedding(np.array([[-1]]))[0, 0], model.embedding.W.data[VOCAB_SIZE - 1])
+W_E = model.embedding.W.data
+assert np.array_equal(W_E[np.array([[-1]])][0, 0], W_E[VOCAB_SIZE - 1])
 show_error(lambda: model(np.ones((1, 65), dtype=int)), "sequence length 65 exceeds max_len 64")
 show_error(lambda: model(ids, mask[:, :-1]), "mask shape (4, 8) does not match ids shape (4, 9)")
 show_error(lambda: model(np.array([good, [PAD_ID] * 7])), "sequence 1 has no real tokens")
