@@ -130,7 +130,7 @@ def plot_training_curves(history: dict):
     return fig
 
 
-# %%
+# %% tags=["full-width"]
 fig = plot_training_curves(history)
 plt.show()
 
@@ -354,7 +354,7 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=fontsize + 2)
     if fmt is not None:
         for (i, j), v in np.ndenumerate(values):
             if hide_below is not None and v < hide_below:
@@ -380,7 +380,7 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789
                         fmt="{:d}", hide_below=1, fontsize=7)
 
 
-# %%
+# %% tags=["full-width"]
 fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), constrained_layout=True)
 matrices = {}
 for ax, op in zip(axes, OPERATIONS):
@@ -517,7 +517,7 @@ show_error(lambda: predict(model, 42), "predict expects a text or a list of text
 def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax=None, title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
-                   ylabel: str = "query (attending from)"):
+                   ylabel: str = "query (attending from)", fontsize: int = 9):
     """Heatmap of one attention matrix, colour scale 0..1.
 
     Parameters
@@ -534,7 +534,8 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax=None, title: s
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
     ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel, ylabel=ylabel,
-                      vmin=0, vmax=1, colorbar_label="attention weight" if colorbar else None)
+                      vmin=0, vmax=1, colorbar_label="attention weight" if colorbar else None,
+                      fontsize=fontsize)
     if highlight_row is not None:
         ax.add_patch(plt.Rectangle((-0.5, highlight_row - 0.5), len(tokens), 1,
                                    fill=False, edgecolor="red", lw=2))
@@ -566,15 +567,15 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
         for h, (w, name) in enumerate(zip(panels, names)):
             ax = axes[l, h]
             plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}", row_labels=row_labels,
-                           colorbar=False, highlight_row=highlight_row,
+                           colorbar=False, highlight_row=highlight_row, fontsize=10,
                            xlabel=xlabel if l == L - 1 else "", ylabel=ylabel if h == 0 else "")
     fig.colorbar(axes[0, 0].images[0], ax=axes, shrink=0.8, label="attention weight")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=13)
     return fig
 
 
-# %%
+# %% tags=["full-width"]
 def tokens_of(text: str) -> list[str]:
     """The model's input tokens, as labels: 'Max(4, 9, 1)' -> ['Max', '(', '4', ..., '[EOS]']."""
     return detokenize(encode(text)).split()
@@ -618,7 +619,7 @@ assert readout[0, i, :, 3].max() > 0.9
 # operation gives the typical picture: in each panel, one row per operation, one column per
 # position. Positions replace tokens here, since the digits change from input to input.
 
-# %%
+# %% tags=["full-width"]
 POSITIONS = ["operation", "(", "argument 1", "argument 2", "argument 3", ")", "[EOS]"]
 mean_readout = np.stack([readout[:, ops == op].mean(axis=1) for op in OPERATIONS], axis=2)  # (L, H, O, T)
 fig = plot_attention_grid(mean_readout, POSITIONS, row_labels=OPERATIONS, ylabel="operation",
@@ -747,7 +748,7 @@ def plot_head_scores(hs: HeadScores, title: str = ""):
     return fig
 
 
-# %%
+# %% tags=["full-width"]
 THRESHOLD = 0.9       # "the head does this": at least 90% of its read-out attention, on average
 hs = head_scores(readout, everything)
 fig = plot_head_scores(hs, title="Head detector: the share of [EOS]'s attention that lands where "
@@ -1010,7 +1011,7 @@ assert all(share > 1 / 7 + 0.05 for share in args_to_op.values())  # well above 
 # at the position of argument 2 (at the other two positions the scores differ by less than
 # 1.5, checked below) and the operations at position 0.
 
-# %%
+# %% tags=["full-width"]
 att1 = model.blocks[0].attention
 E_all, pe = model.embedding.W.data, model.pos_encoding.pe                 # (V, D), (max_len, D)
 H, d_k = att1.num_heads, att1.d_k
@@ -1150,7 +1151,7 @@ def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndar
 #    over all inputs and all three positions (each digit occurs equally often at each
 #    position, so the position averages out).
 
-# %%
+# %% tags=["full-width"]
 model.eval()                                                      # direct calls below: no caches
 E = model.embedding.W.data.astype(np.float64)                     # (V, D)
 E_init = Transformer(**model.config).embedding.W.data.astype(np.float64)
@@ -1364,7 +1365,7 @@ for name, acc in broken.items():
 # Where does `[EOS]` look in a four-argument `Last` puzzle? The figure shows one the model
 # gets wrong.
 
-# %%
+# %% tags=["full-width"]
 last4 = [i for i, ex in enumerate(four) if ex.op == "Last"]
 wrong = [i for i in last4 if four_logits[i].argmax() != four[i].target]
 i = wrong[0]

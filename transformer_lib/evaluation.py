@@ -187,7 +187,7 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=fontsize + 2)
     if fmt is not None:
         for (i, j), v in np.ndenumerate(values):
             if hide_below is not None and v < hide_below:
@@ -268,7 +268,7 @@ def predict(model: Transformer, text, return_probs: bool = False, strict: bool =
 def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax=None, title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
-                   ylabel: str = "query (attending from)"):
+                   ylabel: str = "query (attending from)", fontsize: int = 9):
     """Heatmap of one attention matrix, colour scale 0..1.
 
     Parameters
@@ -285,7 +285,8 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax=None, title: s
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
     ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel, ylabel=ylabel,
-                      vmin=0, vmax=1, colorbar_label="attention weight" if colorbar else None)
+                      vmin=0, vmax=1, colorbar_label="attention weight" if colorbar else None,
+                      fontsize=fontsize)
     if highlight_row is not None:
         ax.add_patch(plt.Rectangle((-0.5, highlight_row - 0.5), len(tokens), 1,
                                    fill=False, edgecolor="red", lw=2))
@@ -317,11 +318,11 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
         for h, (w, name) in enumerate(zip(panels, names)):
             ax = axes[l, h]
             plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}", row_labels=row_labels,
-                           colorbar=False, highlight_row=highlight_row,
+                           colorbar=False, highlight_row=highlight_row, fontsize=10,
                            xlabel=xlabel if l == L - 1 else "", ylabel=ylabel if h == 0 else "")
     fig.colorbar(axes[0, 0].images[0], ax=axes, shrink=0.8, label="attention weight")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=13)
     return fig
 
 
