@@ -38,7 +38,9 @@ function check(i) {
   }
   const frame = document.createElement("iframe");
   frame.style.width = "1280px"; frame.style.height = "20000px";
-  frame.onload = () => {
+  frame.onload = async () => {
+    const mj = frame.contentWindow.MathJax;
+    if (mj && mj.startup && mj.startup.promise) await mj.startup.promise;  // equations typeset
     const doc = frame.contentDocument;
     const main = doc.querySelector("main") || doc.body;
     const h1 = main.querySelector("h1");
@@ -52,6 +54,8 @@ function check(i) {
       tracebacks: main.querySelectorAll(".output.traceback, .traceback").length,
       stderr: [...main.querySelectorAll(".output.stderr")].map(e => e.textContent.slice(0, 300)),
       traceback_text: main.textContent.includes("Traceback (most recent call last)"),
+      math: main.querySelectorAll(".math").length,
+      typeset: main.querySelectorAll("mjx-container").length,
     });
     frame.remove();
     check(i + 1);
@@ -121,6 +125,8 @@ def test_chapter_page_in_browser(report, chapter):
     assert not broken, f"{chapter}: images that did not load or have no size: {broken}"
     assert page["tracebacks"] == 0 and not page["traceback_text"], f"{chapter}: the page shows a traceback"
     assert not page["stderr"], f"{chapter}: the page shows error output (stderr): {page['stderr']}"
+    assert page["typeset"] >= page["math"], \
+        f"{chapter}: {page['math']} equations but only {page['typeset']} typeset by MathJax (is it served locally?)"
 
 
 def test_screenshots(site):
