@@ -27,6 +27,15 @@
 # This chapter turns puzzles into numbers a model can eat: a vocabulary, a tokenizer, a
 # random generator of examples, an honest train/validation/test split, and padded batches.
 # Cells marked `export` become the module `transformer_lib.data`, which later chapters import.
+#
+# **In this chapter** you will
+#
+# - define the 20-token vocabulary and turn text into token ids and back (`tokenize`,
+#   `detokenize`), with errors that say exactly what is wrong and where;
+# - fix the model's canonical input (`encode`): `Max(5, 3, 9)` becomes `Max ( 5 3 9 ) [EOS]`;
+# - generate random puzzles and see why only 5,000 distinct inputs exist;
+# - measure how a naive split leaks test inputs into training, and split without leaking;
+# - pad sequences of different lengths into a batch with a mask that marks the real tokens.
 
 # %% [markdown]
 # ## The vocabulary
@@ -720,3 +729,56 @@ print(", ".join(transformer_lib.data.__all__))
 # %% [markdown]
 # Chapter 2 builds the layers the model is made of, each with its forward and backward pass
 # written by hand.
+
+# %% [markdown]
+# ## Summary
+#
+# - The vocabulary has 20 tokens: `[PAD]`, `[EOS]`, ten digits, five operations and `( ) ,`.
+#   `tokenize` and `detokenize` round-trip exactly; bad input raises a `ValueError` that names
+#   the piece and its position.
+# - The model always sees the canonical form from `encode`: commas dropped, one `[EOS]` at the
+#   end, where chapter 4 will read the answer.
+# - With three digits and five operations there are only 5,000 distinct inputs, so random
+#   examples repeat; `split_dataset` de-duplicates before splitting, and no validation or test
+#   input ever reaches training. `all_examples()` gives the whole language for evaluation.
+# - `create_batch` pads on the right to the longest sequence and returns ids `(B, T)`, a mask
+#   `(B, T)` that is `True` for real tokens, and the answer ids `(B,)`.
+#
+# ## Exercises
+#
+# 1. How many distinct inputs does the language have with four arguments, and what fraction of
+#    them would 10,000 random examples cover? Compute both, then check with `generate_dataset`.
+# 2. `Max` answers skew high. What is the exact probability that `Max` of three random digits
+#    is 9? Derive it, then check it against `all_examples()`.
+# 3. Write `batches(examples, batch_size, rng)` that yields shuffled `Batch`es covering every
+#    example exactly once per epoch.
+
+# %% tags=["hide-cell"]
+# Solution 1: 5 operations x 10**4 digit strings; the expected number of distinct inputs among
+# n draws from N equally likely ones is N * (1 - (1 - 1/N)**n).
+N4 = len(OPERATIONS) * 10**4
+expected = N4 * (1 - (1 - 1 / N4) ** 10_000)
+seen = len({(ex.op, ex.args) for ex in generate_dataset(10_000, seed=0, num_args=4)})
+print(f"{N4:,} inputs; expected distinct {expected:,.0f} ({expected / N4:.1%}), measured {seen:,}")
+assert N4 == 50_000 and abs(seen - expected) < 100
+
+# %% tags=["hide-cell"]
+# Solution 2: Max is 9 unless all three digits are below 9: 1 - 0.9**3 = 0.271.
+p_nine = 1 - 0.9**3
+counted = sum(ex.answer == 9 for ex in all_examples() if ex.op == "Max") / 1000
+print(f"P(Max = 9) = {p_nine:.3f}; counted over all inputs: {counted:.3f}")
+assert abs(p_nine - counted) < 1e-12
+
+# %% tags=["hide-cell"]
+# Solution 3: shuffle indices once per epoch, then slice.
+def batches(examples, batch_size, rng):
+    order = rng.permutation(len(examples))
+    for start in range(0, len(order), batch_size):
+        yield create_batch([examples[i] for i in order[start:start + batch_size]])
+
+
+small = generate_dataset(100, seed=3)
+got = [b for b in batches(small, 32, np.random.default_rng(0))]
+assert [len(b.targets) for b in got] == [32, 32, 32, 4]
+assert sorted(t for b in got for t in b.targets.tolist()) == sorted(ex.target for ex in small)
+print("batch sizes", [len(b.targets) for b in got])
