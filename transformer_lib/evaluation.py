@@ -19,7 +19,7 @@ def _pyplot():
     return plt
 
 
-def plot_training_curves(history: dict):
+def plot_training_curves(history: dict) -> "plt.Figure":
     """Step loss, epoch losses and validation accuracy of a training run.
 
     Parameters
@@ -62,7 +62,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def forward_with_attention(model: Transformer, ids: np.ndarray, mask: np.ndarray | None = None):
+def forward_with_attention(model: Transformer, ids: np.ndarray,
+                           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run the model in evaluation mode and keep every layer's attention weights.
 
     Parameters
@@ -153,11 +154,11 @@ def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
     return np.bincount(rows * (C + 1) + cols, minlength=C * (C + 1)).reshape(C, C + 1)
 
 
-def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], ax=None,
+def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], ax: "plt.Axes | None" = None,
                  title: str | None = None, xlabel: str = "", ylabel: str = "", cmap: str = "viridis",
                  vmin: float | None = None, vmax: float | None = None,
                  colorbar_label: str | None = None, fmt: str | None = None,
-                 hide_below: float | None = None, fontsize: int = 8):
+                 hide_below: float | None = None, fontsize: int = 8) -> "plt.Axes":
     """A labelled heatmap: the building block of every matrix figure in this chapter.
 
     Parameters
@@ -201,8 +202,8 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
     return ax
 
 
-def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"), ax=None,
-                   title: str = "Confusion matrix", extra_label: str = "other"):
+def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"), ax: "plt.Axes | None" = None,
+                   title: str = "Confusion matrix", extra_label: str = "other") -> "plt.Axes":
     """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a colour bar.
 
     Returns the matplotlib Axes (a new figure if ``ax`` is None).
@@ -213,7 +214,8 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789
                         fmt="{:d}", hide_below=1, fontsize=7)
 
 
-def predict(model: Transformer, text, return_probs: bool = False, strict: bool = True):
+def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = False,
+            strict: bool = True) -> str | tuple[str, float] | list:
     """Answer puzzles: ``predict(model, "Max(5, 3, 9)")`` returns ``"9"``.
 
     Parameters
@@ -265,10 +267,11 @@ def predict(model: Transformer, text, return_probs: bool = False, strict: bool =
     return answers[0] if single else answers
 
 
-def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax=None, title: str | None = None,
+def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | None" = None,
+                   title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
-                   ylabel: str = "query (attending from)", fontsize: int = 9):
+                   ylabel: str = "query (attending from)", fontsize: int = 9) -> "plt.Axes":
     """Heatmap of one attention matrix, colour scale 0..1.
 
     Parameters
@@ -295,7 +298,7 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax=None, title: s
 
 def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str = "",
                         row_labels: Sequence[str] | None = None, highlight_row: int | None = None,
-                        xlabel: str = "key (attended to)", ylabel: str = "query"):
+                        xlabel: str = "key (attended to)", ylabel: str = "query") -> "plt.Figure":
     """Every head of every layer, plus the mean over heads, with one shared colour bar.
 
     Parameters
@@ -377,7 +380,7 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
     return HeadScores(scores, chance, present, hypotheses)
 
 
-def plot_head_scores(hs: HeadScores, title: str = ""):
+def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
     """One panel per operation: heads (rows) x hypotheses (columns), scores written in.
 
     Returns the matplotlib Figure.
@@ -400,7 +403,7 @@ def plot_head_scores(hs: HeadScores, title: str = ""):
 
 
 def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray | None = None,
-                          blocked: dict | None = None):
+                          blocked: dict | None = None) -> np.ndarray:
     """The model's forward pass (evaluation mode) with chosen attention edges removed.
 
     Parameters
@@ -510,8 +513,8 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndarray | None = None,
-                      ax=None, title: str | None = None, explained: np.ndarray | None = None,
-                      colorbar_label: str = "digit value"):
+                      ax: "plt.Axes | None" = None, title: str | None = None, explained: np.ndarray | None = None,
+                      colorbar_label: str = "digit value") -> "plt.Axes":
     """Scatter 2-D points, each written with its label and coloured by ``values``.
 
     Returns the matplotlib Axes.

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import transformer_lib
-from transformer_lib.data import Batch, create_batch, generate_dataset, split_dataset
+from transformer_lib.data import Batch, Example, create_batch, generate_dataset, split_dataset
 from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
 
@@ -200,7 +200,7 @@ def _as_batch(data) -> Batch:
     return data if isinstance(data, Batch) else create_batch(list(data))
 
 
-def evaluate(model: Transformer, data, batch_size: int = 2048) -> dict:
+def evaluate(model: Transformer, data: Batch | Sequence[Example], batch_size: int = 2048) -> dict:
     """Mean loss and accuracy of the model on data (a Batch or a list of Examples).
 
     Runs in eval mode (no layer caches activations for a backward pass) and restores the
@@ -275,7 +275,7 @@ class History:
 OPTIMIZERS = ("adam", "sgd")
 
 
-def fit(model: Transformer, train, val, *, epochs: int = 10, batch_size: int = 32,
+def fit(model: Transformer, train: Batch | Sequence[Example], val: Batch | Sequence[Example], *, epochs: int = 10, batch_size: int = 32,
         lr: float = 3e-3, warmup: int = 50, clip: float | None = 1.0,
         weight_decay: float = 0.0, seed: int = 0, optimizer: str = "adam",
         progress: bool = True, stop_at_accuracy: float | None = None,
@@ -352,13 +352,13 @@ REFERENCE_CONFIG = dict(vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_
 REFERENCE_EPOCHS = 8
 
 
-def default_splits(seed: int = 0):
+def default_splits(seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
     """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input."""
     return split_dataset(generate_dataset(10_000, seed=seed), seed=seed)
 
 
 def train_reference_model(seed: int = 0, epochs: int = REFERENCE_EPOCHS,
-                          progress: bool = True):
+                          progress: bool = True) -> tuple[Transformer, "History"]:
     """Train the reference model on the training split only; return (model, history)."""
     train, val, _ = default_splits()
     model = Transformer(**REFERENCE_CONFIG, seed=seed)
@@ -378,7 +378,7 @@ def _to_json(value):
                     "is not JSON-serialisable")
 
 
-def save_model(model: Transformer, path, **metadata) -> Path:
+def save_model(model: Transformer, path: str | Path, **metadata) -> Path:
     """Write the model's config, metadata and every parameter to an .npz file, atomically.
 
     Writes a temporary file in the same directory, then renames it to `path`. metadata
@@ -401,7 +401,7 @@ def save_model(model: Transformer, path, **metadata) -> Path:
     return path
 
 
-def load_model(path) -> Transformer:
+def load_model(path: str | Path) -> Transformer:
     """Rebuild a Transformer from a file written by save_model (allow_pickle=False).
 
     The model is returned in training mode, with its metadata in ``model.metadata``.
@@ -446,7 +446,7 @@ def load_model(path) -> Transformer:
     return model
 
 
-def load_or_train_reference(path=REFERENCE_PATH, seed: int = 0,
+def load_or_train_reference(path: str | Path = REFERENCE_PATH, seed: int = 0,
                             progress: bool = False) -> Transformer:
     """Load the saved reference model, or train it deterministically and save it.
 
