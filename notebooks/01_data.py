@@ -208,28 +208,40 @@ assert detokenize(np.array([12, 17, 3, 18])) == "First ( 1 )"
 # ### When the input is wrong
 #
 # A tokenizer that guesses hides mistakes, so ours refuses and says why. The helper below runs
-# a call, checks that it raises a `ValueError` whose message contains the expected words, and
-# prints the message (it is not exported; it only keeps this chapter's checks short).
+# a call, checks that it raises the expected error whose message contains the expected words,
+# and prints the message. Every chapter uses it to show (and test) its error messages, so it is
+# exported with the data module.
 
-# %%
-def show_error(call, expected_words: str) -> None:
-    """Run call(); assert it raises ValueError mentioning expected_words; print it."""
+# %% tags=["export"]
+from typing import Callable
+
+
+def show_error(call: Callable[[], object], error_type: type[Exception], expected_words: str,
+               hide: str | None = None) -> None:
+    """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its message.
+
+    Prints the message, so the book shows the error a reader would see; fails (AssertionError)
+    if nothing is raised or the message is different. ``hide`` replaces a varying part of the
+    message (e.g. a temporary path) with ``<tmp>``.
+    """
     try:
         call()
-    except ValueError as error:
-        assert expected_words in str(error), f"unexpected message: {error}"
-        print(f"ValueError: {error}")
+    except error_type as error:
+        message = str(error) if hide is None else str(error).replace(hide, "<tmp>")
+        assert expected_words in message, f"unexpected message: {message}"
+        print(f"{type(error).__name__}: {message}")
     else:
-        raise AssertionError(f"expected a ValueError mentioning {expected_words!r}")
+        raise AssertionError(f"expected {error_type.__name__} mentioning {expected_words!r}")
 
 
+# %%
 show_error(lambda: tokenize("max(5, 3, 9)"),
-           "unknown token 'max' at position 0 (character 0) — did you mean 'Max'?")
+           ValueError, "unknown token 'max' at position 0 (character 0) — did you mean 'Max'?")
 show_error(lambda: tokenize("Max(5, 12, 9)"),
-           "unknown token '12' at position 4 (character 7): only single digits 0–9")
-show_error(lambda: tokenize("   "), "empty input")
+           ValueError, "unknown token '12' at position 4 (character 7): only single digits 0–9")
+show_error(lambda: tokenize("   "), ValueError, "empty input")
 show_error(lambda: detokenize([15, 17, 5, 20]),
-           "token id 20 at position 3 is out of range 0–19")
+           ValueError, "token id 20 at position 3 is out of range 0–19")
 
 
 # %% [markdown]
@@ -317,10 +329,10 @@ assert encode("Max(5, 3, 9)") == encode("Max ( 5 3 9 )") == encode("Max ( 5 3 9 
 assert detokenize(encode("Max(5, 3, 9)")) == "Max ( 5 3 9 ) [EOS]"
 assert len(encode("Max(5, 3, 9)")) == 3 + 4  # 3 digits, operation, (, ) and [EOS]
 
-show_error(lambda: encode("Max ( 5 3 9"), "expected ')' at position 5, got end of input")
-show_error(lambda: encode("Max ( )"), "expected a digit 0–9 at position 2, got ')'")
+show_error(lambda: encode("Max ( 5 3 9"), ValueError, "expected ')' at position 5, got end of input")
+show_error(lambda: encode("Max ( )"), ValueError, "expected a digit 0–9 at position 2, got ')'")
 show_error(lambda: encode("( 5 3 ) Max"),
-           "expected an operation (First, Second, Last, Max, Min) at position 0, got '('")
+           ValueError, "expected an operation (First, Second, Last, Max, Min) at position 0, got '('")
 
 print(detokenize(encode("Max ( 5 3 9", strict=False)), " <- strict=False")
 assert encode(") Max 5 (", strict=False)[-1] == EOS_ID
@@ -470,9 +482,9 @@ assert generate_dataset(100, seed=1) != generate_dataset(100, seed=2)
 assert generate_dataset(0) == []
 assert apply_operation("Second", (5, 3, 9)) == apply_operation("Min", (5, 3, 9)) == 3
 
-show_error(lambda: generate_dataset(-5), "n must be a non-negative integer, got -5")
+show_error(lambda: generate_dataset(-5), ValueError, "n must be a non-negative integer, got -5")
 show_error(lambda: generate_example(np.random.default_rng(0), operations=("Max", "Mean")),
-           "unknown operation 'Mean'; expected one of First, Second, Last, Max, Min")
+           ValueError, "unknown operation 'Mean'; expected one of First, Second, Last, Max, Min")
 
 # %% [markdown]
 # ## What the answers look like
@@ -607,7 +619,7 @@ assert not train_in & val_in and not train_in & test_in and not val_in & test_in
 assert split_dataset(dataset, seed=0) == (train, val, test)
 
 show_error(lambda: split_dataset(dataset, fractions=(0.8, 0.1, 0.2)),
-           "summing to 1, got (0.8, 0.1, 0.2) (sum 1.1)")
+           ValueError, "summing to 1, got (0.8, 0.1, 0.2) (sum 1.1)")
 
 # %% [markdown]
 # Since there are only 5,000 inputs, we can also skip sampling altogether: `all_examples()` is
@@ -713,7 +725,7 @@ ids, mask = pad_sequences([encode("Min(4, 2)"), long_ids])
 print(ids, mask.sum(axis=1), sep="\n")
 assert ids.shape == (2, 12) and mask.sum(axis=1).tolist() == [6, 12]
 
-show_error(lambda: pad_sequences([]), "cannot pad an empty list of sequences")
+show_error(lambda: pad_sequences([]), ValueError, "cannot pad an empty list of sequences")
 
 # %% [markdown]
 # ## What we built

@@ -409,20 +409,11 @@ assert np.all(big.b.data == 0)
 
 # %% [markdown]
 # A wrong input size fails right away, with the two sizes in the message. The helper
-# `show_error` (not exported) runs a call, asserts that it raises the expected error type with
-# the expected words, and prints the message.
+# `show_error` (from chapter 1) runs a call, asserts that it raises the expected error type
+# with the expected words, and prints the message.
 
 # %%
-def show_error(call: Callable[[], object], error_type: type[Exception], expected_words: str):
-    """Run call(); assert it raises error_type mentioning expected_words; print the message."""
-    try:
-        call()
-    except error_type as error:
-        assert expected_words in str(error), f"unexpected message: {error}"
-        print(f"{error_type.__name__}: {error}")
-    else:
-        raise AssertionError(f"expected a {error_type.__name__} mentioning {expected_words!r}")
-
+from transformer_lib.data import show_error
 
 show_error(lambda: Linear(64, 16)(np.zeros((2, 5, 32), dtype=np.float32)), ValueError,
            "Linear expected input with last dimension 64, got 32")

@@ -284,18 +284,7 @@ for op, beta, answer in (("Max", 10.0, 9), ("Min", -10.0, 3)):
 # not "close to"), and the output keeps the query axis and the value width.
 
 # %%
-def show_error(call, expected_words: str) -> None:
-    """Run call(); assert it raises ValueError mentioning expected_words; print it."""
-    try:
-        call()
-    except ValueError as error:
-        assert expected_words in str(error), f"unexpected message: {error}"
-        print(f"ValueError: {error}")
-    else:
-        raise AssertionError(f"expected a ValueError mentioning {expected_words!r}")
-
-
-from transformer_lib.data import pad_sequences
+from transformer_lib.data import pad_sequences, show_error
 
 ids, mask = pad_sequences([encode("Max(5, 3, 9)"), encode("Min(4, 2)")])  # (2, 7) each
 B, T = ids.shape
@@ -328,8 +317,8 @@ assert (Q / np.sqrt(d_k)).dtype == np.float64
 assert (Q / np.sqrt(d_k).astype(Q.dtype)).dtype == np.float32
 
 show_error(lambda: scaled_dot_product_attention(Q, K, V, mask[:, :5]),
-           "mask has shape (2, 5) but the keys have shape (2, 2, 7, 4)")
-show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V), "do not fit")
+           ValueError, "mask has shape (2, 5) but the keys have shape (2, 2, 7, 4)")
+show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V), ValueError, "do not fit")
 
 # %% [markdown]
 # ## The backward pass, step by step
@@ -794,13 +783,13 @@ assert leak > 1e-2
 # mask from a different batch:
 
 # %%
-show_error(lambda: mha(x[0]), "expects x of shape (B, T, d_model), got a 2-D array of "
+show_error(lambda: mha(x[0]), ValueError, "expects x of shape (B, T, d_model), got a 2-D array of "
                               "shape (7, 16); for a single sequence add a batch axis, x[None]")
-show_error(lambda: mha(x[..., :8]), "x has last dimension 8 but d_model is 16")
+show_error(lambda: mha(x[..., :8]), ValueError, "x has last dimension 8 but d_model is 16")
 show_error(lambda: mha(np.zeros((2, 6, d_model)), mask[:, :5]),
-           "mask has shape (2, 5) but x has batch 2 and length 6")
+           ValueError, "mask has shape (2, 5) but x has batch 2 and length 6")
 show_error(lambda: MultiHeadAttention(16, 3),
-           "d_model=16 is not divisible by num_heads=3")
+           ValueError, "d_model=16 is not divisible by num_heads=3")
 
 # %% [markdown]
 # ### Gradient check of the layer

@@ -36,18 +36,8 @@ from matplotlib.patches import FancyBboxPatch
 
 from transformer_lib.data import (ID_TO_TOKEN, PAD_ID, VOCAB_SIZE, create_batch, encode,
                                   generate_example)
+from transformer_lib.data import show_error  # chapter 1: assert an error and print it
 from transformer_lib.layers import LayerNorm, gradient_check
-
-
-def show_error(call, expected_words: str) -> None:
-    """Run call(); assert it raises ValueError mentioning expected_words; print it."""
-    try:
-        call()
-    except ValueError as error:
-        assert expected_words in str(error), f"unexpected message: {error}"
-        print(f"ValueError: {error}")
-    else:
-        raise AssertionError(f"expected a ValueError mentioning {expected_words!r}")
 
 
 # %% [markdown]
@@ -702,18 +692,18 @@ print("both read-outs equal the weighted sums of the final hidden states")
 
 # %%
 good = encode("Max(5, 3, 9)")
-show_error(lambda: model(np.array(good)), "ids must be a 2-D array (B, T) of token ids, got shape (7,)")
-show_error(lambda: model(np.array([good], dtype=float)), "ids must be integer token ids")
+show_error(lambda: model(np.array(good)), ValueError, "ids must be a 2-D array (B, T) of token ids, got shape (7,)")
+show_error(lambda: model(np.array([good], dtype=float)), ValueError, "ids must be integer token ids")
 show_error(lambda: model(np.array([good, good[:3] + [25] + good[4:]])),
-           "token id 25 at position (1, 3) (sequence 1, token 3) is out of range 0–19")
-show_error(lambda: model(np.array([[-1] + good[1:]])), "token id -1 at position (0, 0)")
+           ValueError, "token id 25 at position (1, 3) (sequence 1, token 3) is out of range 0–19")
+show_error(lambda: model(np.array([[-1] + good[1:]])), ValueError, "token id -1 at position (0, 0)")
 # what NumPy alone would have done with id -1: silently return the last token's row
 W_E = model.embedding.W.data
 assert np.array_equal(W_E[np.array([[-1]])][0, 0], W_E[VOCAB_SIZE - 1])
-show_error(lambda: model(np.ones((1, 65), dtype=int)), "sequence length 65 exceeds max_len 64")
-show_error(lambda: model(ids, mask[:, :-1]), "mask shape (4, 8) does not match ids shape (4, 9)")
-show_error(lambda: model(np.array([good, [PAD_ID] * 7])), "sequence 1 has no real tokens")
-show_error(lambda: Transformer(readout="cls"), "unknown readout 'cls'; choose one of ('eos', 'mean')")
+show_error(lambda: model(np.ones((1, 65), dtype=int)), ValueError, "sequence length 65 exceeds max_len 64")
+show_error(lambda: model(ids, mask[:, :-1]), ValueError, "mask shape (4, 8) does not match ids shape (4, 9)")
+show_error(lambda: model(np.array([good, [PAD_ID] * 7])), ValueError, "sequence 1 has no real tokens")
+show_error(lambda: Transformer(readout="cls"), ValueError, "unknown readout 'cls'; choose one of ('eos', 'mean')")
 
 # %% [markdown]
 # ## Counting the parameters

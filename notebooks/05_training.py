@@ -63,20 +63,8 @@ import matplotlib.pyplot as plt
 
 from transformer_lib.data import (ID_TO_TOKEN, all_examples, create_batch, generate_dataset,
                                   generate_example)
+from transformer_lib.data import show_error  # chapter 1: assert an error and print it
 from transformer_lib.layers import numerical_gradient, relative_error
-
-
-def show_error(call, error_type, expected_words: str, hide: str | None = None) -> None:
-    """Run call(); assert it raises error_type mentioning expected_words; print it."""
-    try:
-        call()
-    except error_type as error:
-        message = str(error) if hide is None else str(error).replace(hide, "<tmp>")
-        assert expected_words in message, f"unexpected message: {message}"
-        print(f"{type(error).__name__}: {message}")
-    else:
-        raise AssertionError(f"expected {error_type.__name__} "
-                             f"mentioning {expected_words!r}")
 
 
 # %% [markdown]

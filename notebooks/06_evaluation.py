@@ -480,27 +480,17 @@ assert predict(model, [ex.text for ex in sample]) == [str(ex.answer) for ex in s
 
 
 # %% [markdown]
-# And when the input is not a puzzle, the error says what is wrong and where. The helper
-# below (not exported; the same as in chapter 1) asserts the type and the message of the
-# error and prints it.
+# And when the input is not a puzzle, the error says what is wrong and where. Chapter 1's
+# helper `show_error` asserts the type and the message of the error and prints it.
 
 # %%
-def show_error(call, expected_words: str) -> None:
-    """Run call(); assert it raises ValueError mentioning expected_words; print it."""
-    try:
-        call()
-    except ValueError as error:
-        assert expected_words in str(error), f"unexpected message: {error}"
-        print(f"ValueError: {error}")
-    else:
-        raise AssertionError(f"expected a ValueError mentioning {expected_words!r}")
+from transformer_lib.data import show_error
 
-
-show_error(lambda: predict(model, "max(5, 3, 9)"), "unknown token 'max' at position 0")
-show_error(lambda: predict(model, "Max(5, 12, 9)"), "only single digits 0–9 are tokens")
+show_error(lambda: predict(model, "max(5, 3, 9)"), ValueError, "unknown token 'max' at position 0")
+show_error(lambda: predict(model, "Max(5, 12, 9)"), ValueError, "only single digits 0–9 are tokens")
 show_error(lambda: predict(model, ["Max(1, 2, 3)", "Max(1, 2, 3"]),
-           "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
-show_error(lambda: predict(model, 42), "predict expects a text or a list of texts, got int")
+           ValueError, "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
+show_error(lambda: predict(model, 42), ValueError, "predict expects a text or a list of texts, got int")
 
 # %% [markdown]
 # ## Attention, one puzzle at a time
@@ -907,7 +897,7 @@ print(f"largest difference to the model's own forward pass: {difference:.1e} (fl
 assert difference < 1e-4 and (plain_logits.argmax(1) == predicted).all()
 assert np.allclose(plain_attention[1], attention[1], atol=1e-5)
 show_error(lambda: forward_with_knockout(model, batch.ids, batch.mask, {2: np.zeros((7, 7), bool)}),
-           "blocked names layer 2, but the model has layers 0..1")
+           ValueError, "blocked names layer 2, but the model has layers 0..1")
 
 # %% [markdown]
 # Five experiments, each on all 5,000 inputs. The masks are $(T, T)$ arrays with rows =
@@ -1309,11 +1299,11 @@ assert (margins > 0).all() and p_answer.min() > 0.7
 # the model ever sees it:
 
 # %%
-show_error(lambda: predict(model, "Mean(1, 2, 3)"), "unknown token 'Mean' at position 0")
-show_error(lambda: predict(model, "Max(5; 3; 9)"), "unknown token ';' at position 3")
-show_error(lambda: predict(model, "Max()"), "expected a digit 0–9 at position 2, got ')'")
-show_error(lambda: predict(model, "Max(5, 3, 9"), "expected ')' at position 7, got end of input")
-show_error(lambda: predict(model, "Max(5, 3, 9) 4"), "expected '[EOS]' or end of input at position 8")
+show_error(lambda: predict(model, "Mean(1, 2, 3)"), ValueError, "unknown token 'Mean' at position 0")
+show_error(lambda: predict(model, "Max(5; 3; 9)"), ValueError, "unknown token ';' at position 3")
+show_error(lambda: predict(model, "Max()"), ValueError, "expected a digit 0–9 at position 2, got ')'")
+show_error(lambda: predict(model, "Max(5, 3, 9"), ValueError, "expected ')' at position 7, got end of input")
+show_error(lambda: predict(model, "Max(5, 3, 9) 4"), ValueError, "expected '[EOS]' or end of input at position 8")
 
 # %% [markdown]
 # The grammar allows any number of digits, so `Max(1, 2, 3, 4)` is a valid puzzle, only

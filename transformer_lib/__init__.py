@@ -18,6 +18,7 @@ __all__ = [
     "EOS_ID",
     "tokenize",
     "detokenize",
+    "show_error",
     "encode",
     "Example",
     "apply_operation",

@@ -111,6 +111,27 @@ def detokenize(ids: Sequence[int] | np.ndarray, skip_pad: bool = True) -> str:
     return " ".join(ID_TO_TOKEN[i] for i in checked if not (skip_pad and i == PAD_ID))
 
 
+from typing import Callable
+
+
+def show_error(call: Callable[[], object], error_type: type[Exception], expected_words: str,
+               hide: str | None = None) -> None:
+    """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its message.
+
+    Prints the message, so the book shows the error a reader would see; fails (AssertionError)
+    if nothing is raised or the message is different. ``hide`` replaces a varying part of the
+    message (e.g. a temporary path) with ``<tmp>``.
+    """
+    try:
+        call()
+    except error_type as error:
+        message = str(error) if hide is None else str(error).replace(hide, "<tmp>")
+        assert expected_words in message, f"unexpected message: {message}"
+        print(f"{type(error).__name__}: {message}")
+    else:
+        raise AssertionError(f"expected {error_type.__name__} mentioning {expected_words!r}")
+
+
 _DIGITS = set("0123456789")
 
 
@@ -403,6 +424,7 @@ __all__ = [
     "EOS_ID",
     "tokenize",
     "detokenize",
+    "show_error",
     "encode",
     "Example",
     "apply_operation",
