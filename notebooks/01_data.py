@@ -20,7 +20,7 @@
 # | `Max ( 5 3 9 )` | `9` | the largest argument |
 # | `Min ( 5 3 9 )` | `3` | the smallest argument |
 #
-# The task is small enough to train in minutes on a laptop, yet the model has to learn what
+# The task is small enough to train in seconds on a laptop, yet the model has to learn what
 # attention is for: to answer `Second` it must look at one particular position; to answer `Max`
 # it must compare every argument.
 #

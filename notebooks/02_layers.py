@@ -283,8 +283,8 @@ class Module:
 # pass. There $X^\top G$ sums over all $B \cdot T$ positions in a single product. Without the
 # reshape we would need `B` products and then a sum over the batch, which builds a
 # `(B, in, out)` temporary, or an `einsum`. How much wall-clock time this saves depends on your
-# BLAS library and on how many cores are free. Chapter 5's benchmark measures whole training
-# steps.
+# BLAS library and on how many cores are free. `benchmarks/benchmark.py` measures whole
+# training steps.
 #
 # **Validation.** A wrong last dimension is the most common mistake when wiring layers
 # together. The forward pass checks it (one tuple comparison) and names both sizes.

@@ -878,7 +878,7 @@ plt.show()
 # ## How much the vectorisation buys
 #
 # The reference implementation and the layer compute the same thing. On a batch the size used in
-# training (32 puzzles of 8 tokens, $d_\text{model} = 64$, 4 heads), the loops cost this much more
+# training (32 sequences of 8 tokens, $d_\text{model} = 64$, 4 heads), the loops cost this much more
 # (timings vary from machine to machine, so they are printed, not tested):
 
 # %%

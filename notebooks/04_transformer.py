@@ -22,7 +22,7 @@
 #   sub-layers off;
 # - choose how the model turns a sequence into **one answer** (the *read-out*);
 # - count the **parameters** line by line;
-# - prove the model right with the seed task list's testing checklist: every shape, a non-zero,
+# - prove the model right with a testing checklist: every shape, a non-zero,
 #   finite gradient for every parameter, a gradient check of the whole model, and padding
 #   that changes nothing.
 #
@@ -132,11 +132,11 @@ draw_architecture()
 # `vocab_size`.
 #
 # **Post-norm.** The normalisation comes *after* the residual sum, as in the original paper
-# ("Attention Is All You Need", 2017) and in the seed task list ("Add & Norm"). Many recent
+# ("Attention Is All You Need", 2017; its "Add & Norm"). Many recent
 # models use *pre-norm*, `x = x + attention(norm1(x))`, which keeps a clean path from the output
 # back to the embedding and trains very deep stacks more easily (Xiong et al., "On Layer
-# Normalization in the Transformer Architecture", 2020). This book uses post-norm throughout,
-# as the seed does; the first exercise builds a pre-norm block for comparison.
+# Normalization in the Transformer Architecture", 2020). This book uses post-norm throughout;
+# the first exercise builds a pre-norm block for comparison.
 
 # %% [markdown]
 # ## The feed-forward network
@@ -271,7 +271,7 @@ assert max(errors.values()) <= 1e-6
 
 # %% tags=["export"]
 class TransformerBlock(Module):
-    """One post-norm transformer block (the 2017 paper's order, the seed's "Add & Norm").
+    """One post-norm transformer block (the 2017 paper's order, its "Add & Norm").
 
     ``x = norm1(x + attention(x, mask))`` then ``x = norm2(x + ffn(x))``.
 
@@ -350,7 +350,7 @@ assert len(errors) == 1 + 15 and errors[worst] <= 1e-6
 # %% [markdown]
 # ### Do the residual connections work?
 #
-# The seed asks us to verify it. Here is a test that isolates the residual path: set the output
+# We verify it with a test that isolates the residual path: set the output
 # weights of both sub-layers to zero (`W_o` of attention and `linear2` of the FFN, weights and
 # biases). Both sub-layers now output exactly zero, so the block computes
 # `norm2(norm1(x + 0) + 0)`: its output and its input gradient must be those of the two layer
@@ -594,8 +594,7 @@ class Transformer(Module):
 # %% [markdown]
 # ### Following the shapes
 #
-# The seed's testing checklist lists the shape after each stage: (B, L) → (B, L, D) → … → (B, V)
-# (it writes L for the sequence length we call T). The cell below walks a real batch through the
+# The shape after each stage should be (B, T) → (B, T, D) → … → (B, V). The cell below walks a real batch through the
 # reference model (`d_model=64`, 4 heads, 2 blocks, `d_ff=256`) one sub-layer at a time, writes
 # down every intermediate shape, and translates it back into symbols. Then it checks that the
 # walk computed exactly what `model(ids, mask)` computes, so the table describes the real
@@ -765,7 +764,7 @@ assert model.blocks[0].attention.W_k.b is None
 # %% [markdown]
 # ## The testing checklist
 #
-# The seed task list ends with a testing checklist. The shape tests are done (the table above).
+# Our testing checklist: the shape tests are done (the table above).
 # Here come the gradient tests, then padding.
 #
 # ### Every parameter gets a gradient, and a reasonable one
@@ -838,7 +837,7 @@ assert "[PAD]" in zero_rows and "," in zero_rows
 # %% [markdown]
 # ### Residual connections in the whole model
 #
-# The issue asks for the gradient that reaches the embedding when the blocks' sub-layers are
+# Now the gradient that reaches the embedding when the blocks' sub-layers are
 # zeroed. We zero the output projections of both sub-layers in *every* block, so attention and
 # FFN contribute nothing anywhere; the only way from the loss back to the embedding is then
 # through the residual connections (and the layer norms). With residuals the embedding still

@@ -13,7 +13,8 @@
 # with a backward pass checked against numerical gradients. But its weights are random, so its
 # answers are guesses. This chapter teaches it.
 #
-# The project we started from trained a model of the same size for 6.2 minutes and reached
+# The project this book grew out of (a first NumPy transformer written from a task list, before
+# this book; we call it *the original project*) trained a model of the same size for 6.2 minutes and reached
 # 93.5% or 99.2% test accuracy, depending on the seed, on a test set that mostly repeated its
 # training inputs (chapter 1 showed how that happens). Here the same size of model reaches
 # **100% on every one of the 5,000 possible inputs** after training on about 3,500 of them,
@@ -1344,8 +1345,8 @@ for ex, answer in wrong:
 wrong = [ex for ex, _ in wrong]
 assert [ex.text for ex in wrong] == ["Second ( 9 1 9 )"]
 assert not seen & {ex.text for ex in wrong}
-# Seed 1 misses one puzzle that it never trained on, and one whose answer it could easily
-# confuse: the 9s are First, Last and Max at once. Which seeds reach 100% is partly luck: the
+# Seed 1 misses a single puzzle, `Second ( 9 1 9 )`, which it never trained on and whose
+# answer is easy to confuse: the 9 is First, Last and Max at once. Which seeds reach 100% is partly luck: the
 # last few unseen inputs are decided by small differences between runs, and
 # benchmarks/benchmark.py reports five seeds. A claim of "100%" is a claim about one seed
 # unless it is measured over several.

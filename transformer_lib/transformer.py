@@ -49,7 +49,7 @@ class FeedForward(Module):
 
 
 class TransformerBlock(Module):
-    """One post-norm transformer block (the 2017 paper's order, the seed's "Add & Norm").
+    """One post-norm transformer block (the 2017 paper's order, its "Add & Norm").
 
     ``x = norm1(x + attention(x, mask))`` then ``x = norm2(x + ffn(x))``.
 
