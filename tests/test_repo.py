@@ -1,0 +1,78 @@
+"""Repository checks: the package matches the notebooks, and each notebook is paired, executed,
+titled and listed in the book. (nbval re-runs the notebooks themselves.)"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+FIX = "edit notebooks/NN_x.py, then run: .venv/bin/jupytext --sync --execute notebooks/NN_x.py"
+
+
+def test_there_are_notebooks():
+    assert SOURCES, "no notebooks/NN_topic.py found"
+
+
+def test_export_is_in_sync():
+    result = subprocess.run([sys.executable, "tools/export.py", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_notebook_is_paired():
+    assert [p.stem for p in SOURCES] == [p.stem for p in NOTEBOOKS], FIX
+
+
+def cells(notebook):
+    return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in notebook.cells]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_ipynb_matches_py(source):
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.exists(), f"{ipynb.name} is missing; {FIX}"
+    assert cells(jupytext.read(source)) == cells(jupytext.read(ipynb)), \
+        f"{ipynb.name} differs from {source.name}; {FIX}"
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_ipynb_is_executed_top_to_bottom(ipynb):
+    notebook = nbformat.read(ipynb, as_version=4)
+    assert notebook.metadata.get("kernelspec", {}).get("name") == "python3"
+    counts = [c.execution_count for c in notebook.cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), \
+        f"{ipynb.name} was not executed top to bottom in one run; {FIX}"
+    errors = [o for c in notebook.cells if c.cell_type == "code"
+              for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{ipynb.name} has stored errors"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_first_cell_is_numbered_title(source):
+    first = jupytext.read(source).cells[0]
+    number = int(source.name[:2])
+    assert first.cell_type == "markdown", f"{source.name}: first cell must be the title"
+    assert re.fullmatch(rf"# {number}\. \S.*", first.source.splitlines()[0]), \
+        f"{source.name}: first line must be '# {number}. Title', got {first.source[:60]!r}"
+
+
+def test_toc_lists_every_notebook_in_order():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    listed = [ch["file"] for part in toc.get("parts", []) for ch in part.get("chapters") or []]
+    notebooks = [f"notebooks/{p.stem}" for p in SOURCES]
+    assert [f for f in listed if f.startswith("notebooks/")] == notebooks
+
+
+def test_package_exports_its_public_names():
+    import transformer_lib
+
+    for name in transformer_lib.__all__:
+        assert hasattr(transformer_lib, name), name
