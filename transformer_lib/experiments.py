@@ -47,13 +47,14 @@ class ExperimentConfig:
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_layers", "d_ff", "batch_size", "epochs"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if not is_int or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}; each head gets d_model // num_heads")
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
+                             f"{self.num_heads}; each head gets d_model // num_heads")
 
     def but(self, **changes) -> "ExperimentConfig":
         """A copy with some fields changed: ``config.but(lr=1e-3, seed=2)``."""
@@ -262,7 +263,8 @@ def run_grid(base: ExperimentConfig, variants: dict[str, dict],
         Passed to ``run_experiment`` (not ``data``: cached results assume the book's data).
     """
     if "data" in kwargs and cache is not None:
-        raise ValueError("run_grid: the cache assumes the book's data; do not pass both data= and cache=")
+        raise ValueError("run_grid: the cache assumes the book's data; "
+                         "do not pass both data= and cache=")
     grid = {}
     for name, changes in variants.items():
         runs = []
@@ -294,7 +296,8 @@ def summarize(runs: Sequence[ExperimentResult]) -> dict:
         "by_op_min": {op: float(np.min([r.accuracy_by_op[op] for r in runs]))
                       for op in runs[0].accuracy_by_op},
         "reached_100": len(reached),
-        "steps_to_100_mean": float(np.mean([r.steps_to_100 for r in reached])) if reached else None,
+        "steps_to_100_mean": (float(np.mean([r.steps_to_100 for r in reached]))
+                              if reached else None),
         "steps_mean": float(np.mean([r.steps for r in runs])),
         "seconds_mean": float(np.mean([r.seconds for r in runs])),
     }
@@ -320,7 +323,8 @@ def length_experiment(config: ExperimentConfig = ExperimentConfig(),
     out = []
     for seed in seeds:
         result = run_experiment(config.but(seed=seed), data=(train, val), evaluate_on=test)
-        accuracy = accuracy_by(result.model, test + longer, key=lambda ex: (len(ex.args), ex.op))
+        accuracy = accuracy_by(result.model, test + longer,
+                               key=lambda ex: (len(ex.args), ex.op))
         out.append({"result": result, "accuracy": accuracy, "test": test, "longer": longer})
     return out
 
@@ -391,13 +395,15 @@ def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
     """Encode puzzles on numbers 0-99, each number as two digit tokens (leading zero)."""
     ops, numbers = np.asarray(ops), np.asarray(numbers)
     if numbers.ndim != 2 or len(numbers) != len(ops) or numbers.shape[1] < 2:
-        raise ValueError(f"expected numbers of shape (N, k >= 2) for N = {len(ops)} operations, "
-                         f"got {numbers.shape}")
+        raise ValueError(f"expected numbers of shape (N, k >= 2) for N = {len(ops)} "
+                         f"operations, got {numbers.shape}")
     if not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 0 or numbers.max() > 99:
-        raise ValueError(f"numbers must be integers 0-99, got values from {numbers.min()} to {numbers.max()}")
+        raise ValueError(f"numbers must be integers 0-99, got values from {numbers.min()} "
+                         f"to {numbers.max()}")
     unknown = sorted(set(ops.tolist()) - set(OPERATIONS))
     if unknown:
-        raise ValueError(f"unknown operation(s) {unknown}; expected one of {', '.join(OPERATIONS)}")
+        raise ValueError(f"unknown operation(s) {unknown}; "
+                         f"expected one of {', '.join(OPERATIONS)}")
     n, k = numbers.shape
     ids = np.empty((n, 2 * k + 4), dtype=np.int64)                 # Op ( t u t u ... ) [EOS]
     ids[:, 0] = [TOKEN_TO_ID[op] for op in ops]
@@ -408,7 +414,8 @@ def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
     answers = np.empty(n, dtype=np.int64)
     for op, answer in _ANSWER.items():
         answers[ops == op] = answer(numbers[ops == op])
-    targets = np.stack([_DIGIT_IDS[answers // 10], _DIGIT_IDS[answers % 10]], axis=1)   # (N, 2)
+    tens, units = _DIGIT_IDS[answers // 10], _DIGIT_IDS[answers % 10]
+    targets = np.stack([tens, units], axis=1)                      # (N, 2)
     return TwoDigitData(ops, numbers, answers, Batch(ids, np.ones(ids.shape, bool), targets))
 
 
@@ -443,7 +450,7 @@ def two_digit_keys(data: TwoDigitData) -> set:
 
 @dataclass
 class TwoDigitResult:
-    """Held-out accuracy (both digits right) overall and per operation, per epoch and at the end."""
+    """Held-out accuracy (both digits right), overall and per operation; curve per epoch."""
 
     heldout_accuracy: float
     heldout_by_op: dict
@@ -457,8 +464,8 @@ class TwoDigitResult:
 
 def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int = 64,
                          lr: float = 3e-3, warmup: int = 50, n_test: int = 5_000,
-                         op_weights=TWO_DIGIT_OP_WEIGHTS, seed: int = 0, progress: bool = False,
-                         **model_kwargs) -> TwoDigitResult:
+                         op_weights=TWO_DIGIT_OP_WEIGHTS, seed: int = 0,
+                         progress: bool = False, **model_kwargs) -> TwoDigitResult:
     """Train a TwoDigitTransformer on ``n_train`` random puzzles on numbers 0-99.
 
     The test set is ``n_test`` puzzles with uniformly drawn operations that are not in the
@@ -472,11 +479,13 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
     loss_fn = TwoTokenLoss()
     rng = np.random.default_rng(seed)
     total_steps = epochs * -(-n_train // batch_size)
-    schedule = functools.partial(warmup_cosine, total_steps=total_steps, warmup=warmup, peak_lr=lr)
+    schedule = functools.partial(warmup_cosine, total_steps=total_steps, warmup=warmup,
+                                 peak_lr=lr)
 
     def heldout():
-        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)   # (N,)
-        return float(correct.mean()), {op: float(correct[test.ops == op].mean()) for op in OPERATIONS}
+        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)  # (N,)
+        by_op = {op: float(correct[test.ops == op].mean()) for op in OPERATIONS}
+        return float(correct.mean()), by_op
 
     step, curve = 0, []
     model.train()
