@@ -6,56 +6,284 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 5. Training
 #
-# DRAFT skeleton: export cells only.
+# Chapter 4 assembled the whole transformer: token ids in, one row of logits per puzzle out,
+# with a backward pass checked against numerical gradients. But its weights are random, so its
+# answers are guesses. This chapter teaches it.
+#
+# The project we started from trained a model of the same size for 6.2 minutes and reached
+# 93.5% or 99.2% test accuracy, depending on the seed, on a test set that mostly repeated its
+# training inputs (chapter 1 showed how that happens). Here the same size of model reaches
+# **100% on every one of the 5,000 possible inputs** after training on about 3,500 of them,
+# in seconds, and the same seed gives the same model every time. (Not every seed gets the
+# very last puzzles right; Exercise 3 shows one that misses a single input.)
+#
+# **In this chapter**
+#
+# - derive the cross-entropy loss and its gradient, and compute it so that it stays finite
+#   however confident the model is;
+# - write SGD with momentum and Adam, and test one update of each against a step worked out
+#   by hand;
+# - clip the gradient by its global norm, and warm up then decay the learning rate;
+# - write the training loop (`evaluate`, `train_one_epoch`, `fit`) that keeps the best model;
+# - check the whole model's gradient through the loss, and turn the original project's
+#   training checklist into asserts;
+# - train the reference model, prove it is right on all 5,000 inputs, and save it to a
+#   checkpoint that chapter 6 loads.
+#
+# Cells marked `export` become the module `transformer_lib.training`.
 
 # %% tags=["export"]
-import json, os, sys, tempfile, time, zipfile
+import json
+import math
+import os
+import tempfile
+import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
 import numpy as np
-from transformer_lib.layers import Module, Parameter, row_max, row_sum
+
+import transformer_lib
+from transformer_lib.data import Batch, create_batch, generate_dataset, split_dataset
+from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
-from transformer_lib.data import Batch, Example, create_batch, generate_dataset, split_dataset, all_examples
+
+# %% [markdown]
+# A small helper for this chapter's error checks: it runs a call, asserts that it raises the
+# expected error with the expected words in its message, and prints the message. (Messages that
+# contain a temporary directory print it as `<tmp>`, so the output is the same on every run.)
+
+# %%
+import matplotlib.pyplot as plt
+
+from transformer_lib.data import (ID_TO_TOKEN, all_examples, create_batch, generate_dataset,
+                                  generate_example)
+from transformer_lib.layers import numerical_gradient, relative_error
+
+
+def show_error(call, error_type, expected_words: str, hide: str | None = None) -> None:
+    """Run call(); assert it raises error_type mentioning expected_words; print it."""
+    try:
+        call()
+    except error_type as error:
+        message = str(error) if hide is None else str(error).replace(hide, "<tmp>")
+        assert expected_words in message, f"unexpected message: {message}"
+        print(f"{type(error).__name__}: {message}")
+    else:
+        raise AssertionError(f"expected {error_type.__name__} "
+                             f"mentioning {expected_words!r}")
+
+
+# %% [markdown]
+# ## The loss: cross-entropy
+#
+# For each puzzle the model outputs a row of $V = 20$ numbers $z_1, \dots, z_V$, the *logits*,
+# one per token of the vocabulary. Softmax turns them into probabilities,
+# $p_j = e^{z_j} / \sum_k e^{z_k}$, and training should make $p_y$ large, where $y$ is the id of
+# the correct answer. The cross-entropy loss of one example is
+#
+# $$\ell = -\log p_y ,$$
+#
+# and the loss of a batch of $B$ examples is the mean of theirs. It is 0 when the model puts all
+# its probability on the right answer and grows without bound as $p_y \to 0$; a model that
+# knows nothing and spreads its bets evenly over the 20 tokens pays $\log 20 \approx 3.0$.
+# (Minimising it is maximum likelihood: $\sum_b \log p_{y_b}$ is the log-probability the model
+# gives to the training answers.)
+#
+# ### Computing it without overflow: log-sum-exp
+#
+# Written as above, the loss breaks on confident models. In float32, $e^{z}$ overflows to `inf`
+# for $z > 88.7$, and when $p_y$ underflows to 0, $\log p_y = -\infty$. Take the logarithm
+# first and subtract the row's largest logit $m = \max_k z_k$ (softmax does not change when the
+# same number is subtracted from every logit):
+#
+# $$\log p_y = z_y - \log \sum_k e^{z_k} = (z_y - m) - \log \sum_k e^{z_k - m} .$$
+#
+# Now every exponent is $\le 0$, so nothing overflows; the sum contains the term $e^0 = 1$, so
+# it lies between 1 and $V$ and its logarithm is finite. $\log p_y$ is a difference of finite
+# numbers, finite even when $p_y$ itself is too small to represent.
+#
+# ### The gradient
+#
+# Writing the loss of one example as $\ell = -z_y + \log \sum_k e^{z_k}$ makes its derivative
+# short. The first term gives $-1$ for $j = y$ and 0 otherwise; the second gives
+# $e^{z_j} / \sum_k e^{z_k} = p_j$. So
+#
+# $$\frac{\partial \ell}{\partial z_j} = p_j - [j = y], \qquad
+# \frac{\partial L}{\partial Z} = \frac{\operatorname{softmax}(Z) - \operatorname{one\_hot}(y)}{B}$$
+#
+# for the batch mean $L$: the gradient pushes down every wrong logit in proportion to the
+# probability it got, and pushes up the right one by $1 - p_y$, the probability it is missing.
+# Every entry lies in $[-1/B, 1/B]$, however extreme the logits. `forward` keeps the
+# log-probabilities, which is all `backward` needs.
 
 # %% tags=["export"]
 class CrossEntropyLoss:
-    """Mean of -log softmax(logits)[target] over the batch."""
+    """Mean cross-entropy of a batch: mean over b of -log softmax(logits[b])[targets[b]].
+
+    ``forward(logits, targets)`` takes logits (B, V) and integer targets (B,) and returns
+    the loss as a float; ``backward()`` returns dL/dlogits, shape (B, V).
+    """
+
+    def __init__(self):
+        self._cache = None
 
     def forward(self, logits: np.ndarray, targets: np.ndarray) -> float:
         logits, targets = np.asarray(logits), np.asarray(targets)
         if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-            raise ValueError(f"expected logits (B, V) and targets (B,), got {logits.shape} and {targets.shape}")
-        V = logits.shape[1]
-        if targets.size and (targets.min() < 0 or targets.max() >= V):
-            bad = targets[(targets < 0) | (targets >= V)][0]
-            raise ValueError(f"target {bad} is outside the {V} classes")
-        B = len(targets)
-        shifted = logits - logits.max(axis=-1, keepdims=True)          # largest logit is 0
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))   # (B, V)
+            raise ValueError("expected logits of shape (B, V) and targets of shape (B,), "
+                             f"got {logits.shape} and {targets.shape}")
+        if len(targets) == 0:
+            raise ValueError("the batch is empty: the mean loss of no examples "
+                             "is undefined")
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError("targets must be integer class ids, "
+                             f"got dtype {targets.dtype}")
+        B, V = logits.shape
+        outside = (targets < 0) | (targets >= V)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise ValueError(f"target {targets[i]} of example {i} is outside "
+                             f"the {V} classes 0..{V - 1}")
+        shifted = logits - logits.max(axis=-1, keepdims=True)      # (B, V), row max is 0
+        log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))   # (B, 1), in [0, log V]
+        log_probs = shifted - log_sum                              # (B, V) log softmax
         self._cache = (log_probs, targets)
         return float(-log_probs[np.arange(B), targets].mean())
 
     __call__ = forward
 
     def backward(self) -> np.ndarray:
+        if self._cache is None:
+            raise RuntimeError("CrossEntropyLoss.backward called before forward")
         log_probs, targets = self._cache
-        grad = np.exp(log_probs)                                        # softmax
-        grad[np.arange(len(targets)), targets] -= 1.0                   # - one_hot
-        return grad / len(targets)                                      # (B, V)
+        grad = np.exp(log_probs)                                   # (B, V) softmax p
+        grad[np.arange(len(targets)), targets] -= 1.0              # p - one_hot(y)
+        return grad / len(targets)                                 # (B, V)
+
+
+# %% [markdown]
+# First the easy facts: equal logits cost $\log 20$, and on ordinary logits the stable formula
+# agrees with the textbook one.
+
+# %%
+loss_fn = CrossEntropyLoss()
+rng = np.random.default_rng(0)
+targets = rng.integers(0, 20, size=4)                                   # (B,) = (4,)
+
+uniform = loss_fn(np.zeros((4, 20)), targets)
+print(f"equal logits: loss {uniform:.4f} = log 20 = {np.log(20):.4f}")
+assert abs(uniform - np.log(20)) < 1e-12
+
+
+def naive_cross_entropy(logits, targets):
+    """The textbook formula: softmax, then -log of the target's probability."""
+    p = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    return float(-np.log(p[np.arange(len(targets)), targets]).mean())
+
+
+logits = rng.normal(0, 3, size=(4, 20))                                 # (B, V)
+print(f"ordinary logits: stable {loss_fn(logits, targets):.6f}, "
+      f"textbook {naive_cross_entropy(logits, targets):.6f}")
+assert abs(loss_fn(logits, targets) - naive_cross_entropy(logits, targets)) < 1e-12
+
+# %% [markdown]
+# Now logits of $\pm 10^4$, as a badly diverging model might produce. The first row is right and
+# certain; the second is certain and wrong, so the probability of its target is $e^{-20000}$,
+# which is exactly 0 in floating point. The stable loss is finite: $(0 + 20000)/2 = 10^4$. The
+# textbook formula returns `nan`: $e^{10^4}$ overflows, and `inf / inf` is not a number.
+
+# %%
+extreme = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0]])               # (B, V) = (2, 3)
+extreme_targets = np.array([0, 1])
+stable = loss_fn(extreme, extreme_targets)
+grad = loss_fn.backward()
+p_target = np.exp(extreme[1, 1] - extreme[1].max())
+with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    naive = naive_cross_entropy(extreme, extreme_targets)
+print(f"probability of the second target: {p_target}")
+print(f"stable loss {stable}, textbook loss {naive}")
+print("gradient:", grad.round(3).tolist())
+assert p_target == 0.0 and stable == 1e4 and np.isnan(naive)
+assert np.isfinite(grad).all() and np.abs(grad).max() <= 1 / 2
+
+# %% [markdown]
+# The gradient, checked against central differences in float64 on random logits. Each row of
+# the gradient also sums to zero, since probabilities and a one-hot vector both sum to 1.
+
+# %%
+logits = np.random.default_rng(1).normal(0, 2, size=(5, 20))     # (B, V), float64
+targets = np.random.default_rng(2).integers(0, 20, size=5)              # (B,)
+loss_fn(logits, targets)
+analytic = loss_fn.backward()                                            # (B, V)
+numeric = numerical_gradient(lambda: loss_fn(logits, targets), logits)
+error = relative_error(analytic, numeric)
+print(f"cross-entropy gradient: relative error {error:.1e}")
+assert error <= 1e-6
+assert np.abs(analytic.sum(axis=1)).max() < 1e-15
+
+# %% [markdown]
+# Bad input is refused with a message that says what was wrong:
+
+# %%
+show_error(lambda: loss_fn(np.zeros((4, 20)), np.zeros(3, dtype=int)),
+           ValueError, "expected logits of shape (B, V) and targets of shape (B,)")
+show_error(lambda: loss_fn(np.zeros((2, 20)), np.array([3, 20])),
+           ValueError, "target 20 of example 1 is outside the 20 classes 0..19")
+show_error(lambda: loss_fn(np.zeros((2, 20)), np.array([3.0, 1.0])),
+           ValueError, "targets must be integer class ids, got dtype float64")
+
+# %% [markdown]
+# ## Optimisers
+#
+# Backpropagation leaves a gradient in every parameter's `.grad`. An *optimiser* turns
+# gradients into updates. The reference model (chapter 4's size: `d_model` 64, 4 heads, 2 layers,
+# `d_ff` 256) has 33 parameter arrays holding 102,420 numbers:
+
+# %%
+model = Transformer(d_model=64, num_heads=4, num_layers=2, d_ff=256, seed=0)
+sizes = [p.data.size for p in model.parameters()]
+print(f"{len(sizes)} parameter arrays, {sum(sizes):,} numbers, "
+      f"from {min(sizes)} to {max(sizes):,} per array")
+assert (len(sizes), sum(sizes)) == (33, 102_420)
+
+# %% [markdown]
+# ### One flat buffer for all parameters
+#
+# Adam's update is about ten array operations. Applied to 33 arrays one by one, that is about
+# 330 NumPy calls per step, most of them on arrays so small that the fixed cost of a call
+# dominates. So the optimiser first moves all parameters into **one flat array** (and all
+# gradients into another) and makes every parameter's `.data` and `.grad` a *view* into it: a
+# window onto part of the flat array, sharing its memory. Layers keep reading and writing their
+# own `W.data` and `W.grad` as before, and the optimiser updates all 102,420 numbers with a
+# handful of large operations.
 
 # %% tags=["export"]
 def flatten_parameters(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndarray]:
-    """Move every parameter's data and grad into one flat buffer each; parameters become views.
+    """Move all parameters' data and grads into one flat buffer each; they become views.
 
-    An optimiser then updates ~100k numbers with a handful of large NumPy operations instead of
-    a handful per parameter array."""
+    Parameters
+    ----------
+    params : sequence of Parameter, all of the same dtype
+
+    Returns
+    -------
+    data, grad : 1-D arrays of length sum(p.data.size)
+        Each parameter's ``p.data`` and ``p.grad`` are now reshaped slices of these, so
+        writing to the flat arrays changes the parameters and vice versa.
+    """
     params = list(params)
+    if not params:
+        raise ValueError("no parameters to flatten (did you pass model.parameters()?)")
+    dtypes = {p.data.dtype for p in params}
+    if len(dtypes) > 1:
+        raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; "
+                         "cast the model with model.to(dtype) first")
     dtype = params[0].data.dtype
     total = sum(p.data.size for p in params)
     data, grad = np.empty(total, dtype), np.empty(total, dtype)
@@ -64,235 +292,1072 @@ def flatten_parameters(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndar
         n, shape = p.data.size, p.data.shape
         data[offset:offset + n] = p.data.ravel()
         grad[offset:offset + n] = p.grad.ravel()
-        p.data = data[offset:offset + n].reshape(shape)
+        p.data = data[offset:offset + n].reshape(shape)       # a view: no copy
         p.grad = grad[offset:offset + n].reshape(shape)
         offset += n
     return data, grad
 
+
+# %%
+before = [p.data.copy() for p in model.parameters()]
+flat_data, flat_grad = flatten_parameters(model.parameters())
+W_q = model.blocks[0].attention.W_q.W
+print(f"flat buffers of {flat_data.size:,} numbers; "
+      f"W_q.W shares memory with them: {np.shares_memory(W_q.data, flat_data)}")
+assert flat_data.shape == flat_grad.shape == (102_420,)
+assert all(np.array_equal(b, p.data)                       # the values are kept
+           for b, p in zip(before, model.parameters()))
+assert all(np.shares_memory(p.data, flat_data) and np.shares_memory(p.grad, flat_grad)
+           for p in model.parameters())
+flat_data[:] = 0.0                       # writing the buffer writes every parameter
+assert not W_q.data.any()
+model.embedding.W.grad[:] = 1.0          # and a layer's gradient lands in the buffer
+assert flat_grad[:model.embedding.W.data.size].min() == 1.0
+
+# %% [markdown]
+# Every optimiser below starts from this. The base class flattens the parameters, keeps the
+# learning rate `lr`, and clears all gradients with one `fill(0)`.
+
 # %% tags=["export"]
 class Optimizer:
-    def __init__(self, params, lr):
+    """Base class: owns flat buffers of all parameters (``data``) and grads (``grad``)."""
+
+    def __init__(self, params: Sequence[Parameter], lr: float):
         self.params = list(params)
-        self.data, self.grad = flatten_parameters(self.params)
+        if not self.params:
+            raise ValueError("the optimiser got no parameters "
+                             "(did you pass model.parameters()?)")
+        if not lr > 0:
+            raise ValueError(f"the learning rate must be positive, got {lr}")
+        self.data, self.grad = flatten_parameters(self.params)   # (N,), (N,)
         self.lr = lr
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.grad.fill(0)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+# %% [markdown]
+# ### SGD with momentum
+#
+# Plain gradient descent takes a step of size $\eta$ (the learning rate) downhill:
+# $\theta \leftarrow \theta - \eta g$. Mini-batch gradients are noisy, though, and on a loss
+# surface shaped like a long valley they point mostly across it. *Momentum* keeps a running
+# sum of past gradients, the velocity $v$, and steps along it:
+#
+# $$v \leftarrow \mu v + g, \qquad \theta \leftarrow \theta - \eta v .$$
+#
+# Directions that gradients agree on build up speed (up to $1/(1-\mu)$ times, 10 times for
+# $\mu = 0.9$), while the components that flip sign from step to step cancel out.
 
 # %% tags=["export"]
 class SGD(Optimizer):
-    """p -= lr * v, with v = momentum * v + grad."""
+    """Stochastic gradient descent with momentum: v = momentum v + grad; p -= lr v."""
 
-    def __init__(self, params, lr=0.1, momentum=0.0):
+    def __init__(self, params: Sequence[Parameter], lr: float = 0.1,
+                 momentum: float = 0.0):
         super().__init__(params, lr)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
-        self.velocity = np.zeros_like(self.data)
+        self.velocity = np.zeros_like(self.data)                 # (N,)
 
-    def step(self):
+    def step(self) -> None:
+        lr = float(self.lr)
         if self.momentum:
             self.velocity *= self.momentum
             self.velocity += self.grad
-            self.data -= self.lr * self.velocity
+            self.data -= lr * self.velocity
         else:
-            self.data -= self.lr * self.grad
+            self.data -= lr * self.grad
+
+
+# %% [markdown]
+# Two steps worked out by hand, with $\eta = 0.1$, $\mu = 0.9$ and $\theta_0 = (1, -2)$:
+#
+# | step | gradient $g$ | velocity $v = 0.9\,v + g$ | parameters $\theta - 0.1\,v$ |
+# |---|---|---|---|
+# | 1 | $(0.5, 0.25)$ | $(0.5, 0.25)$ | $(0.95, -2.025)$ |
+# | 2 | $(-1, 1)$ | $(0.45 - 1,\ 0.225 + 1) = (-0.55, 1.225)$ | $(1.005, -2.1475)$ |
+#
+# In step 2 the first gradient component reversed, and momentum damped the reversal: the
+# parameter moved back by only $0.055$ rather than $0.1$.
+
+# %%
+theta = Parameter(np.array([1.0, -2.0]))
+sgd = SGD([theta], lr=0.1, momentum=0.9)
+for g, expected in [((0.5, 0.25), (0.95, -2.025)), ((-1.0, 1.0), (1.005, -2.1475))]:
+    sgd.zero_grad()
+    theta.grad += g
+    sgd.step()
+    print(f"gradient {g} -> parameters {theta.data.round(6).tolist()}")
+    assert np.allclose(theta.data, expected, rtol=0, atol=1e-12)
+
+# %% [markdown]
+# ### Adam
+#
+# SGD uses one learning rate for all parameters, yet their gradients differ by orders of
+# magnitude (compare an embedding row that appears in every puzzle with one for a token that
+# appears once per batch). Adam (Kingma & Ba, 2015) gives every parameter its own step size.
+# It keeps two running averages per parameter, of the gradient and of its square:
+#
+# $$m \leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 ,$$
+#
+# and steps by their ratio:
+#
+# $$\hat m = \frac{m}{1 - \beta_1^t}, \qquad \hat v = \frac{v}{1 - \beta_2^t}, \qquad
+# \theta \leftarrow \theta - \eta \, \frac{\hat m}{\sqrt{\hat v} + \epsilon} .$$
+#
+# Because $m$ and $v$ start at zero, after $t$ steps they are too small by a factor
+# $1 - \beta^t$; dividing by it is the *bias correction*. After the first step $\hat m = g$ and
+# $\hat v = g^2$, so every parameter moves by $\eta\, g / (|g| + \epsilon) \approx \eta$ in the
+# direction of $-g$, whatever the size of its gradient. That makes $\eta$ a step size in
+# parameter units, and it is why Adam needs little tuning.
+#
+# *Weight decay* pulls parameters towards zero. Adding $\lambda \theta$ to the gradient would
+# let Adam's division rescale it, so AdamW (Loshchilov & Hutter, 2019) *decouples* it: it
+# shrinks the parameters directly, $\theta \leftarrow (1 - \eta\lambda)\,\theta$, before the
+# Adam step. (The reference model trains without it; the option is here for chapter 7.)
+#
+# The code does the same arithmetic in place: every operation writes into `m`, `v`, or the
+# scratch buffer `_tmp` through `out=` or augmented assignment, so a step allocates no new
+# arrays of 102,420 numbers. One more detail matters for speed: every scalar is a Python
+# `float` (`math.sqrt`, `float(self.lr)`), never a NumPy `float64` such as `np.sqrt` or
+# `np.cos` return. NumPy 2 lets a Python float adopt the array's type, so `float32 * 0.5` stays
+# a float32 operation; a NumPy float64 scalar instead turns the whole 102,420-number operation
+# into float64 arithmetic with a conversion on the way in and out, which the benchmark measures
+# at dozens of times slower. (It changes the last bits of the result, too.)
 
 # %% tags=["export"]
 class Adam(Optimizer):
-    """Adam (Kingma & Ba 2015) with bias correction and optional decoupled weight decay (AdamW)."""
+    """Adam (Kingma & Ba 2015) with bias correction; optional decoupled weight decay
+    (AdamW, Loshchilov & Hutter 2019)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params: Sequence[Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
         super().__init__(params, lr)
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.m = np.zeros_like(self.data)          # first moment
-        self.v = np.zeros_like(self.data)          # second moment
-        self._tmp = np.empty_like(self.data)
-        self.t = 0
+        if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps > 0 or weight_decay < 0:
+            raise ValueError("eps must be positive and weight_decay >= 0, "
+                             f"got {eps} and {weight_decay}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.m = np.zeros_like(self.data)          # (N,) running mean of the gradient
+        self.v = np.zeros_like(self.data)          # (N,) running mean of its square
+        self._tmp = np.empty_like(self.data)       # (N,) scratch space
+        self.t = 0                                 # number of steps taken
 
-    def step(self):
+    def step(self) -> None:
         b1, b2 = self.betas
+        lr = float(self.lr)           # every scalar a Python float: see the note above
         self.t += 1
         g, m, v, tmp = self.grad, self.m, self.v, self._tmp
-        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp           # m = b1 m + (1 - b1) g
-        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp  # v = b2 v + (1 - b2) g^2
+        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp           # m = b1 m + (1-b1) g
+        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp  # v = b2 v + (1-b2) g^2
         if self.weight_decay:
-            self.data *= 1 - self.lr * self.weight_decay
-        # p -= lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
-        np.sqrt(v, out=tmp); tmp *= 1 / np.sqrt(1 - b2 ** self.t); tmp += self.eps
-        np.divide(m, tmp, out=tmp); tmp *= self.lr / (1 - b1 ** self.t)
+            self.data *= 1 - lr * self.weight_decay                   # decoupled decay
+        # p -= lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+        np.sqrt(v, out=tmp); tmp *= 1 / math.sqrt(1 - b2 ** self.t)   # sqrt(v_hat)
+        tmp += self.eps
+        np.divide(m, tmp, out=tmp); tmp *= lr / (1 - b1 ** self.t)    # lr m_hat / (...)
         self.data -= tmp
+
+
+# %% [markdown]
+# The test recomputes two Adam steps with plain Python floats, straight from the formulas
+# above, with weight decay switched on, and compares.
+
+# %%
+def adam_by_hand(theta, grads, lr, b1, b2, eps, wd):
+    """Adam on a list of floats, one formula at a time."""
+    m, v = [0.0] * len(theta), [0.0] * len(theta)
+    for t, g in enumerate(grads, start=1):
+        for i in range(len(theta)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
+            theta[i] = theta[i] * (1 - lr * wd) - lr * m_hat / (math.sqrt(v_hat) + eps)
+    return theta
+
+
+grads = [(0.5, -3.0, 1e-4), (-1.0, 2.0, 2e-4)]
+theta = Parameter(np.array([1.0, -2.0, 0.5]))
+adam = Adam([theta], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+for g in grads:
+    adam.zero_grad()
+    theta.grad += g
+    adam.step()
+expected = adam_by_hand([1.0, -2.0, 0.5], grads, 0.01, 0.9, 0.999, 1e-8, 0.1)
+print("Adam:   ", theta.data.tolist())
+print("by hand:", expected)
+assert np.allclose(theta.data, expected, rtol=0, atol=1e-15)
+
+# %% [markdown]
+# And the property that makes Adam easy to use: its first step moves each parameter by almost
+# exactly $\eta$ against the sign of its gradient, whether that gradient is $10^{-4}$ or 3.
+
+# %%
+theta = Parameter(np.array([0.0, 0.0, 0.0]))
+adam = Adam([theta], lr=0.01)
+theta.grad += (0.5, -3.0, 1e-4)
+adam.step()
+print("first step:", theta.data.tolist())
+assert np.allclose(theta.data, [-0.01, 0.01, -0.01], rtol=1e-3)
+
+show_error(lambda: Adam([], lr=0.01), ValueError, "the optimiser got no parameters")
+show_error(lambda: Adam([theta], lr=0.01, betas=(0.9, 1.0)), ValueError,
+           "betas must be two numbers in [0, 1), got (0.9, 1.0)")
+
+# %% [markdown]
+# ## Gradient clipping
+#
+# Now and then a mini-batch produces an unusually large gradient, most often early in
+# training, and one huge step can undo a lot of learning. *Global-norm clipping* caps the
+# length of the whole gradient vector, all 102,420 numbers taken together:
+#
+# $$\|g\| = \sqrt{\textstyle\sum_i g_i^2}, \qquad g \leftarrow g \cdot \frac{c}{\|g\|}
+# \quad \text{if } \|g\| > c .$$
+#
+# Unlike clipping each number separately, this keeps the gradient's *direction* and only
+# shortens it. With the flat gradient buffer the norm is a single dot product.
 
 # %% tags=["export"]
 def clip_grad_norm(grad: np.ndarray, max_norm: float) -> float:
-    """Scale the flat gradient in place so its L2 norm is at most max_norm; return the norm before."""
+    """Scale the flat gradient (N,) in place so its L2 norm is at most max_norm.
+
+    Returns the norm before clipping (worth logging: how often and how hard it acts).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
     norm = float(np.sqrt(grad @ grad))
     if norm > max_norm:
         grad *= max_norm / (norm + 1e-12)
     return norm
 
+
+# %%
+g = np.array([3.0, 4.0])                           # length 5
+norm = clip_grad_norm(g, 1.0)
+print(f"norm before {norm}, after {np.linalg.norm(g):.6f}, "
+      f"gradient now {g.round(6).tolist()}")
+assert norm == 5.0 and np.allclose(g, [0.6, 0.8])  # same direction, length 1
+
+small = np.array([0.3, -0.4])
+assert clip_grad_norm(small, 1.0) == 0.5                   # short enough: untouched
+assert small.tolist() == [0.3, -0.4]
+
+# %% [markdown]
+# ## The learning-rate schedule
+#
+# A constant learning rate is a compromise: large steps are fast but rattle around the bottom
+# of the loss, small ones settle but take long. The reference run changes it with the step
+# number $s$:
+#
+# - **warm-up**: rise linearly from $\eta_{\max}/w$ to $\eta_{\max}$ over the first $w = 50$
+#   steps. At the start the weights are random, the gradients are large and change quickly, and
+#   Adam's running averages have seen only a few of them, yet Adam moves every parameter by about
+#   $\eta$ per step. Starting small avoids wrecking the network in its first steps. Post-norm
+#   transformers like ours are known to need it (Xiong et al., 2020, *On Layer Normalization in
+#   the Transformer Architecture*). `benchmarks/benchmark.py --no-warmup` trains five seeds
+#   without it, for comparison.
+# - **cosine decay**: then fall along half a cosine from $\eta_{\max}$ to 0 at the last step $S$,
+#
+# $$\eta(s) = \frac{\eta_{\max}}{2}\left(1 + \cos\left(\pi\, \frac{s - w}{S - w}\right)\right),$$
+#
+#   so training ends with small steps that settle into a minimum.
+
 # %% tags=["export"]
 def warmup_cosine(step: int, total_steps: int, warmup: int, peak_lr: float) -> float:
-    """Linear warm-up to peak_lr over `warmup` steps, then cosine decay to 0 at total_steps."""
+    """Learning rate at `step` (0-based): linear warm-up to peak_lr over `warmup` steps,
+    then cosine decay to 0 at `total_steps`."""
     if step < warmup:
         return peak_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return peak_lr * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+    return float(peak_lr * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
+
+
+# %% [markdown]
+# The schedule of the reference run: 8 epochs of 108 mini-batches each (the training split has
+# 3,450 inputs, in batches of 32), peak $\eta_{\max} = 3 \times 10^{-3}$.
+
+# %%
+total_steps, warmup, peak = 8 * 108, 50, 3e-3
+lrs = np.array([warmup_cosine(s, total_steps, warmup, peak) for s in range(total_steps)])
+
+fig, ax = plt.subplots(figsize=(8, 3))
+ax.plot(lrs * 1e3, color="tab:blue")
+ax.axvline(warmup, color="gray", linestyle=":", label=f"end of warm-up (step {warmup})")
+for epoch in range(1, 8):
+    ax.axvline(epoch * 108, color="lightgray", linewidth=0.5)
+ax.set_xlabel("step (thin lines: epochs)")
+ax.set_ylabel("learning rate (×10⁻³)")
+ax.set_title("Warm-up and cosine decay of the learning rate")
+ax.legend()
+fig.tight_layout()
+plt.show()
+
+# %%
+print(f"step 0: {lrs[0]:.1e}   step {warmup - 1}: {lrs[warmup - 1]:.1e}   "
+      f"last step: {lrs[-1]:.1e}")
+assert lrs[0] == peak / warmup and lrs[warmup - 1] == lrs[warmup] == peak == lrs.max()
+assert (np.diff(lrs[:warmup]) > 0).all() and (np.diff(lrs[warmup:]) < 0).all()
+midpoint = warmup + (total_steps - warmup) // 2
+assert abs(lrs[midpoint] - peak / 2) < 1e-3 * peak and 0 < lrs[-1] < 1e-7
+
+# %% [markdown]
+# ## The training loop
+#
+# ### Evaluation
+#
+# `evaluate` computes the mean loss and the accuracy (the fraction of puzzles whose largest
+# logit is the right answer) on a list of examples or a `Batch`. It switches the model to
+# evaluation mode, in which no layer keeps the activations that a backward pass would need
+# (chapter 2's `Module` caches only in training mode), runs the data in chunks of 2,048, and
+# restores the mode it found.
 
 # %% tags=["export"]
 def _as_batch(data) -> Batch:
     return data if isinstance(data, Batch) else create_batch(list(data))
 
-# %% tags=["export"]
+
 def evaluate(model: Transformer, data, batch_size: int = 2048) -> dict:
-    """Loss and accuracy on data (a Batch or a list of Examples), in eval mode (no caches)."""
+    """Mean loss and accuracy of the model on data (a Batch or a list of Examples).
+
+    Runs in eval mode (no layer caches activations for a backward pass) and restores the
+    model's previous mode. Returns ``{"loss": float, "accuracy": float}``.
+    """
     data = _as_batch(data)
     was_training = model.training
     model.eval()
-    loss_fn, losses, correct = CrossEntropyLoss(), 0.0, 0
+    loss_fn, total_loss, correct = CrossEntropyLoss(), 0.0, 0
     for i in range(0, len(data.ids), batch_size):
-        logits = model(data.ids[i:i + batch_size], data.mask[i:i + batch_size])
-        t = data.targets[i:i + batch_size]
-        losses += loss_fn(logits, t) * len(t)
+        chunk = slice(i, i + batch_size)
+        logits = model(data.ids[chunk], data.mask[chunk])          # (b, V)
+        t = data.targets[chunk]                                    # (b,)
+        total_loss += loss_fn(logits, t) * len(t)
         correct += int((logits.argmax(axis=-1) == t).sum())
     model.train(was_training)
     n = len(data.ids)
-    return {"loss": losses / n, "accuracy": correct / n}
+    return {"loss": total_loss / n, "accuracy": correct / n}
+
+
+# %% [markdown]
+# An untrained model is about as good as a guess, and evaluating it leaves no cache behind:
+
+# %%
+def cached_activations(model):
+    """Names of the backward caches (attributes starting with '_') holding something."""
+    return [f"{type(m).__name__}.{name}" for m in model.modules()
+            for name, value in vars(m).items()
+            if name.startswith("_") and value is not None]
+
+
+untrained = Transformer(d_model=64, num_heads=4, num_layers=2, d_ff=256, seed=0)
+result = evaluate(untrained, all_examples())
+print(f"untrained model on all 5,000 inputs: loss {result['loss']:.3f}, "
+      f"accuracy {result['accuracy']:.1%}")
+assert result["accuracy"] < 0.2 and result["loss"] > 2.0
+assert untrained.training and cached_activations(untrained) == []
+
+# %% [markdown]
+# ### One epoch
+#
+# An *epoch* is one pass over the training data. `train_one_epoch` shuffles it with the random
+# generator it is given, cuts it into mini-batches, and for each one does the five moves every
+# training loop makes:
+#
+# 1. set the learning rate from the schedule and clear the gradients;
+# 2. forward: logits $(B, V)$ and the loss;
+# 3. backward: the loss gradient $(B, V)$ back through the model, into every `.grad`;
+# 4. clip the gradient's global norm;
+# 5. let the optimiser update the parameters.
+#
+# An optional `on_step(step, loss, grad_norm)` is called after every update, for logging or
+# for measuring (the benchmark uses it).
 
 # %% tags=["export"]
-def train_one_epoch(model, loss_fn, optimizer, data: Batch, batch_size: int, rng: np.random.Generator,
-                    lr_at=None, step: int = 0, clip: float | None = 1.0) -> list[float]:
-    """One pass over data in shuffled mini-batches; returns the loss of every step."""
+StepCallback = Callable[[int, float, float], None]      # on_step(step, loss, grad_norm)
+
+
+def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Optimizer,
+                    data: Batch, batch_size: int, rng: np.random.Generator,
+                    lr_at: Callable[[int], float] | None = None, step: int = 0,
+                    clip: float | None = 1.0,
+                    on_step: StepCallback | None = None) -> list[float]:
+    """One pass over data in mini-batches shuffled by rng; returns every step's loss.
+
+    lr_at(step) sets the learning rate before each step (counted from `step`); clip is the
+    max global gradient norm (None: no clipping); on_step(step, loss, grad_norm) is called
+    after each update, with the gradient norm before clipping.
+    """
     losses = []
     order = rng.permutation(len(data.ids))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start:start + batch_size]                           # (B,)
         if lr_at is not None:
             optimizer.lr = lr_at(step)
         optimizer.zero_grad()
-        logits = model(data.ids[idx], data.mask[idx])                 # (B, V)
-        losses.append(loss_fn(logits, data.targets[idx]))
-        model.backward(loss_fn.backward())
+        logits = model(data.ids[idx], data.mask[idx])                   # (B, V)
+        loss = loss_fn(logits, data.targets[idx])
+        model.backward(loss_fn.backward())                 # fills every .grad
         if clip:
-            clip_grad_norm(optimizer.grad, clip)
+            grad_norm = clip_grad_norm(optimizer.grad, clip)
+        else:
+            grad_norm = float(np.sqrt(optimizer.grad @ optimizer.grad))
         optimizer.step()
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss, grad_norm)
         step += 1
     return losses
 
 
+# %% [markdown]
+# ### `fit`: epochs, history, and the best model
+#
+# `fit` puts it together. It creates the optimiser (Adam by default), runs the epochs with the
+# warm-up-cosine schedule, and after each epoch evaluates on the validation set. It records a
+# `History`: the loss, learning rate and gradient norm of every step, and the training loss,
+# validation loss and validation accuracy of every epoch. It remembers the parameters of the
+# best epoch (highest validation accuracy, ties broken by lower validation loss), and restores
+# them at the end: a model that was briefly perfect and then slipped is given back at its best.
+# Keeping a copy is cheap, since the parameters live in one flat buffer: `opt.data.copy()`.
+#
+# The progress lines deliberately contain **no times**. Training is deterministic, so the same
+# seed prints the same lines on every run, and the book's test suite compares them with the
+# stored output: any change that alters training, however slightly, shows up as a failing
+# line instead of passing unnoticed. The time is measured anyway (`History.seconds`) and
+# printed separately, in the one cell whose output the tests ignore.
+
 # %% tags=["export"]
 @dataclass
 class History:
-    step_loss: list = field(default_factory=list)
-    epoch: list = field(default_factory=list)
-    train_loss: list = field(default_factory=list)
+    """What fit recorded: per step, per epoch, the best epoch and the training time."""
+
+    step_loss: list = field(default_factory=list)       # training loss of every step
+    step_lr: list = field(default_factory=list)         # learning rate of every step
+    step_grad_norm: list = field(default_factory=list)  # gradient norm, before clipping
+    epoch: list = field(default_factory=list)           # 1, 2, ...
+    train_loss: list = field(default_factory=list)      # mean training loss of each epoch
     val_loss: list = field(default_factory=list)
     val_accuracy: list = field(default_factory=list)
-    best_epoch: int = 0
-    seconds: float = 0.0
+    best_epoch: int = 0                                 # the epoch whose parameters were kept
+    seconds: float = 0.0                                # wall-clock time of fit
 
-# %% tags=["export"]
-def fit(model, train, val, *, epochs=10, batch_size=32, lr=3e-3, warmup=50, clip=1.0,
-        weight_decay=0.0, seed=0, optimizer="adam", progress=True, stop_at_accuracy=None) -> History:
-    """Train, keep the best parameters by validation accuracy, restore them at the end."""
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def fit(model: Transformer, train, val, *, epochs: int = 10, batch_size: int = 32,
+        lr: float = 3e-3, warmup: int = 50, clip: float | None = 1.0,
+        weight_decay: float = 0.0, seed: int = 0, optimizer: str = "adam",
+        progress: bool = True, stop_at_accuracy: float | None = None,
+        on_step: StepCallback | None = None) -> History:
+    """Train on `train`, select on `val`; restore the best epoch's parameters at the end.
+
+    train, val: lists of Examples or Batches. The learning rate warms up over `warmup`
+    steps to `lr`, then decays along a cosine to 0 over `epochs` epochs. optimizer: "adam"
+    (with `weight_decay`, decoupled) or "sgd" (momentum 0.9). progress prints one line per
+    epoch (no times, so it is reproducible). stop_at_accuracy stops after the first epoch
+    whose validation accuracy reaches it. on_step(step, loss, grad_norm) is called after
+    every update.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError("epochs and batch_size must be at least 1, "
+                         f"got {epochs} and {batch_size}")
     train, val = _as_batch(train), _as_batch(val)
     rng = np.random.default_rng(seed)
-    opt = Adam(model.parameters(), lr=lr, weight_decay=weight_decay) if optimizer == "adam" else SGD(model.parameters(), lr=lr, momentum=0.9)
+    if optimizer == "adam":
+        opt = Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = SGD(model.parameters(), lr=lr, momentum=0.9)
     loss_fn = CrossEntropyLoss()
-    steps_per_epoch = -(-len(train.ids) // batch_size)
+    steps_per_epoch = -(-len(train.ids) // batch_size)        # ceiling division
     total = epochs * steps_per_epoch
     hist, best, best_key = History(), None, None
+
+    def schedule(step):
+        hist.step_lr.append(warmup_cosine(step, total, warmup, lr))
+        return hist.step_lr[-1]
+
+    def record(step, loss, grad_norm):
+        hist.step_grad_norm.append(grad_norm)
+        if on_step is not None:
+            on_step(step, loss, grad_norm)
+
     model.train()
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        losses = train_one_epoch(model, loss_fn, opt, train, batch_size, rng,
-                                 lambda s: warmup_cosine(s, total, warmup, lr), (epoch - 1) * steps_per_epoch, clip)
+        losses = train_one_epoch(model, loss_fn, opt, train, batch_size, rng, schedule,
+                                 (epoch - 1) * steps_per_epoch, clip, record)
         ev = evaluate(model, val)
-        hist.step_loss += losses; hist.epoch.append(epoch); hist.train_loss.append(float(np.mean(losses)))
-        hist.val_loss.append(ev["loss"]); hist.val_accuracy.append(ev["accuracy"])
+        hist.step_loss += losses
+        hist.epoch.append(epoch)
+        hist.train_loss.append(float(np.mean(losses)))
+        hist.val_loss.append(ev["loss"])
+        hist.val_accuracy.append(ev["accuracy"])
         key = (ev["accuracy"], -ev["loss"])
         if best_key is None or key > best_key:
             best_key, best, hist.best_epoch = key, opt.data.copy(), epoch
         if progress:
-            print(f"epoch {epoch:3d}  train loss {hist.train_loss[-1]:.4f}  val loss {ev['loss']:.4f}  "
-                  f"val acc {ev['accuracy']:.2%}  {time.perf_counter() - t0:5.1f}s", flush=True)
+            print(f"epoch {epoch:2d}/{epochs}  train loss {hist.train_loss[-1]:<9.3g} "
+                  f"val loss {ev['loss']:<9.3g} val accuracy {ev['accuracy']:.2%}",
+                  flush=True)
         if stop_at_accuracy is not None and ev["accuracy"] >= stop_at_accuracy:
             break
-    opt.data[...] = best
+    opt.data[...] = best                                   # the best epoch's parameters
     hist.seconds = time.perf_counter() - t0
+    if progress:
+        print(f"kept epoch {hist.best_epoch} (validation accuracy "
+              f"{hist.val_accuracy[hist.best_epoch - 1]:.2%})", flush=True)
     return hist
 
-# %% tags=["export"]
-def save_model(model: Transformer, path, **metadata) -> Path:
-    """Write config, metadata and every parameter to an .npz, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"param/{name}": p.data for name, p in model.named_parameters()}
-    arrays["config"] = np.array(json.dumps(model.config))
-    arrays["metadata"] = np.array(json.dumps(metadata, default=float))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+
+# %% [markdown]
+# ## The whole model's gradient, through the loss
+#
+# Chapters 2 to 4 checked every layer and the whole model's backward pass against numerical
+# gradients. Training uses one more link: the loss. So the check runs once more, end to end,
+# on exactly what the optimiser will see: $\partial L / \partial \theta$ for every parameter
+# $\theta$ of a small model (float64, `d_model` 8, 2 heads, 2 layers, `d_ff` 16), on a batch of
+# three real puzzles of different lengths, so padding and masking are part of it.
+
+# %%
+small = Transformer(d_model=8, num_heads=2, num_layers=2, d_ff=16, seed=0)
+small.to(np.float64)
+rng = np.random.default_rng(5)
+examples = [generate_example(rng, num_args=k) for k in (3, 2, 4)]   # lengths 7, 6, 8
+check_batch = create_batch(examples)
+print("batch:", [ex.text for ex in examples],
+      "lengths", check_batch.mask.sum(axis=1).tolist())
+assert sorted(check_batch.mask.sum(axis=1)) == [6, 7, 8]
+
+small.train()
+small.zero_grad()
+loss_fn = CrossEntropyLoss()
+loss_fn(small(check_batch.ids, check_batch.mask), check_batch.targets)
+small.backward(loss_fn.backward())                  # the analytic dL/dθ, in every .grad
+
+
+def loss_of_small_model():
+    return loss_fn(small(check_batch.ids, check_batch.mask), check_batch.targets)
+
+
+errors = {name: relative_error(p.grad, numerical_gradient(loss_of_small_model, p.data))
+          for name, p in small.named_parameters()}
+worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
+n_numbers = sum(p.data.size for p in small.parameters())
+print(f"{len(errors)} parameter arrays, {n_numbers:,} numbers; largest relative errors:")
+for name, error in worst:
+    print(f"  {name:28} {error:.0e}")
+assert max(errors.values()) <= 1e-6
+
+# %% [markdown]
+# ## Before the long run: can it learn ten puzzles by heart?
+#
+# The original project's checklist asks four things of a training run: the loss decreases, the
+# model can overfit a small dataset of 10 examples, the validation accuracy improves, and
+# training does not diverge. The second is the classic first test of any training code: a
+# model with 100,000 parameters that cannot memorise ten answers has a bug (a sign error, a
+# missing gradient, a learning rate of zero), and it takes well under a second to find out.
+
+# %%
+ten = generate_dataset(10, seed=1)
+tiny_model = Transformer(d_model=64, num_heads=4, num_layers=2, d_ff=256, seed=0)
+tiny_history = fit(tiny_model, ten, ten, epochs=20, batch_size=10, warmup=5,
+                   progress=False)
+first_perfect = tiny_history.val_accuracy.index(1.0) + 1
+print(f"10 examples: 100% from epoch {first_perfect} of 20; final loss "
+      f"{tiny_history.train_loss[-1]:.2g}")
+assert evaluate(tiny_model, ten)["accuracy"] == 1.0
+assert tiny_history.train_loss[-1] < tiny_history.train_loss[0] / 100
+
+# %% [markdown]
+# ## Training the reference model
+#
+# Now the real thing: the reference model (`d_model` 64, 4 heads, 2 layers, `d_ff` 256, the
+# answer read at `[EOS]`), trained with seed 0 for 8 epochs with Adam, batch 32, peak learning
+# rate $3 \times 10^{-3}$, 50 warm-up steps, cosine decay and clipping at norm 1.
+#
+# The data is chapter 1's: 10,000 random puzzles, de-duplicated, split 80/10/10 by *input*. The
+# model trains on the training split only. The validation split chooses which epoch to keep; the
+# test split is not touched until the end. Neither shares a single input with training.
 
 # %% tags=["export"]
-def load_model(path) -> Transformer:
-    """Rebuild a Transformer from save_model's .npz (allow_pickle=False); .metadata holds the metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model file at {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz model file (it is not a zip archive; truncated or corrupt?)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        config = json.loads(str(arrays.pop("config")))
-        metadata = json.loads(str(arrays.pop("metadata")))
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path} is not a model file written by save_model: {e}") from None
-    model = Transformer(**config)
-    expected = dict(model.named_parameters())
-    stored = {k.removeprefix("param/"): v for k, v in arrays.items()}
-    if set(stored) != set(expected):
-        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        raise ValueError(f"{path}: parameters do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, p in expected.items():
-        if stored[name].shape != p.data.shape:
-            raise ValueError(f"{path}: {name} has shape {stored[name].shape}, the config needs {p.data.shape}")
-        p.data[...] = stored[name]
-    model.metadata = metadata
-    return model
-
-# %% tags=["export"]
-import transformer_lib
-
-ARTIFACTS = Path(transformer_lib.__file__).resolve().parent.parent / "artifacts"
+_CHECKOUT = Path(transformer_lib.__file__).resolve().parent.parent
+_USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transformer_lib"
+ARTIFACTS = (_CHECKOUT / "artifacts" if (_CHECKOUT / "pyproject.toml").exists()   # the repository
+             else _USER_CACHE)                                                   # an installed copy
 REFERENCE_PATH = ARTIFACTS / "reference_model.npz"
-REFERENCE_CONFIG = dict(vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256, readout="eos")
+REFERENCE_CONFIG = dict(vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256,
+                        readout="eos")
+REFERENCE_EPOCHS = 8
 
 
 def default_splits(seed: int = 0):
-    """The book's data: 10,000 random examples, de-duplicated and split 80/10/10 without leakage."""
+    """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input."""
     return split_dataset(generate_dataset(10_000, seed=seed), seed=seed)
 
 
-def train_reference_model(seed: int = 0, epochs: int = 8, progress: bool = True):
-    """Train the reference model on the training split only; returns (model, history)."""
+def train_reference_model(seed: int = 0, epochs: int = REFERENCE_EPOCHS,
+                          progress: bool = True):
+    """Train the reference model on the training split only; return (model, history)."""
     train, val, _ = default_splits()
     model = Transformer(**REFERENCE_CONFIG, seed=seed)
     history = fit(model, train, val, epochs=epochs, seed=seed, progress=progress)
     return model, history
 
 
-def load_or_train_reference(path=REFERENCE_PATH, seed: int = 0, progress: bool = False) -> Transformer:
-    """Load the saved reference model, or train it (deterministically) and save it if the file is missing."""
+# %%
+train, val, test = default_splits()
+print(f"train {len(train):,}   validation {len(val):,}   test {len(test):,}"
+      "   (distinct inputs)")
+seen = {ex.text for ex in train}
+assert not seen & {ex.text for ex in val} and not seen & {ex.text for ex in test}
+assert len(train) == 3450 and -(-len(train) // 32) == 108   # steps/epoch, as above
+
+# %%
+model, history = train_reference_model(seed=0)
+
+# %% [markdown]
+# How long that took depends on the machine (and on who else is using it), so it is printed in
+# a cell that the tests do not compare:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+per_step = 1000 * history.seconds / len(history.step_loss)
+print(f"training took {history.seconds:.1f} s here ({len(history.step_loss)} steps, "
+      f"{per_step:.1f} ms each including evaluation); "
+      f"the original project trained for 6.2 minutes ({6.2 * 60:.0f} s)")
+
+# %% [markdown]
+# ### The checklist, asserted
+#
+# The four items of the checklist, on this run:
+
+# %%
+step_loss = np.array(history.step_loss)
+first, last = step_loss[:50].mean(), step_loss[-50:].mean()
+print(f"loss decreases: mean of the first 50 steps {first:.3f}, of the last 50 "
+      f"{last:.2g}; epoch means {[float(f'{l:.3g}') for l in history.train_loss]}")
+assert last < first / 1000
+assert history.train_loss[-1] == min(history.train_loss) < history.train_loss[0] / 1000
+
+print(f"overfits 10 examples: 100% from epoch {first_perfect} (above)")
+assert tiny_history.val_accuracy[-1] == 1.0
+
+print("validation accuracy improves:", [f"{a:.1%}" for a in history.val_accuracy])
+assert history.val_accuracy[0] < 0.7 and history.val_accuracy[-1] == 1.0
+
+print(f"no divergence: all {len(step_loss)} losses finite, largest gradient norm "
+      f"{max(history.step_grad_norm):.2f}")
+assert np.isfinite(step_loss).all() and np.isfinite(history.step_grad_norm).all()
+assert np.isfinite(history.val_loss).all()
+
+# %% [markdown]
+# `fit` really followed the schedule, step by step:
+
+# %%
+assert history.step_lr == [warmup_cosine(s, 864, 50, 3e-3) for s in range(864)]
+
+# %% [markdown]
+# ### 100% on inputs it never saw
+#
+# The claim that matters: the held-out test split, then all 5,000 possible puzzles. The second
+# number includes the training inputs, so it is also reported separately for the inputs that
+# were in no split at all: the 10,000 random draws never produced them.
+
+# %%
+test_result = evaluate(model, test)
+all_result = evaluate(model, all_examples())
+in_splits = seen | {ex.text for ex in val} | {ex.text for ex in test}
+never_drawn = [ex for ex in all_examples() if ex.text not in in_splits]
+unseen_result = evaluate(model, never_drawn)
+for name, n, result in [("test split", len(test), test_result),
+                        ("never drawn", len(never_drawn), unseen_result),
+                        ("all possible inputs", 5000, all_result)]:
+    print(f"{name:20} {n:5,} inputs   accuracy {result['accuracy']:.2%}")
+assert len(never_drawn) == 688 and len(in_splits) + len(never_drawn) == 5000
+assert test_result["accuracy"] == 1.0
+assert unseen_result["accuracy"] == 1.0
+assert all_result["accuracy"] == 1.0
+
+# %% [markdown]
+# ### The curves
+#
+# The loss of every step (thin line), the mean of each epoch and the validation loss, the
+# validation accuracy, and the gradient norm before clipping.
+
+# %%
+steps = np.arange(1, len(history.step_loss) + 1)
+epoch_end = np.array(history.epoch) * 108
+
+fig, axes = plt.subplot_mosaic([["loss", "loss"], ["accuracy", "grad"]], figsize=(9, 7))
+ax = axes["loss"]
+ax.semilogy(steps, history.step_loss, color="tab:blue", alpha=0.3, linewidth=0.7,
+            label="training loss, per step")
+ax.semilogy(epoch_end, history.train_loss, "o-", color="tab:blue",
+            label="training loss, epoch mean")
+ax.semilogy(epoch_end, history.val_loss, "s-", color="tab:orange",
+            label="validation loss")
+ax.set_xlabel("step")
+ax.set_ylabel("cross-entropy (log scale)")
+ax.set_title("Loss")
+ax.legend()
+
+ax = axes["accuracy"]
+ax.plot(history.epoch, 100 * np.array(history.val_accuracy), "s-", color="tab:orange")
+ax.axhline(100, color="gray", linestyle=":")
+ax.set_xlabel("epoch")
+ax.set_ylabel("validation accuracy (%)")
+ax.set_ylim(50, 102)
+ax.set_title("Validation accuracy")
+
+ax = axes["grad"]
+ax.semilogy(steps, history.step_grad_norm, color="tab:green", linewidth=0.7)
+ax.axhline(1.0, color="gray", linestyle=":", label="clipping threshold")
+ax.set_xlabel("step")
+ax.set_ylabel("gradient norm (log scale)")
+ax.set_title("Gradient norm before clipping")
+ax.legend()
+fig.suptitle("Training the reference model (seed 0)")
+fig.tight_layout()
+plt.show()
+
+clipped = (np.array(history.step_grad_norm) > 1.0).reshape(8, 108)     # (epoch, step)
+print("steps clipped in each epoch:", clipped.sum(axis=1).tolist())
+assert clipped[:2].sum() > 0.9 * 2 * 108 and not clipped[5:].any()
+assert history.val_accuracy[1] > 0.9                # the text below: 90% in epoch 2,
+assert history.val_accuracy.index(1.0) + 1 == 5      # 100% from epoch 5
+
+# %% [markdown]
+# The loss falls by more than three orders of magnitude, and the validation accuracy passes 90%
+# in the second epoch and reaches 100% in the fifth. The gradient norm tells the same story
+# from the inside: above the clipping threshold at almost every step of the first two epochs,
+# while the model works out what the puzzles mean, then down by three orders of magnitude,
+# where clipping acts only on a few spikes, and not at all in the last three epochs.
+# Clipping the early steps costs little with Adam, which divides by the gradient's running
+# scale anyway; what it prevents is a single spike (there are a few in the plot) from
+# flooding Adam's running averages.
+
+# %% [markdown]
+# ## Checkpoints: saving and loading a model
+#
+# Chapter 6 studies this model, and people outside the book want to use it, so it goes into a
+# file. `save_model` writes an `.npz`: a zip archive of NumPy arrays, one per parameter, named
+# by its dotted name (`blocks.0.attention.W_q.W`), plus two text arrays holding the model's
+# `config` and any metadata as JSON.
+#
+# - **No pickles.** `load_model` opens the file with `allow_pickle=False`. A pickle can run
+#   arbitrary code when it is loaded; arrays of numbers and JSON text cannot.
+# - **Atomic.** The file is written under a temporary name in the same directory and then
+#   renamed over the target with `os.replace`. On one filesystem a rename is atomic: anyone
+#   reading the path sees the old file or the new one, never half a file, and a crash during
+#   the write leaves the old file intact.
+# - **Clear errors.** A missing file, a file that is not a model, or a model whose arrays do not
+#   fit its config each raise an error that names the path and the problem.
+
+# %% tags=["export"]
+def _to_json(value):
+    """json.dumps fallback for NumPy scalars and arrays in metadata."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} "
+                    "is not JSON-serialisable")
+
+
+def save_model(model: Transformer, path, **metadata) -> Path:
+    """Write the model's config, metadata and every parameter to an .npz file, atomically.
+
+    Writes a temporary file in the same directory, then renames it to `path`. metadata
+    must be JSON-serialisable (NumPy numbers and arrays are converted). Returns the path.
+    """
+    path = Path(path)
+    arrays = {f"param/{name}": p.data for name, p in model.named_parameters()}
+    arrays["config"] = np.array(json.dumps(model.config))
+    arrays["metadata"] = np.array(json.dumps(metadata, default=_to_json))  # fails early
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)          # mkstemp makes files readable by the owner only
+        os.replace(tmp, path)         # atomic: readers see the old file or the new one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load_model(path) -> Transformer:
+    """Rebuild a Transformer from a file written by save_model (allow_pickle=False).
+
+    The model is returned in training mode, with its metadata in ``model.metadata``.
+    Raises FileNotFoundError if there is no file, ValueError if it is not a model file
+    or its arrays do not match its config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a model file: it is not an .npz (zip) archive "
+                         "(truncated or corrupt?)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        config = json.loads(str(arrays.pop("config")))
+        metadata = json.loads(str(arrays.pop("metadata")))
+        model = Transformer(**config)
+    except KeyError as e:
+        raise ValueError(f"{path} is not a model file written by save_model: "
+                         f"no {e} array") from None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a model file written by save_model: {e}") from None
+    expected = dict(model.named_parameters())
+    stored = {k.removeprefix("param/"): v for k, v in arrays.items()}
+    if set(stored) != set(expected):
+        missing = sorted(set(expected) - set(stored))
+        extra = sorted(set(stored) - set(expected))
+        raise ValueError(f"{path}: the parameters do not match the config "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, p in expected.items():
+        if stored[name].shape != p.data.shape:
+            raise ValueError(f"{path}: {name} has shape {stored[name].shape}, "
+                             f"but the config needs {p.data.shape}")
+    dtype = stored[next(iter(expected))].dtype
+    if dtype != next(iter(expected.values())).data.dtype:
+        model.to(dtype)                                        # e.g. a float64 model
+        expected = dict(model.named_parameters())
+    for name, p in expected.items():
+        p.data[...] = stored[name]
+    model.metadata = metadata
+    return model
+
+
+# %% [markdown]
+# The trained model goes to `REFERENCE_PATH`, which is `artifacts/reference_model.npz` at the
+# root of the repository (the directory is ignored by git: it is an output, rebuilt from the
+# notebooks; an installed copy of `transformer_lib` uses `~/.cache/transformer_lib` instead),
+# with the seed, the number of epochs and the training history as metadata.
+
+# %%
+saved_to = save_model(model, REFERENCE_PATH, seed=0, epochs=REFERENCE_EPOCHS,
+                      history=asdict(history))
+print("saved", saved_to.relative_to(ARTIFACTS.parent),
+      f"({saved_to.stat().st_size / 1e6:.2f} MB)")
+
+loaded = load_model(REFERENCE_PATH)
+ALL = create_batch(all_examples())
+model.eval()
+loaded.eval()
+assert np.array_equal(model(ALL.ids, ALL.mask), loaded(ALL.ids, ALL.mask))   # same logits
+assert loaded.config == model.config
+assert loaded.metadata["history"] == asdict(history) and loaded.metadata["seed"] == 0
+assert [p for p in os.listdir(ARTIFACTS) if p.endswith(".tmp")] == []   # no temp file left
+print("reloaded: identical logits on all 5,000 inputs; history and seed kept")
+
+# %% [markdown]
+# And the ways loading can go wrong, each in a scratch directory:
+
+# %%
+scratch = tempfile.mkdtemp()
+good = save_model(Transformer(d_model=16, num_heads=2, num_layers=1, d_ff=32),
+                  Path(scratch, "small.npz"))
+
+show_error(lambda: load_model(Path(scratch, "missing.npz")), FileNotFoundError,
+           "no model file at <tmp>/missing.npz", hide=scratch)
+
+Path(scratch, "notes.npz").write_text("not a model at all")
+show_error(lambda: load_model(Path(scratch, "notes.npz")), ValueError,
+           "<tmp>/notes.npz is not a model file: it is not an .npz (zip) archive",
+           hide=scratch)
+
+Path(scratch, "cut.npz").write_bytes(good.read_bytes()[:3000])   # an interrupted copy
+show_error(lambda: load_model(Path(scratch, "cut.npz")), ValueError,
+           "<tmp>/cut.npz is not a model file", hide=scratch)
+
+np.savez(Path(scratch, "arrays.npz"), weights=np.zeros(3))       # an .npz, but not ours
+show_error(lambda: load_model(Path(scratch, "arrays.npz")), ValueError,
+           "<tmp>/arrays.npz is not a model file written by save_model: no 'config' array",
+           hide=scratch)
+
+def with_config(arrays, **changes):
+    """The same arrays under a config with some entries changed."""
+    config = {**json.loads(str(arrays["config"])), **changes}
+    return {**arrays, "config": np.array(json.dumps(config))}
+
+
+with np.load(good) as f:                                     # the small model's arrays...
+    arrays = {k: f[k] for k in f.files}
+np.savez(Path(scratch, "mismatch.npz"), **with_config(arrays, d_model=32))   # ...d_model 32?
+show_error(lambda: load_model(Path(scratch, "mismatch.npz")), ValueError,
+           "<tmp>/mismatch.npz: embedding.W has shape (20, 16), but the config needs (20, 32)",
+           hide=scratch)
+
+np.savez(Path(scratch, "layers.npz"), **with_config(arrays, num_layers=2))  # two layers?
+show_error(lambda: load_model(Path(scratch, "layers.npz")), ValueError,
+           "the parameters do not match the config (missing ['blocks.1.attention.W_k.W'",
+           hide=scratch)
+
+# %% [markdown]
+# ### How chapter 6 gets the model
+#
+# Chapter 6 must also run on its own, for instance on a fresh clone where this chapter has not
+# run yet. It calls `load_or_train_reference()`: load the file if it is there and was trained
+# with the expected config and seed, otherwise retrain (the same seed gives the same model,
+# about as fast as above) and save it.
+
+# %% tags=["export"]
+def load_or_train_reference(path=REFERENCE_PATH, seed: int = 0,
+                            progress: bool = False) -> Transformer:
+    """Load the saved reference model, or train it deterministically and save it.
+
+    Retrains when the file is missing or was trained with another config, seed or number
+    of epochs. ``model.metadata`` holds the seed, the epochs and the History (a dict of
+    lists, as ``dataclasses.asdict`` makes it).
+    """
     path = Path(path)
     if path.exists():
-        return load_model(path)
+        model = load_model(path)
+        same_config = all(model.config.get(k) == v for k, v in REFERENCE_CONFIG.items())
+        meta = model.metadata
+        same_run = meta.get("seed") == seed and meta.get("epochs") == REFERENCE_EPOCHS
+        if same_config and same_run:
+            return model
     model, history = train_reference_model(seed=seed, progress=progress)
-    save_model(model, path, seed=seed, history=asdict(history))
-    model.metadata = {"seed": seed, "history": asdict(history)}
+    metadata = {"seed": seed, "epochs": REFERENCE_EPOCHS, "history": asdict(history)}
+    save_model(model, path, **metadata)
+    model.metadata = metadata
     return model
+
+
+# %%
+reference = load_or_train_reference()
+reference.eval()
+assert np.array_equal(reference(ALL.ids, ALL.mask), model(ALL.ids, ALL.mask))
+assert reference.metadata["history"]["val_accuracy"] == history.val_accuracy
+print("load_or_train_reference() returns the saved model; "
+      f"its history has {len(reference.metadata['history']['step_loss'])} steps")
+
+# %% [markdown]
+# ## Summary
+#
+# - **Cross-entropy** $-\log p_y$, computed as $(z_y - m) - \log\sum_k e^{z_k - m}$, is finite
+#   for any logits; its gradient is $(\operatorname{softmax} - \operatorname{one\_hot})/B$.
+# - **Optimisers** work on one flat buffer that every parameter is a view of. SGD with momentum
+#   follows a running sum of gradients; Adam divides a running mean of the gradient by the root
+#   of a running mean of its square, so each parameter moves by about the learning rate.
+# - **Stabilisers**: global-norm clipping shortens rare huge gradients without turning them;
+#   warm-up protects the random start, cosine decay lets the end settle.
+# - **The loop**: shuffle, forward, loss, backward, clip, step; evaluate each epoch in eval
+#   mode, keep the best epoch, print reproducible progress.
+# - **Proof**: the gradient through the loss matches central differences to about $10^{-9}$;
+#   the reference model memorises 10 puzzles in a few epochs, and trained on 3,450 inputs it
+#   answers all 5,000 possible puzzles correctly, in seconds rather than minutes. That last
+#   step is not guaranteed for every seed (Exercise 3).
+# - **Checkpoints** are `.npz` files without pickles, written atomically, loaded with clear
+#   errors; `load_or_train_reference()` gives chapter 6 the model.
+#
+# From the command line, `python -m transformer_lib train` does what this chapter did, and
+# `python -m transformer_lib predict "Max(5, 3, 9)"` asks the saved model.
+
+# %% [markdown]
+# ## Exercises
+#
+# **1. Label smoothing.** Instead of a one-hot target, train towards
+# $q = (1 - \alpha)\,\operatorname{one\_hot}(y) + \alpha / V$, with loss $-\sum_j q_j \log p_j$.
+# Show that the gradient is $(p - q)/B$, implement it, gradient-check it, and check that
+# $\alpha = 0$ gives `CrossEntropyLoss`.
+
+# %% tags=["hide-cell"]
+class LabelSmoothingLoss:
+    """-sum_j q_j log p_j with q = (1 - alpha) one_hot + alpha / V, mean over the batch.
+
+    d/dz_j of -sum_k q_k (z_k - logsumexp(z)) = -q_j + p_j sum_k q_k = p_j - q_j,
+    because q sums to 1.
+    """
+
+    def __init__(self, alpha):
+        self.alpha = alpha
+
+    def __call__(self, logits, targets):
+        B, V = logits.shape
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        q = np.full((B, V), self.alpha / V)
+        q[np.arange(B), targets] += 1 - self.alpha
+        self._cache = (log_probs, q)
+        return float(-(q * log_probs).sum(axis=-1).mean())
+
+    def backward(self):
+        log_probs, q = self._cache
+        return (np.exp(log_probs) - q) / len(q)
+
+
+logits = np.random.default_rng(3).normal(0, 2, size=(4, 20))
+targets = np.array([2, 5, 11, 19])
+smooth = LabelSmoothingLoss(alpha=0.1)
+smooth(logits, targets)
+numeric = numerical_gradient(lambda: smooth(logits, targets), logits)
+error = relative_error(smooth.backward(), numeric)
+print(f"label smoothing gradient: relative error {error:.1e}")
+assert error <= 1e-6
+plain = CrossEntropyLoss()(logits, targets)
+assert abs(LabelSmoothingLoss(alpha=0.0)(logits, targets) - plain) < 1e-12
+
+# %% [markdown]
+# **2. Why Adam needs little tuning.** Multiply a gradient by 1,000. How does the first update
+# of SGD (no momentum) change, and how does the first update of Adam change?
+
+# %% tags=["hide-cell"]
+def first_update(make_optimizer, gradient):
+    theta = Parameter(np.zeros(3))
+    opt = make_optimizer([theta])
+    theta.grad += gradient
+    opt.step()
+    return -theta.data
+
+
+g = np.array([0.5, -3.0, 1e-4])
+sgd_1, sgd_1000 = (first_update(lambda p: SGD(p, lr=0.01), s * g) for s in (1, 1000))
+adam_1, adam_1000 = (first_update(lambda p: Adam(p, lr=0.01), s * g) for s in (1, 1000))
+print("SGD: ", sgd_1.tolist(), "->", sgd_1000.tolist())
+print("Adam:", adam_1.round(6).tolist(), "->", adam_1000.round(6).tolist())
+assert np.allclose(sgd_1000, 1000 * sgd_1)          # SGD: a step 1,000 times larger
+assert np.allclose(adam_1000, adam_1, rtol=1e-3)    # Adam: the same step, about lr each
+# SGD needs its learning rate retuned whenever the gradient scale changes; Adam does not.
+
+# %% [markdown]
+# **3. Is 100% guaranteed?** The reference model learned all 5,000 puzzles from 3,450 of them,
+# but that is seed 0. Train it again with `seed=1` (everything else the same), and find the
+# puzzles it gets wrong. Were they in its training data? What do they have in common?
+
+# %% tags=["hide-cell"]
+seed_1, _ = train_reference_model(seed=1, progress=False)
+seed_1.eval()
+predicted = seed_1(ALL.ids, ALL.mask).argmax(axis=-1)                     # (5000,)
+wrong = [(ex, ID_TO_TOKEN[int(p)])
+         for ex, p, t in zip(all_examples(), predicted, ALL.targets) if p != t]
+print(f"seed 1: {evaluate(seed_1, all_examples())['accuracy']:.2%} of all inputs, "
+      f"test split {evaluate(seed_1, test)['accuracy']:.2%}")
+for ex, answer in wrong:
+    print(f"  {ex.text} -> {answer} (correct: {ex.answer}); "
+          f"in the training split: {ex.text in seen}")
+wrong = [ex for ex, _ in wrong]
+assert [ex.text for ex in wrong] == ["Second ( 9 1 9 )"]
+assert not seen & {ex.text for ex in wrong}
+# Seed 1 misses one puzzle that it never trained on, and one whose answer it could easily
+# confuse: the 9s are First, Last and Max at once. Which seeds reach 100% is partly luck: the
+# last few unseen inputs are decided by small differences between runs, and
+# benchmarks/benchmark.py reports five seeds. A claim of "100%" is a claim about one seed
+# unless it is measured over several.

@@ -4,83 +4,193 @@
 import numpy as np
 from transformer_lib.layers import Module, Linear, DEFAULT_DTYPE, row_max, row_sum
 
-NEG_INF = -1e9
+NEG_INF = -1e9   # masked score: exp(NEG_INF - max) is exactly 0.0, and never nan
 
 
 def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
-    """(B, T) -> (B, 1, ..., 1, T) so it broadcasts over the query axis (and heads)."""
+    """Reshape a key mask (B, T) to (B, 1, ..., 1, T) with ndim axes, like the scores."""
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
-def scaled_dot_product_attention(Q, K, V, mask=None):
-    """softmax(Q K^T / sqrt(d_k)) V.  Q, K, V: (..., T, d_k); mask (B, T) True for real keys."""
+def scaled_dot_product_attention(
+    Q: np.ndarray, K: np.ndarray, V: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled dot-product attention, ``softmax(Q K^T / sqrt(d_k)) V``.
+
+    Parameters
+    ----------
+    Q : array, shape (..., T_q, d_k)
+        Queries. Leading axes (batch ``B``, heads ``H``, ...) are independent.
+    K : array, shape (..., T_k, d_k)
+        Keys.
+    V : array, shape (..., T_k, d_v)
+        Values.
+    mask : bool array, shape (B, T_k), optional
+        True for real keys, False for padding (``B`` is the first axis of ``K``).
+        Padding keys get exactly zero weight.
+
+    Returns
+    -------
+    out : array, shape (..., T_q, d_v)
+        Weighted averages of the values.
+    weights : array, shape (..., T_q, T_k)
+        The attention weights; each row sums to 1 over the real keys.
+
+    Raises
+    ------
+    ValueError
+        If the shapes of ``Q``, ``K``, ``V`` or ``mask`` do not fit together.
+    """
+    if Q.shape[-1] != K.shape[-1] or K.shape[-2] != V.shape[-2]:
+        raise ValueError(f"Q {Q.shape}, K {K.shape}, V {V.shape} do not fit: need "
+                         "Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v)")
     d_k = Q.shape[-1]
-    scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)   # (..., T, T)
+    scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)     # (..., T_q, T_k)
     if mask is not None:
+        if K.ndim < 3 or np.shape(mask) != (K.shape[0], K.shape[-2]):
+            raise ValueError(f"mask has shape {np.shape(mask)} but the keys have shape "
+                             f"{K.shape}; expected (B, T_k): the first and the key axis of K")
         scores = np.where(_key_mask(mask, scores.ndim), scores, NEG_INF)
-    scores -= row_max(scores)
+    scores -= row_max(scores)       # softmax is shift-invariant; now exp(scores) <= 1
     weights = np.exp(scores)
-    weights /= row_sum(weights)                                         # rows sum to 1
-    return weights @ V, weights                                         # (..., T, d_k), (..., T, T)
+    weights /= row_sum(weights)                                    # rows sum to 1
+    return weights @ V, weights            # (..., T_q, d_v), (..., T_q, T_k)
 
 
-def scaled_dot_product_attention_backward(grad_out, Q, K, V, weights):
-    """Gradients of scaled_dot_product_attention for Q, K, V."""
+def scaled_dot_product_attention_backward(
+    grad_out: np.ndarray, Q: np.ndarray, K: np.ndarray, V: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``scaled_dot_product_attention`` with respect to Q, K and V.
+
+    Parameters
+    ----------
+    grad_out : array, shape (..., T_q, d_v)
+        dL/d(out), the gradient of the loss with respect to the attention output.
+    Q, K, V : arrays, shapes (..., T_q, d_k), (..., T_k, d_k), (..., T_k, d_v)
+        The inputs of the forward pass.
+    weights : array, shape (..., T_q, T_k)
+        The weights returned by the forward pass. Masked keys hold exactly 0, so no
+        mask is needed here: their score gradients come out as 0.
+
+    Returns
+    -------
+    dQ, dK, dV : arrays with the shapes of Q, K and V.
+    """
     d_k = Q.shape[-1]
-    dV = weights.swapaxes(-1, -2) @ grad_out                            # (..., T, d_k)
-    dW = grad_out @ V.swapaxes(-1, -2)                                  # (..., T, T)
-    dS = weights * (dW - row_sum(dW * weights))    # softmax backward
-    dS /= np.sqrt(d_k).astype(dS.dtype)
-    dQ = dS @ K
-    dK = dS.swapaxes(-1, -2) @ Q
+    dV = weights.swapaxes(-1, -2) @ grad_out       # P^T dO            (..., T_k, d_v)
+    dP = grad_out @ V.swapaxes(-1, -2)             # dO V^T            (..., T_q, T_k)
+    dS = weights * (dP - row_sum(dP * weights))    # softmax backward  (..., T_q, T_k)
+    dS /= np.sqrt(d_k).astype(dS.dtype)            # through the 1/sqrt(d_k)
+    dQ = dS @ K                                    # (..., T_q, d_k)
+    dK = dS.swapaxes(-1, -2) @ Q                   # (..., T_k, d_k)
     return dQ, dK, dV
 
 
 class MultiHeadAttention(Module):
-    def __init__(self, d_model: int, num_heads: int, rng=None, dtype=DEFAULT_DTYPE):
+    """Multi-head self-attention: ``num_heads`` dot-product attentions side by side.
+
+    ``out = [head_1 | ... | head_H] @ W_o + b_o`` with
+    ``head_h = attention(x W_q^h + b_q^h, x W_k^h, x W_v^h + b_v^h)``.
+
+    Parameters
+    ----------
+    d_model : int
+        Width ``D`` of the input and output; must be divisible by ``num_heads``.
+    num_heads : int
+        Number of heads ``H``; each works in ``d_k = d_model // num_heads`` dimensions.
+    rng : numpy.random.Generator, optional
+        Initialises the projections (default ``np.random.default_rng(0)``).
+    dtype : numpy float dtype
+        Parameter dtype (float32 by default).
+
+    Attributes
+    ----------
+    W_q, W_k, W_v, W_o : Linear(d_model, d_model)
+        The projections. ``W_k`` has no bias: a key bias shifts all scores of a row by
+        the same amount, which the softmax ignores, so it would never change the output
+        or receive a gradient.
+    attn_weights : array, shape (B, H, T, T), or None
+        Attention weights of the last forward pass (in eval mode too), for plots.
+    """
+
+    def __init__(self, d_model: int, num_heads: int,
+                 rng: np.random.Generator | None = None, dtype=DEFAULT_DTYPE):
+        if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
         if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+            raise ValueError(f"d_model={d_model} is not divisible by "
+                             f"num_heads={num_heads}")
         rng = np.random.default_rng(0) if rng is None else rng
-        self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
+        self.d_model, self.num_heads = d_model, num_heads
+        self.d_k = d_model // num_heads
         self.W_q = Linear(d_model, d_model, rng, dtype=dtype)
-        self.W_k = Linear(d_model, d_model, rng, bias=False, dtype=dtype)  # a key bias gets no gradient (softmax is shift-invariant)
+        # no key bias: the softmax ignores it (it shifts a whole row of scores)
+        self.W_k = Linear(d_model, d_model, rng, bias=False, dtype=dtype)
         self.W_v = Linear(d_model, d_model, rng, dtype=dtype)
         self.W_o = Linear(d_model, d_model, rng, dtype=dtype)
-        self.attn_weights = None          # (B, H, T, T) of the last forward, for visualisation
+        self.attn_weights = None          # (B, H, T, T) of the last forward, for plots
         self._cache = None
 
-    def forward(self, x, mask=None):
+    def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Self-attention over the positions of ``x``.
+
+        Parameters
+        ----------
+        x : array, shape (B, T, d_model)
+        mask : bool array, shape (B, T), optional
+            True for real tokens, False for padding; padding keys get zero weight.
+
+        Returns
+        -------
+        array, shape (B, T, d_model)
+        """
+        x = np.asarray(x)
+        if x.ndim != 3:
+            hint = ("; for a single sequence add a batch axis, x[None]"
+                    if x.ndim == 2 else "")
+            raise ValueError(f"MultiHeadAttention expects x of shape (B, T, d_model), "
+                             f"got a {x.ndim}-D array of shape {x.shape}{hint}")
         B, T, D = x.shape
+        if D != self.d_model:
+            raise ValueError(f"x has last dimension {D} but d_model is {self.d_model}")
+        if mask is not None and np.shape(mask) != (B, T):
+            raise ValueError(f"mask has shape {np.shape(mask)} but x has batch {B} and "
+                             f"length {T}; expected a (B, T) mask, True for real tokens")
         H, d_k = self.num_heads, self.d_k
-        # Q, K and V in one matmul: [W_q | W_k | W_v] is (D, 3D)
+        # Q, K and V in one matmul: [W_q | W_k | W_v] is (D, 3D); the key bias is zero
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
-        b = np.concatenate([self.W_q.b.data, np.zeros_like(self.W_q.b.data), self.W_v.b.data])
-        qkv = (x.reshape(B * T, D) @ W + b).reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)   # (3, B, H, T, d_k)
-        Q, K, V = qkv
-        heads, weights = scaled_dot_product_attention(Q, K, V, mask)         # (B, H, T, d_k)
-        concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)                 # (B, T, D)
-        self.attn_weights = weights
+        b_k = np.zeros_like(self.W_q.b.data)
+        b = np.concatenate([self.W_q.b.data, b_k, self.W_v.b.data])         # (3D,)
+        qkv = x.reshape(B * T, D) @ W + b                                   # (B*T, 3D)
+        # split into Q, K, V and heads; the transpose is a view, no copy
+        Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)     # (B, H, T, d_k)
+        # one batched attention over all B*H (example, head) pairs
+        heads, weights = scaled_dot_product_attention(Q, K, V, mask)        # (B, H, T, d_k)
+        concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)               # (B, T, D)
+        self.attn_weights = weights                                         # (B, H, T, T)
         if self.training:
             self._cache = (x, Q, K, V, weights)
-        return self.W_o(concat)
+        return self.W_o(concat)                                             # (B, T, D)
 
-    def backward(self, grad_out):
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Accumulate the projections' gradients; return dL/dx, (B, T, d_model)."""
         x, Q, K, V, weights = self._check_cache(self._cache)
         B, T, D = x.shape
         H, d_k = self.num_heads, self.d_k
-        d_concat = self.W_o.backward(grad_out)                                # (B, T, D)
-        d_heads = d_concat.reshape(B, T, H, d_k).transpose(0, 2, 1, 3)         # (B, H, T, d_k)
+        d_concat = self.W_o.backward(grad_out)                          # (B, T, D)
+        d_heads = d_concat.reshape(B, T, H, d_k).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
         dQ, dK, dV = scaled_dot_product_attention_backward(d_heads, Q, K, V, weights)
+        # undo the split: 3 x (B, H, T, d_k) -> (B, T, 3, H, d_k) -> (B*T, 3D)
         d_qkv = np.stack([dQ, dK, dV]).transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * D)
         x2 = x.reshape(B * T, D)
-        dW = x2.T @ d_qkv                                                     # (D, 3D)
-        db = d_qkv.sum(axis=0)
+        dW = x2.T @ d_qkv             # (D, 3D): the three weight gradients at once
+        db = d_qkv.sum(axis=0)        # (3D,); its K part sums to 0 (no key bias)
         for i, lin in enumerate((self.W_q, self.W_k, self.W_v)):
             lin.W.grad += dW[:, i * D:(i + 1) * D]
             if lin.b is not None:
                 lin.b.grad += db[i * D:(i + 1) * D]
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
-        return (d_qkv @ W.T).reshape(B, T, D)
+        return (d_qkv @ W.T).reshape(B, T, D)                 # (B, T, D)
 
 
 __all__ = [

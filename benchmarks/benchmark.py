@@ -1,0 +1,220 @@
+"""Training speed of the reference model, printed as markdown tables (a script, not a test).
+
+    python benchmarks/benchmark.py                       # everything below
+    OPENBLAS_NUM_THREADS=1 python benchmarks/benchmark.py
+    python benchmarks/benchmark.py --no-warmup           # also train the 5 seeds without warm-up
+
+Measures, for the reference model (d_model 64, 4 heads, 2 layers, d_ff 256, post-norm):
+
+1. the median time of one training step (forward, loss, backward, clipping, Adam) at batch 32
+   and 256, in float32 and float64; if PyTorch is importable, the same model and step in
+   PyTorch on the CPU, measured in alternating rounds with NumPy so that both see the same
+   machine load, and the ratio NumPy / PyTorch;
+2. for seeds 0-4, the reference recipe (fit, 8 epochs): the first step after which the model is
+   right on all 5,000 possible inputs (checked every --check-every steps, evaluation time not
+   counted), the training seconds up to that step, and the accuracy of the model fit returns;
+3. why Adam keeps its scalars Python floats: float32 array * NumPy float64 scalar vs * float.
+
+PyTorch is optional and never a requirement of the project. Timings on a shared machine are
+noisy: the script prints the load average before and after.
+"""
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's transformer_lib
+
+from transformer_lib.data import all_examples, create_batch        # noqa: E402
+from transformer_lib.training import (REFERENCE_CONFIG, REFERENCE_EPOCHS, Adam,  # noqa: E402
+                                      CrossEntropyLoss, clip_grad_norm, default_splits, evaluate, fit)
+from transformer_lib.transformer import Transformer                 # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+SEEDS = range(5)
+
+
+# ---------------------------------------------------------------- one training step, NumPy
+def numpy_stepper(dtype, batch):
+    model = Transformer(**REFERENCE_CONFIG, seed=0, dtype=dtype)
+    opt, loss_fn = Adam(model.parameters(), lr=3e-3), CrossEntropyLoss()
+    model.train()
+
+    def step():
+        opt.zero_grad()
+        logits = model(batch.ids, batch.mask)
+        loss_fn(logits, batch.targets)
+        model.backward(loss_fn.backward())
+        clip_grad_norm(opt.grad, 1.0)
+        opt.step()
+    return step
+
+
+# ---------------------------------------------------------------- the same step, PyTorch
+def torch_stepper(dtype, batch):
+    nn = torch.nn
+    torch_dtype = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+
+    class TorchTransformer(nn.Module):
+        """Embedding + sinusoidal positions, 2 post-norm encoder layers, read out at [EOS]."""
+
+        def __init__(self, vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256, max_len=64):
+            super().__init__()
+            self.embedding = nn.Embedding(vocab_size, d_model)
+            pos = torch.arange(max_len)[:, None]
+            angle = pos / 10000.0 ** (torch.arange(0, d_model, 2)[None, :] / d_model)
+            pe = torch.zeros(max_len, d_model)
+            pe[:, 0::2], pe[:, 1::2] = torch.sin(angle), torch.cos(angle)
+            self.register_buffer("pe", pe)
+            layer = nn.TransformerEncoderLayer(d_model, num_heads, d_ff, dropout=0.0, activation="relu",
+                                               batch_first=True, norm_first=False)    # post-norm
+            self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+            self.output = nn.Linear(d_model, vocab_size)
+
+        def forward(self, ids, mask):
+            x = self.embedding(ids) + self.pe[:ids.shape[1]]
+            x = self.encoder(x, src_key_padding_mask=~mask)
+            last = mask.sum(dim=1) - 1
+            return self.output(x[torch.arange(ids.shape[0]), last])
+
+    torch.manual_seed(0)
+    model = TorchTransformer().to(torch_dtype).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids, mask = torch.from_numpy(batch.ids), torch.from_numpy(batch.mask)
+    targets = torch.from_numpy(batch.targets)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def step():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(ids, mask), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step, n_params
+
+
+def median_step_ms(steppers, steps, rounds=5, warmup=5):
+    """Median milliseconds per call of each stepper, timed call by call in alternating rounds."""
+    for step in steppers:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steppers]
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for step, t in zip(steppers, times):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                step()
+                t.append(time.perf_counter() - t0)
+    return [1000 * statistics.median(t) for t in times]
+
+
+def step_table(train):
+    rng = np.random.default_rng(0)
+    rows = []
+    print("| dtype | batch | NumPy ms/step | PyTorch ms/step | NumPy / PyTorch |")
+    print("|---|---:|---:|---:|---:|")
+    for dtype in (np.float32, np.float64):
+        for size, steps in ((32, 100), (256, 30)):
+            batch = create_batch([train[i] for i in rng.choice(len(train), size, replace=False)])
+            steppers = [numpy_stepper(dtype, batch)]
+            if torch is not None:
+                torch_step, n_params = torch_stepper(dtype, batch)
+                steppers.append(torch_step)
+            ms = median_step_ms(steppers, steps)
+            if torch is not None:
+                ratio = ms[0] / ms[1]
+                print(f"| {dtype.__name__} | {size} | {ms[0]:.2f} | {ms[1]:.2f} | {ratio:.2f} |", flush=True)
+            else:
+                print(f"| {dtype.__name__} | {size} | {ms[0]:.2f} | (no PyTorch) | |", flush=True)
+            rows.append((dtype.__name__, size, ms))
+    if torch is not None:
+        print(f"\nPyTorch model: {n_params:,} parameters (NumPy: 102,420; PyTorch's attention also "
+              "has a key bias)")
+    return rows
+
+
+# ---------------------------------------------------------------- time to 100% on all inputs
+def time_to_perfect(train, val, test, check_every, warmup):
+    everything = create_batch(all_examples())
+    print(f"\nReference recipe (Adam 3e-3, {'warm-up 50, ' if warmup else 'no warm-up, '}cosine, "
+          f"clip 1, batch 32, {REFERENCE_EPOCHS} epochs), all 5,000 inputs checked every "
+          f"{check_every} steps (not timed):\n")
+    print("| seed | first step at 100% on all 5,000 | training s to it | training s, all "
+          f"{REFERENCE_EPOCHS} epochs | returned model: all 5,000 | test split |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    results = []
+    for seed in SEEDS:
+        model = Transformer(**REFERENCE_CONFIG, seed=seed)
+        state = {"first": None, "first_seconds": None, "eval_seconds": 0.0}
+        t0 = time.perf_counter()
+
+        def on_step(step, loss, grad_norm):
+            if state["first"] is not None or (step + 1) % check_every:
+                return
+            e0 = time.perf_counter()
+            if evaluate(model, everything)["accuracy"] == 1.0:
+                state["first"] = step + 1
+                state["first_seconds"] = e0 - t0 - state["eval_seconds"]
+            state["eval_seconds"] += time.perf_counter() - e0
+
+        history = fit(model, train, val, epochs=REFERENCE_EPOCHS, seed=seed, progress=False,
+                      warmup=50 if warmup else 0, on_step=on_step)
+        train_seconds = history.seconds - state["eval_seconds"]
+        final_all = evaluate(model, everything)["accuracy"]
+        final_test = evaluate(model, test)["accuracy"]
+        first = "never" if state["first"] is None else f"{state['first']}"
+        first_s = "" if state["first"] is None else f"{state['first_seconds']:.1f}"
+        print(f"| {seed} | {first} | {first_s} | {train_seconds:.1f} | {final_all:.2%} | {final_test:.2%} |",
+              flush=True)
+        results.append((seed, state["first"], state["first_seconds"], train_seconds, final_all))
+    return results
+
+
+# ---------------------------------------------------------------- the scalar-type detail
+def scalar_promotion():
+    a = np.ones(102_420, dtype=np.float32)
+    ms = median_step_ms([lambda: a.__imul__(np.float64(1.0)), lambda: a.__imul__(1.0)], 400)
+    print(f"\nfloat32 array of 102,420 numbers *= NumPy float64 scalar: {1000 * ms[0]:.0f} µs; "
+          f"*= Python float: {1000 * ms[1]:.0f} µs ({ms[0] / ms[1]:.0f} times faster)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-warmup", action="store_true", help="also train the 5 seeds without warm-up")
+    parser.add_argument("--check-every", type=int, default=10, help="steps between checks of all inputs")
+    parser.add_argument("--skip-seeds", action="store_true", help="only the step times")
+    args = parser.parse_args()
+
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    if torch is not None and threads != "default":
+        torch.set_num_threads(int(threads))                    # same thread count for both
+    print(f"NumPy {np.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"OPENBLAS_NUM_THREADS={threads}" +
+          (f", PyTorch {torch.__version__} with {torch.get_num_threads()} threads" if torch else
+           ", PyTorch not installed"))
+    print("load average at start: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
+
+    train, val, test = default_splits()
+    step_table(train)
+    scalar_promotion()
+    if not args.skip_seeds:
+        time_to_perfect(train, val, test, args.check_every, warmup=True)
+        if args.no_warmup:
+            time_to_perfect(train, val, test, args.check_every, warmup=False)
+    print("\nload average at end: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()

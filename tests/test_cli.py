@@ -1,0 +1,139 @@
+"""The command line `python -m transformer_lib`, run as a user would: in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transformer_lib.__main__ import main
+from transformer_lib.evaluation import predict
+from transformer_lib.training import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=None):
+    """Run `python -m transformer_lib ARGS` against this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "transformer_lib", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line error, got:\n{result.stderr}"
+    assert lines[0].startswith("python -m transformer_lib: error: ")
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained for one epoch by the CLI (fast; accuracy is not the point here)."""
+    path = tmp_path_factory.mktemp("cli") / "model.npz"
+    result = run("train", "--epochs", 1, "--seed", 3, "--out", path)
+    return path, result
+
+
+def test_train_prints_progress_and_saves(trained):
+    path, result = trained
+    assert result.returncode == 0, result.stderr
+    assert "training the reference model (seed 3, 1 epoch)" in result.stdout
+    assert "epoch  1/1  train loss" in result.stdout
+    assert "test accuracy" in result.stdout and "all 5,000 inputs" in result.stdout
+    assert f"saved {path}" in result.stdout
+    model = load_model(path)
+    assert model.metadata["seed"] == 3 and model.metadata["epochs"] == 1
+    assert len(model.metadata["history"]["val_accuracy"]) == 1
+
+
+def test_predict_prints_the_models_answers(trained):
+    path, _ = trained
+    puzzles = ["Max(5, 3, 9)", "First ( 2 7 1 )"]
+    result = run("predict", *puzzles, "--model", path)
+    assert result.returncode == 0, result.stderr
+    model = load_model(path)
+    assert result.stdout.splitlines() == [predict(model, p) for p in puzzles]
+    assert all(answer in "0123456789" for answer in result.stdout.split())
+
+
+def test_predict_without_a_model_file_says_how_to_train(tmp_path):
+    missing = tmp_path / "nothing.npz"
+    result = run("predict", "Max(5, 3, 9)", "--model", missing)
+    assert_one_line_error(result, f"no model file at {missing}",
+                          f"python -m transformer_lib train --out {missing}")
+
+
+def test_predict_with_a_corrupt_model_file(tmp_path):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_text("not a model")
+    assert_one_line_error(run("predict", "Max(5, 3, 9)", "--model", corrupt),
+                          str(corrupt), "is not a model file")
+
+
+def test_bad_puzzle_in_a_subprocess(trained):
+    path, _ = trained
+    result = run("predict", "Max(1, 2, 3)", "max(5, 3, 9)", "--model", path)
+    assert_one_line_error(result, "cannot read 'max(5, 3, 9)'", "did you mean 'Max'?")
+    assert result.stdout == ""                      # nothing printed for the good puzzle either
+
+
+def test_bad_option_in_a_subprocess():
+    assert_one_line_error(run("train", "--epochs", "0"), "--epochs", "must be at least 1, got 0")
+
+
+# The remaining cases call main() in this process: the same code path, without the ~1 s
+# start-up of a new interpreter each.
+
+def run_main(capsys, *args):
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
+
+
+@pytest.mark.parametrize("puzzle, words", [
+    ("max(5, 3, 9)", ["cannot read 'max(5, 3, 9)'", "did you mean 'Max'?"]),
+    ("Max(5, 12, 9)", ["unknown token '12'", "only single digits"]),
+    ("Max(5, 3, 9", ["expected ')' at position 7, got end of input"]),
+    ("", ["empty input"]),
+])
+def test_predict_bad_puzzle(trained, capsys, puzzle, words):
+    path, _ = trained
+    result = run_main(capsys, "predict", "Max(1, 2, 3)", puzzle, "--model", path)
+    assert_one_line_error(result, *words)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["required: {train,predict}"]),
+    (["fly"], ["invalid choice: 'fly'"]),
+    (["predict"], ["the following arguments are required: PUZZLE"]),
+    (["train", "--epochs", "0"], ["--epochs", "must be at least 1, got 0"]),
+    (["train", "--epochs", "two"], ["expected a whole number, got 'two'"]),
+    (["train", "--seed", "-1"], ["must be at least 0, got -1"]),
+    (["train", "--speed", "9"], ["unrecognized arguments: --speed 9"]),
+])
+def test_bad_command_line(capsys, args, words):
+    assert_one_line_error(run_main(capsys, *args), *words, "--help")
+
+
+def test_help():
+    result = run("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
+    result = run("predict", "--help")
+    assert result.returncode == 0 and "--model" in result.stdout
+
+
+def test_missing_default_model_suggests_plain_train(capsys, monkeypatch, tmp_path):
+    import transformer_lib.__main__ as cli
+
+    default = tmp_path / "reference_model.npz"
+    monkeypatch.setattr(cli, "REFERENCE_PATH", default)
+    result = run_main(capsys, "predict", "Max(5, 3, 9)", "--model", default)
+    assert_one_line_error(result, f"no model file at {default}",
+                          "train one first with: python -m transformer_lib train")
+    assert "--out" not in result.stderr

@@ -1,0 +1,111 @@
+"""Command line for transformer_lib (hand-written; not generated from a notebook).
+
+    python -m transformer_lib train [--seed N] [--epochs N] [--out PATH]
+    python -m transformer_lib predict "Max(5, 3, 9)" ["Min(4, 2, 7)" ...] [--model PATH]
+
+Errors (bad input, a missing or unreadable model file) print one line on stderr and exit with
+status 2, without a traceback.
+"""
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from transformer_lib.data import all_examples
+from transformer_lib.evaluation import predict
+from transformer_lib.training import (REFERENCE_EPOCHS, REFERENCE_PATH, default_splits, evaluate,
+                                      load_model, save_model, train_reference_model)
+
+PROG = "python -m transformer_lib"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # instead of argparse's usage text + exit
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Train the book's transformer, or ask a trained one.",
+                     epilog=f'examples:\n  {PROG} train\n  {PROG} predict "Max(5, 3, 9)"',
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{train,predict}", parser_class=_Parser)
+    commands.required = True
+
+    train = commands.add_parser(
+        "train", help="train the reference model and save it",
+        description="Train the reference model (d_model 64, 4 heads, 2 layers, d_ff 256) on the "
+                    "training split, print its test accuracy, and save it.")
+    train.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
+    train.add_argument("--epochs", type=_int_at_least(1), default=REFERENCE_EPOCHS,
+                       help=f"number of epochs (default {REFERENCE_EPOCHS})")
+    train.add_argument("--out", type=Path, default=REFERENCE_PATH,
+                       help=f"where to save the model (default {REFERENCE_PATH})")
+
+    pred = commands.add_parser(
+        "predict", help="print a trained model's answer to each puzzle",
+        description='Print the answer to each puzzle, one per line: "Max(5, 3, 9)" -> 9.')
+    pred.add_argument("puzzles", nargs="+", metavar="PUZZLE", help='a puzzle such as "Max(5, 3, 9)"')
+    pred.add_argument("--model", type=Path, default=REFERENCE_PATH,
+                      help=f"a model file written by train (default {REFERENCE_PATH})")
+    return parser
+
+
+def _train(args) -> None:
+    epochs = f"{args.epochs} epoch" + ("s" if args.epochs > 1 else "")
+    print(f"training the reference model (seed {args.seed}, {epochs})", flush=True)
+    model, history = train_reference_model(seed=args.seed, epochs=args.epochs, progress=True)
+    _, _, test = default_splits()
+    test_accuracy = evaluate(model, test)["accuracy"]
+    all_accuracy = evaluate(model, all_examples())["accuracy"]
+    print(f"test accuracy {test_accuracy:.2%}, all 5,000 inputs {all_accuracy:.2%}, "
+          f"trained in {history.seconds:.1f} s")
+    path = save_model(model, args.out, seed=args.seed, epochs=args.epochs, history=asdict(history))
+    print(f"saved {path}")
+
+
+def _predict(args) -> None:
+    try:
+        model = load_model(args.model)
+    except FileNotFoundError:
+        out = "" if args.model == REFERENCE_PATH else f" --out {args.model}"
+        raise UsageError(f"no model file at {args.model}; train one first with: "
+                         f"{PROG} train{out}") from None
+    answers = []
+    for puzzle in args.puzzles:                 # check every puzzle before printing anything
+        try:
+            answers.append(predict(model, puzzle))
+        except ValueError as error:
+            raise UsageError(f"cannot read {puzzle!r}: {error}") from None
+    print("\n".join(answers))
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input or model file)."""
+    try:
+        args = _parser().parse_args(argv)
+        (_train if args.command == "train" else _predict)(args)
+    except (UsageError, ValueError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
