@@ -447,17 +447,32 @@ def print_grid(grid: dict) -> None:
 seed_grid = run_grid(REFERENCE, {"reference": {}}, SEEDS, cache)
 print_grid(seed_grid)
 reference_runs = seed_grid["reference"]
-assert all(r.accuracy == 1.0 for r in reference_runs)
-steps = [r.steps_to_100 for r in reference_runs]
-print(f"steps to 100%: {steps}; "
-      f"the slowest seed needed {max(steps) / min(steps) - 1:.0%} more")
-assert max(steps) >= 1.1 * min(steps)
+train_inputs = {(ex.op, ex.args) for ex in default_splits(0)[0]}
+for r in reference_runs:
+    print(f"seed {r.config.seed}: {len(r.wrong)} of 5,000 inputs wrong" + "".join(
+        f"; {ex.text} (answer {ex.answer}, "
+        f"{'in' if (ex.op, ex.args) in train_inputs else 'not in'} the training set)"
+        for ex in r.wrong))
+errors = [len(r.wrong) for r in reference_runs]
+assert errors[0] == 0 and reference_runs[0].steps_to_100 == 540   # seed 0: all right
+assert all(1 <= n <= 3 for n in errors[1:])            # seeds 1 and 2: one to a few wrong
+assert not any((ex.op, ex.args) in train_inputs for r in reference_runs for ex in r.wrong)
 
 # %% [markdown]
-# Every seed gets all 5,000 inputs right, but not at the same time: the number of steps it
-# takes varies by tens of percent from seed to seed. That spread is the yardstick for
-# everything below. A setting that changes the steps to 100% by less than that, measured on
-# three seeds, has not been shown to change anything.
+# With the eight-epoch budget, seed 0 (chapter 5's model) gets all 5,000 inputs right from
+# step 540 on. Seeds 1 and 2 end one input short, at 99.98%: seed 1 answers 9 to
+# `Second ( 9 1 9 )` (the 9s are `First`, `Last` and `Max` at once), seed 2 answers 7 to
+# `Min ( 8 8 8 )`. Neither input is in the training set. This is not bad luck in our three
+# seeds: measured over 60 seeds of this recipe (the repository's README), 23 reach 100% on
+# all inputs, and the others miss one to a few rare inputs; more epochs help only partly
+# (seeds 0–9: 4 of 10 at eight epochs, 8 of 10 at twenty). Which inputs those misses are,
+# and why, is the subject of the section "The last 0.1%" below.
+#
+# So "the reference reaches 100%" is a claim about seed 0, and the seed spread gives two
+# yardsticks for everything below: the reference's seeds differ by at most one input in
+# 5,000 in accuracy, and one of its three seeds reaches exactly 100%. A setting whose
+# difference from the reference is within that spread, measured on three seeds, has not
+# been shown to change anything.
 #
 # ## Hyperparameters: learning rate and batch size
 #
@@ -515,7 +530,9 @@ plot_grid(hyper_grid, "Learning rate and batch size, three seeds each")
 #   ends far below 100%, and the damage is in `First`, `Second` and `Last`, while `Max` and
 #   `Min` stay near 100%. Remember this pattern: it will come back in the ablations.
 # - **$10^{-3}$ is as good as the reference.** Three times smaller, and every seed still
-#   reaches 100% within the same budget. The reference learning rate is not on a knife's edge.
+#   misses at most one input within the same budget, like the reference's seeds; two of its
+#   seeds reach 100%, one of the reference's, a difference within the seed spread. The
+#   reference learning rate is not on a knife's edge.
 # - **Larger batches work per epoch.** With 128 examples per step the model sees the same data
 #   in four times fewer steps, and every seed still gets all but a handful of inputs right in
 #   eight epochs (which inputs, is the subject of a later section).
@@ -525,7 +542,9 @@ hs = {name: summarize(runs) for name, runs in hyper_grid.items()}
 assert hs["lr 1e-2"]["accuracy_max"] < 0.8                       # all three seeds fail
 assert max(hs["lr 1e-2"]["by_op_mean"][op] for op in ("First", "Second", "Last")) < 0.7
 assert min(hs["lr 1e-2"]["by_op_mean"][op] for op in ("Max", "Min")) > 0.95
-assert hs["lr 1e-3"]["reached_100"] == hs["lr 3e-3 (reference)"]["reached_100"] == 3
+for name in ("lr 1e-3", "lr 3e-3 (reference)"):
+    assert max(len(r.wrong) for r in hyper_grid[name]) <= 1, name
+assert hs["lr 1e-3"]["reached_100"] >= hs["lr 3e-3 (reference)"]["reached_100"] >= 1
 assert hs["batch 128"]["accuracy_min"] >= 0.995
 
 # %% [markdown]
@@ -604,9 +623,10 @@ plt.show()
 # gets more than 99% of all inputs right with every seed. At $d_\text{model} = 8$ (2,068
 # parameters) training no longer works within eight epochs.
 #
-# Reaching *exactly* 100% is another matter: among these sizes only the reference does it for
-# every seed in eight epochs. The $d_\text{model} = 32$ and 16 models miss a few inputs
-# (which ones is the subject of a later section). The cell above prints the cost per run and
+# Reaching *exactly* 100% is another matter: among these sizes only the reference does it at
+# all in eight epochs (with seed 0). The $d_\text{model} = 32$ and 16 models miss a few inputs
+# with every seed, on average more than the reference's seeds do (which inputs is the
+# subject of a later section). The cell above prints the cost per run and
 # per step on the machine that ran this notebook. To search further, give the small models
 # more epochs, e.g. `run_grid(REFERENCE.but(epochs=16), SIZES, range(10))`.
 
@@ -619,8 +639,10 @@ assert ss["d 16, 2 layers"]["parameters"] == 7_188
 assert ss["d 16, 2 layers"]["accuracy_min"] > 0.99
 assert ss["d 64, 2 layers (ref.)"]["parameters"] / ss["d 16, 2 layers"]["parameters"] > 14
 assert ss["d 8, 2 layers"]["accuracy_max"] < 0.95
-assert ss["d 64, 2 layers (ref.)"]["reached_100"] == 3
-assert all(ss[name]["reached_100"] < 3 for name in SIZES if name != "d 64, 2 layers (ref.)")
+assert ss["d 64, 2 layers (ref.)"]["reached_100"] >= 1
+assert all(ss[name]["reached_100"] == 0 for name in SIZES if name != "d 64, 2 layers (ref.)")
+for name in ("d 32, 2 layers", "d 16, 2 layers"):
+    assert ss[name]["accuracy_mean"] < ss["d 64, 2 layers (ref.)"]["accuracy_mean"], name
 
 # %% [markdown]
 # ## Ablations: what each part is for
@@ -771,8 +793,9 @@ print_grid(ablation_grid)
 # Only one ablation breaks the model, and it breaks exactly what was predicted: without
 # positional encodings `First`, `Second` and `Last` fall to the order-blind ceiling while
 # `Max` and `Min` are untouched. The other four cost little or nothing at this size: every
-# one of their twelve runs stays above 95%, and most are above 99.9%. But together they
-# reach *exactly* 100% in at most half of their runs, where the reference does in all three.
+# one of their twelve runs stays above 95%, and most are above 99.9%. They reach *exactly*
+# 100% in at most half of their runs; so does the reference, with one seed of three. With
+# three seeds each, that measure cannot tell these four variants from the reference.
 
 # %%
 ab = {name: summarize(runs) for name, runs in ablation_grid.items()}
@@ -783,8 +806,8 @@ print(f"the four mild ablations: lowest accuracy {min(r.accuracy for r in mild):
       f"{sum(r.reached_100 for r in mild)} of {len(mild)} reached 100%")
 assert min(r.accuracy for r in mild) > 0.95                      # nothing breaks at depth 2
 assert sum(r.accuracy >= 0.999 for r in mild) > len(mild) / 2
-assert ab["reference"]["reached_100"] == 3
-assert sum(r.reached_100 for r in mild) <= len(mild) / 2   # ... but 100% is less reliable
+assert sum(r.reached_100 for r in mild) <= len(mild) / 2   # 100% is not reliable ...
+assert 1 <= ab["reference"]["reached_100"] <= len(SEEDS) / 2      # ... for the reference either
 
 # %% [markdown]
 # ### Depth: where residual connections and LayerNorm earn their keep
@@ -804,16 +827,14 @@ deep_grid = run_grid(DEEP, {"6 blocks": {}, "6 blocks, no residual": {"residual"
 print_grid(deep_grid)
 ds = {name: summarize(runs) for name, runs in deep_grid.items()}
 assert ds["6 blocks"]["accuracy_min"] > 0.95
-assert ds["6 blocks, no residual"]["accuracy_max"] < 0.75
-assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < 0.9
 worst_complete = ds["6 blocks"]["accuracy_min"]
-assert ds["6 blocks, no residual"]["accuracy_max"] < worst_complete - 0.05
-assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.05
+assert ds["6 blocks, no residual"]["accuracy_max"] < worst_complete - 0.15
+assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.15
 
 # %% [markdown]
-# With six blocks, removing the residual connections leaves both seeds below 75%, and removing
-# LayerNorm below 90%, while the complete six-block model gets more than 95% in the same four
-# epochs. Residual connections and LayerNorm are what make depth trainable; a two-block model
+# With six blocks, removing the residual connections or LayerNorm leaves both seeds more than
+# 15 points below the worst seed of the complete six-block model, which gets more than 95% in
+# the same four epochs. Residual connections and LayerNorm are what make depth trainable; a two-block model
 # hardly needs them.
 
 # %% [markdown]
@@ -823,7 +844,6 @@ assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.05
 # with an accuracy of at least 99.5% shows that they are not spread over the inputs at all:
 
 # %%
-train_inputs = {(ex.op, ex.args) for ex in default_splits(0)[0]}
 near_perfect = [r for r in cache.values() if 0.995 <= r.accuracy < 1.0]
 misses = Counter(ex.text for r in near_perfect for ex in r.wrong)
 print(f"{len(near_perfect)} runs between 99.5% and 100% got {sum(misses.values())} "
@@ -855,7 +875,9 @@ assert on_max_1 > 0.6 * sum(misses.values())
 # random training split happens to contain just one of them, `Max ( 1 1 0 )`. The other six
 # collect most of the wrong answers of all these runs. A model never
 # sees what to do with `Max ( 0 0 1 )` and has to get it right by generalising from other
-# inputs; the reference manages with every seed, smaller or ablated models often do not.
+# inputs. The reference's seeds 1 and 2 fail in the same way on other rare unseen inputs,
+# `Second ( 9 1 9 )` and `Min ( 8 8 8 )` (above); seed 0 happens to get every one of them
+# right, and smaller or ablated models more often get some of them wrong.
 # So "exactly 100% on all inputs" is partly a test of these few unseen corner cases, which
 # is why the tables report the accuracy itself alongside it.
 
@@ -910,7 +932,7 @@ lengths = range(2, 9)
 for run in length_runs:
     r = run["result"]
     print(f"seed {r.config.seed}: in-distribution test accuracy {r.accuracy:.2%} "
-          f"({len(run['test'])} inputs, 2-5 arguments), 100% after step {r.steps_to_100}")
+          f"({len(run['test'])} inputs, 2-5 arguments), wrong: {[ex.text for ex in r.wrong]}")
 table = np.array([[[run["accuracy"][(k, op)] for k in lengths] for op in OPERATIONS]
                   for run in length_runs])                       # (seeds, ops, lengths)
 
@@ -931,6 +953,8 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# On the lengths it trained on, the model is near-perfect: at least 99.5% of the
+# in-distribution test inputs, and at least 98% for every operation and length.
 # `First`, `Second`, `Max` and `Min` generalise to lengths the model has never seen; `Last`
 # collapses, towards random guessing at 7 and 8 arguments. What does the model answer for
 # `Last` instead? Mostly the fifth argument, the digit that sat at the last position in the
@@ -938,7 +962,8 @@ plt.show()
 
 # %%
 OP = {op: i for i, op in enumerate(OPERATIONS)}
-assert (table[:, :, :4] == 1.0).all()             # every seed, every op, lengths 2-5
+assert table[:, :, :4].min() >= 0.98              # every seed, every op, lengths 2-5
+assert all(r["result"].accuracy >= 0.995 for r in length_runs)
 for op in ("First", "Max", "Min"):
     assert table[:, OP[op], 4:].min() >= 0.95, op
 assert table[:, OP["Second"], 4:].min() >= 0.85
@@ -982,9 +1007,11 @@ for run in length_runs:
 #
 # `TwoDigitTransformer` is the chapter 4 transformer with its output layer replaced by one
 # that produces both heads' logits at once, $W_\text{out} \in \mathbb{R}^{d \times 2V}$. Its
-# forward reshapes the $(B, 2V)$ logits into $(B, 2, V)$; its backward reshapes the gradient
-# back and hands it to the parent's backward, which already knows how to push it through the
-# output layer, the read-out and the blocks. `TwoTokenLoss` does the same reshaping around
+# forward reshapes the $(B, 2V)$ logits into $(B, 2, V)$. Its backward reshapes the gradient
+# back to $(B, 2V)$, pushes it through the output layer, and then repeats the rest of chapter
+# 4's backward (the read-out, the blocks, the embedding). It cannot simply hand the gradient to
+# the parent's backward, because that one checks, to catch mistakes, that the gradient has
+# chapter 4's shape $(B, V)$. `TwoTokenLoss` does the same reshaping around
 # chapter 5's cross-entropy, treating the $B$ examples as $2B$ one-token predictions.
 
 # %% tags=["export"]
@@ -1009,8 +1036,24 @@ class TwoDigitTransformer(Transformer):
         return logits.reshape(len(logits), 2, -1)             # (B, 2, V)
 
     def backward(self, grad_logits):
+        """Chapter 4's backward for logits (B, 2, V); returns None like it."""
         grad_logits = np.asarray(grad_logits)                 # (B, 2, V)
-        return super().backward(grad_logits.reshape(len(grad_logits), -1))
+        shape, r = self._check_cache(self._cache)
+        B, T, D = shape
+        V = self.config["vocab_size"]
+        if grad_logits.shape != (B, 2, V):
+            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
+                             f"produced logits of shape {(B, 2, V)}")
+        g_pooled = self.output.backward(grad_logits.reshape(B, 2 * V))    # (B, D)
+        if self.readout == "eos":
+            g = np.zeros(shape, dtype=g_pooled.dtype)         # (B, T, D): only the read-out
+            g[np.arange(B), r] = g_pooled                     # position receives gradient
+        else:
+            g = r[:, :, None] * g_pooled[:, None, :]          # (B, T, D): w[b, t] * g_pooled[b]
+        for block in reversed(self.blocks):
+            g = block.backward(g)                             # (B, T, D)
+        self.embedding.backward(g)
+        return None
 
 
 class TwoTokenLoss(CrossEntropyLoss):
@@ -1315,9 +1358,10 @@ HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
 # %% [markdown]
 # What to take away:
 #
-# 1. **Look at the spread before the mean.** The same config takes tens of percent more or
-#    fewer steps to reach 100% depending on the seed alone; single runs cannot rank settings
-#    that differ by less.
+# 1. **Look at the spread before the mean.** Whether the reference config gets exactly 100%
+#    of the inputs in eight epochs depends on the seed alone: seed 0 does, seeds 1 and 2 miss
+#    one rare input each (over 60 seeds, 23 reach it). Single runs cannot rank settings that
+#    differ by less than that.
 # 2. **Positional encodings are the one part this task cannot do without**, and the failure
 #    is exactly predictable: an order-blind model is capped at 43% on `First`, `Second` and
 #    `Last`, and `Max` and `Min` do not care.
@@ -1357,7 +1401,8 @@ print(f"  {'numbers 0-99':16} {two_digit.seconds:5.1f} s")
 # - `ExperimentConfig` + `run_experiment` turn a config into measurements: accuracy per
 #   operation on all 5,000 inputs, held-out accuracy, steps and seconds to 100%, parameter
 #   count. `run_grid` runs variants for several seeds and reuses runs through a cache.
-# - Seeds move the steps to 100% by tens of percent; learning rates of $10^{-3}$ and
+# - The seed decides whether the reference reaches exactly 100% in eight epochs: seed 0
+#   does, seeds 1 and 2 end at 99.98%, one rare unseen input wrong each. Learning rates of $10^{-3}$ and
 #   $3 \cdot 10^{-3}$ both work, $10^{-2}$ breaks the positional operations.
 # - Two layers are necessary; width can shrink to 16 with little loss.
 # - Without positional encodings, `First`/`Second`/`Last` hit the order-blind ceiling of 43%;
