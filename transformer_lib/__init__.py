@@ -7,6 +7,7 @@ from .attention import *  # noqa: F403  (notebooks/03_attention.py)
 from .transformer import *  # noqa: F403  (notebooks/04_transformer.py)
 from .training import *  # noqa: F403  (notebooks/05_training.py)
 from .evaluation import *  # noqa: F403  (notebooks/06_evaluation.py)
+from .experiments import *  # noqa: F403  (notebooks/07_experiments.py)
 
 __all__ = [
     "OPERATIONS",
@@ -91,4 +92,22 @@ __all__ = [
     "rank_correlation",
     "plot_embedding_2d",
     "confidence_margins",
+    "ExperimentConfig",
+    "parameter_count",
+    "predictions",
+    "accuracy_by",
+    "ExperimentResult",
+    "run_experiment",
+    "run_grid",
+    "summarize",
+    "length_experiment",
+    "TwoDigitTransformer",
+    "TwoTokenLoss",
+    "TWO_DIGIT_OP_WEIGHTS",
+    "TwoDigitData",
+    "two_digit_data",
+    "generate_two_digit",
+    "two_digit_keys",
+    "TwoDigitResult",
+    "two_digit_experiment",
 ]

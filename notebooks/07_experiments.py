@@ -1,0 +1,1462 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 7. Experiments and analysis
+#
+# Chapter 5 trained one model with one recipe and one seed, and it reached 100%. That is one
+# data point. This chapter asks the questions a single run cannot answer: how much of that
+# result is luck, which settings matter, and which parts of the transformer are doing the work.
+# Then it goes where the original project stopped: longer inputs, and numbers up to 99.
+#
+# **In this chapter**
+#
+# - a small experiment runner (config in, metrics out) that the rest of the chapter uses and
+#   that you can use for your own experiments;
+# - how much results vary between seeds, and learning rate and batch size, three seeds each;
+# - model size: how small the model can get, and what it costs;
+# - ablations: no positional encoding, no residual connections, no LayerNorm, one head, and
+#   the read-out, each with a prediction written down *before* the result;
+# - two harder variants: inputs longer than any seen in training, and numbers 0–99;
+# - a summary table of everything measured, and what to take away.
+#
+# Every number in the prose below is computed in this notebook and checked by an `assert`.
+# To keep the whole book testable in a few minutes the experiments are small (mostly three
+# seeds, at most eight epochs). Every experiment function takes arguments to run a bigger
+# version; the text says which.
+
+# %% [markdown]
+# ## A runner: config in, metrics out
+#
+# An experiment is one training run, fully described by an `ExperimentConfig`: the shape of
+# the model, the ablation switches of chapter 4 (`positional`, `residual`, `layer_norm`,
+# `readout`), the training recipe of chapter 5 and a seed. The defaults are the book's
+# reference model. `config.but(lr=1e-3)` makes a variant; a misspelt field is an error, not a
+# silently ignored keyword.
+
+# %% tags=["export"]
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, Batch, Example,
+                                  all_examples, create_batch, generate_dataset, split_dataset)
+from transformer_lib.layers import Linear
+from transformer_lib.training import (Adam, CrossEntropyLoss, default_splits, evaluate,
+                                      train_one_epoch, warmup_cosine)
+from transformer_lib.transformer import Transformer
+
+
+# %% tags=["export"]
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines one training run: model shape, ablation switches, recipe, seed.
+
+    The defaults are the book's reference model and training recipe (chapters 4 and 5).
+    ``seed`` sets both the initial weights and the order of the mini-batches; the data
+    split is the same for every run (``default_splits(0)``), so seeds differ only in training.
+    """
+
+    # model (chapter 4)
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    d_ff: int = 256
+    readout: str = "eos"
+    positional: bool = True
+    residual: bool = True
+    layer_norm: bool = True
+    # training (chapter 5)
+    lr: float = 3e-3
+    batch_size: int = 32
+    epochs: int = 8
+    warmup: int = 50
+    clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("d_model", "num_heads", "num_layers", "d_ff", "batch_size", "epochs"):
+            value = getattr(self, name)
+            is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if not is_int or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
+                             f"{self.num_heads}; each head gets d_model // num_heads")
+
+    def but(self, **changes) -> "ExperimentConfig":
+        """A copy with some fields changed: ``config.but(lr=1e-3, seed=2)``."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; "
+                             f"the fields are: {', '.join(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def model(self) -> Transformer:
+        """A fresh, untrained Transformer with this config's shape and seed."""
+        return Transformer(d_model=self.d_model, num_heads=self.num_heads,
+                           num_layers=self.num_layers, d_ff=self.d_ff, readout=self.readout,
+                           positional=self.positional, residual=self.residual,
+                           layer_norm=self.layer_norm, seed=self.seed)
+
+
+def parameter_count(model) -> int:
+    """Number of trainable numbers in a model."""
+    return sum(p.data.size for p in model.parameters())
+
+
+# %% [markdown]
+# What the runner measures is what the questions need. A model is judged on **all 5,000
+# possible inputs** (chapter 1's `all_examples()`), so there is no sampling noise, and per
+# operation, because the operations fail in different ways. The held-out accuracy counts only
+# the inputs the model never trained on. "Steps to 100%" is when every one of the 5,000 inputs
+# is first answered correctly. It is checked at the end of each epoch, but only once the
+# validation accuracy (431 inputs, cheap) is 100%, and the inputs that were wrong at the
+# previous check are tried first: if one of them is still wrong, the model need not be run
+# on all 5,000.
+#
+# `predictions` and `accuracy_by` are small tools for looking at a trained model: its answers,
+# and its accuracy per group of examples (per operation, per length, ...).
+
+# %% tags=["export"]
+def predictions(model, batch: Batch, chunk: int = 4096) -> np.ndarray:
+    """The model's answer (argmax of the logits) for every row of a batch, in eval mode.
+
+    Returns an int array of shape (B,) for a single read-out, or (B, K) if the model
+    returns K logit rows per example (the two-digit model below, K = 2).
+    """
+    was_training = model.training
+    model.eval()
+    out = [model(batch.ids[i:i + chunk], batch.mask[i:i + chunk]).argmax(axis=-1)
+           for i in range(0, len(batch.ids), chunk)]
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def accuracy_by(model, examples: Sequence[Example],
+                key: Callable[[Example], Hashable] = lambda ex: ex.op) -> dict:
+    """Accuracy per group of examples: per operation by default, or any ``key(example)``.
+
+    Groups appear in the order they first occur in ``examples``.
+    """
+    if len(examples) == 0:
+        raise ValueError("accuracy_by needs at least one example")
+    batch = create_batch(list(examples))
+    correct = predictions(model, batch) == batch.targets          # (N,)
+    groups: dict = {}
+    for ex, ok in zip(examples, correct):
+        groups.setdefault(key(ex), []).append(ok)
+    return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+# %% tags=["export"]
+@dataclass
+class ExperimentResult:
+    """What one run measured. Accuracies are fractions in [0, 1].
+
+    ``accuracy`` and ``accuracy_by_op`` are on the evaluation inputs (by default all 5,000
+    possible inputs) at the end of training; ``heldout_accuracy`` on those of them that are
+    not in the training set. ``steps_to_100``, ``epochs_to_100`` and ``seconds_to_100`` are
+    taken at the first epoch end at which every evaluation input was right (``None`` if that
+    never happened). ``curve`` has one entry per epoch: step, train loss, validation accuracy.
+    """
+
+    config: ExperimentConfig
+    num_parameters: int
+    accuracy: float
+    accuracy_by_op: dict
+    heldout_accuracy: float
+    steps: int
+    steps_to_100: int | None
+    epochs_to_100: int | None
+    seconds: float
+    seconds_to_100: float | None
+    wrong: list = field(default_factory=list)
+    curve: list = field(default_factory=list)
+    model: Transformer | None = field(default=None, repr=False)
+
+    @property
+    def reached_100(self) -> bool:
+        return self.steps_to_100 is not None
+
+
+@functools.cache
+def _standard_data() -> tuple[list[Example], list[Example], list[Example]]:
+    """The book's train and validation split, and all 5,000 inputs (made once, shared)."""
+    train, val, _ = default_splits(0)
+    return train, val, all_examples()
+
+
+@functools.cache
+def _batch_of(examples: tuple[Example, ...]) -> Batch:
+    return create_batch(list(examples))
+
+
+def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
+                   data: tuple | None = None, evaluate_on: Sequence[Example] | None = None,
+                   stop_at_100: bool = True, progress: bool = False) -> ExperimentResult:
+    """Train one model from scratch and measure it: config in, metrics out.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+    data : (train, val), two lists of Examples, optional
+        Default: the book's split, ``default_splits(0)``.
+    evaluate_on : list of Examples, optional
+        The inputs the model is judged on. Default: all 5,000 inputs; required with ``data``.
+    stop_at_100 : bool
+        Stop at the first epoch end at which every evaluation input is answered correctly.
+    progress : bool
+        Print one line per epoch.
+
+    Returns
+    -------
+    ExperimentResult
+        Including the trained model (``.model``) and the wrongly answered inputs (``.wrong``).
+
+    The recipe is chapter 5's ``fit`` (Adam, warm-up then cosine decay over ``config.epochs``,
+    gradient clipping, the same ``train_one_epoch``), except that the model is measured as it
+    is when training stops rather than at its best validation epoch.
+    """
+    if data is None:
+        train, val, default_eval = _standard_data()
+    else:
+        (train, val), default_eval = data, None
+    evaluate_on = default_eval if evaluate_on is None else list(evaluate_on)
+    if evaluate_on is None:
+        raise ValueError("with your own data=(train, val), also pass evaluate_on= "
+                         "(the examples to judge the model on)")
+    train_batch, val_batch = _batch_of(tuple(train)), _batch_of(tuple(val))
+    eval_batch = _batch_of(tuple(evaluate_on))
+
+    model = config.model()
+    optimizer = Adam(model.parameters(), lr=config.lr)
+    loss_fn = CrossEntropyLoss()
+    rng = np.random.default_rng(config.seed)
+    total_steps = config.epochs * -(-len(train) // config.batch_size)
+    schedule = functools.partial(warmup_cosine, total_steps=total_steps,
+                                 warmup=config.warmup, peak_lr=config.lr)
+
+    suspects = None             # inputs found wrong by the last full check
+
+    def all_right() -> bool:
+        """Is every evaluation input answered correctly? The inputs that were wrong at the
+        last full check are tried first; if one is still wrong, the full check is skipped."""
+        nonlocal suspects
+        if suspects is not None:
+            rows = Batch(eval_batch.ids[suspects], eval_batch.mask[suspects],
+                         eval_batch.targets[suspects])
+            if (predictions(model, rows) != rows.targets).any():
+                return False
+        suspects = np.flatnonzero(predictions(model, eval_batch) != eval_batch.targets)
+        return len(suspects) == 0
+
+    step, first_100, curve = 0, None, []
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        losses = train_one_epoch(model, loss_fn, optimizer, train_batch, config.batch_size,
+                                 rng, schedule, step, config.clip)
+        step += len(losses)
+        val_accuracy = evaluate(model, val_batch)["accuracy"]
+        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+                      "val_accuracy": val_accuracy})
+        if progress:
+            print(f"epoch {epoch}  step {step:4d}  train loss {np.mean(losses):.4f}  "
+                  f"val acc {val_accuracy:.2%}", flush=True)
+        if first_100 is None and val_accuracy == 1.0 and all_right():
+            first_100 = (step, epoch, time.perf_counter() - start)
+            if stop_at_100:
+                break
+    seconds = time.perf_counter() - start
+
+    correct = predictions(model, eval_batch) == eval_batch.targets      # (N,)
+    ops = np.array([ex.op for ex in evaluate_on])
+    seen = {(ex.op, ex.args) for ex in train}
+    unseen = np.array([(ex.op, ex.args) not in seen for ex in evaluate_on])
+    step_100, epoch_100, seconds_100 = first_100 or (None, None, None)
+    return ExperimentResult(
+        config=config, num_parameters=parameter_count(model),
+        accuracy=float(correct.mean()),
+        accuracy_by_op={op: float(correct[ops == op].mean())
+                        for op in OPERATIONS if (ops == op).any()},
+        heldout_accuracy=float(correct[unseen].mean()) if unseen.any() else float("nan"),
+        steps=step, steps_to_100=step_100, epochs_to_100=epoch_100, seconds=seconds,
+        seconds_to_100=seconds_100,
+        wrong=[ex for ex, ok in zip(evaluate_on, correct) if not ok],
+        curve=curve, model=model)
+
+
+# %% [markdown]
+# One run of the reference config, printing its progress:
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from transformer_lib.data import OPERATIONS, all_examples, create_batch
+from transformer_lib.experiments import (ExperimentConfig, accuracy_by, parameter_count,
+                                         predictions, run_experiment)
+from transformer_lib.training import default_splits
+
+notebook_start = time.perf_counter()
+reference = run_experiment(ExperimentConfig(), progress=True)
+print(f"{reference.num_parameters:,} parameters; accuracy on all 5,000 inputs "
+      f"{reference.accuracy:.2%} (held-out only: {reference.heldout_accuracy:.2%}); "
+      f"100% first reached after epoch {reference.epochs_to_100} "
+      f"= step {reference.steps_to_100}")
+assert reference.accuracy == reference.heldout_accuracy == 1.0
+assert reference.num_parameters == 102_420 and reference.steps_to_100 <= 8 * 108
+
+# %% [markdown]
+# The wall-clock time is printed separately, because it depends on the machine (and this
+# cell's output is not compared when the book is tested):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"trained in {reference.seconds:.1f} s; 100% after {reference.seconds_to_100:.1f} s")
+
+
+# %% [markdown]
+# Bad configs are refused with a message that says what is wrong:
+
+# %%
+def show_error(call, expected_words: str) -> None:
+    """Run call(); assert it raises ValueError mentioning expected_words; print it."""
+    try:
+        call()
+    except ValueError as error:
+        assert expected_words in str(error), f"unexpected message: {error}"
+        print(f"ValueError: {error}")
+    else:
+        raise AssertionError(f"expected a ValueError mentioning {expected_words!r}")
+
+
+show_error(lambda: ExperimentConfig().but(learning_rate=1e-3),
+           "unknown config field(s) learning_rate")
+show_error(lambda: ExperimentConfig(d_model=64, num_heads=3),
+           "d_model=64 is not divisible by num_heads=3")
+show_error(lambda: ExperimentConfig(epochs=0), "epochs must be a positive integer, got 0")
+
+# %% [markdown]
+# ## How much does one run tell you? Seeds
+#
+# The seed decides the initial weights and the order of the mini-batches, nothing else.
+# The original project's two runs of "the same" model differed by six points, so before
+# comparing any settings we need to know how much the seed alone moves the result.
+# `run_grid` runs named variants of a config for several seeds; a `cache` dictionary lets later
+# sections reuse runs that were already made (a config is its own key).
+
+# %% tags=["export"]
+def run_grid(base: ExperimentConfig, variants: dict[str, dict],
+             seeds: Sequence[int] = (0, 1, 2), cache: dict | None = None,
+             **kwargs) -> dict[str, list[ExperimentResult]]:
+    """Run every named variant (a dict of config changes) once per seed.
+
+    Parameters
+    ----------
+    base : ExperimentConfig
+    variants : {name: changes}
+        For example ``{"lr 1e-3": {"lr": 1e-3}, "reference": {}}``.
+    seeds : sequence of int
+        More seeds show more of the spread (and cost proportionally more time).
+    cache : dict, optional
+        ``{config: result}``; results found there are reused, new ones are added.
+    **kwargs
+        Passed to ``run_experiment`` (not ``data``: cached results assume the book's data).
+    """
+    if "data" in kwargs and cache is not None:
+        raise ValueError("run_grid: the cache assumes the book's data; "
+                         "do not pass both data= and cache=")
+    grid = {}
+    for name, changes in variants.items():
+        runs = []
+        for seed in seeds:
+            config = base.but(**changes, seed=seed)
+            if cache is not None and config in cache:
+                result = cache[config]
+            else:
+                result = run_experiment(config, **kwargs)
+                if cache is not None:
+                    cache[config] = result
+            runs.append(result)
+        grid[name] = runs
+    return grid
+
+
+def summarize(runs: Sequence[ExperimentResult]) -> dict:
+    """Mean, min and max accuracy over seeds, per operation too; how many runs reached 100%."""
+    accuracy = [r.accuracy for r in runs]
+    reached = [r for r in runs if r.reached_100]
+    return {
+        "runs": len(runs),
+        "parameters": runs[0].num_parameters,
+        "accuracy_mean": float(np.mean(accuracy)),
+        "accuracy_min": float(np.min(accuracy)),
+        "accuracy_max": float(np.max(accuracy)),
+        "by_op_mean": {op: float(np.mean([r.accuracy_by_op[op] for r in runs]))
+                       for op in runs[0].accuracy_by_op},
+        "by_op_min": {op: float(np.min([r.accuracy_by_op[op] for r in runs]))
+                      for op in runs[0].accuracy_by_op},
+        "reached_100": len(reached),
+        "steps_to_100_mean": (float(np.mean([r.steps_to_100 for r in reached]))
+                              if reached else None),
+        "steps_mean": float(np.mean([r.steps for r in runs])),
+        "seconds_mean": float(np.mean([r.seconds for r in runs])),
+    }
+
+
+# %% [markdown]
+# The three seeds of the reference config (seed 0 is the run above, taken from the cache):
+
+# %%
+from transformer_lib.experiments import run_grid, summarize
+
+SEEDS = (0, 1, 2)                       # more seeds: SEEDS = range(10)
+REFERENCE = ExperimentConfig()
+cache = {REFERENCE: reference}          # every run of this chapter, by config
+
+
+def print_grid(grid: dict) -> None:
+    """One line per variant: accuracy per seed and per operation, steps to 100%."""
+    print(f"{'variant':<22}{'params':>8}  {'accuracy per seed':<26}{'reached':>8}  "
+          f"{'steps to 100%':<18}" + "".join(f"{op:>7}" for op in OPERATIONS))
+    for name, runs in grid.items():
+        s = summarize(runs)
+        accs = " ".join(f"{r.accuracy:7.2%}" for r in runs)
+        steps = " ".join("-" if r.steps_to_100 is None else str(r.steps_to_100) for r in runs)
+        print(f"{name:<22}{s['parameters']:>8,}  {accs:<26}{s['reached_100']:>5}/{s['runs']}  "
+              f"{steps:<18}" + "".join(f"{s['by_op_mean'][op]:7.1%}" for op in OPERATIONS))
+
+
+seed_grid = run_grid(REFERENCE, {"reference": {}}, SEEDS, cache)
+print_grid(seed_grid)
+reference_runs = seed_grid["reference"]
+train_inputs = {(ex.op, ex.args) for ex in default_splits(0)[0]}
+for r in reference_runs:
+    print(f"seed {r.config.seed}: {len(r.wrong)} of 5,000 inputs wrong" + "".join(
+        f"; {ex.text} (answer {ex.answer}, "
+        f"{'in' if (ex.op, ex.args) in train_inputs else 'not in'} the training set)"
+        for ex in r.wrong))
+errors = [len(r.wrong) for r in reference_runs]
+assert errors[0] == 0 and reference_runs[0].steps_to_100 == 540   # seed 0: all right
+assert all(1 <= n <= 3 for n in errors[1:])            # seeds 1 and 2: one to a few wrong
+assert not any((ex.op, ex.args) in train_inputs for r in reference_runs for ex in r.wrong)
+
+# %% [markdown]
+# With the eight-epoch budget, seed 0 (chapter 5's model) gets all 5,000 inputs right from
+# step 540 on. Seeds 1 and 2 end one input short, at 99.98%: seed 1 answers 9 to
+# `Second ( 9 1 9 )` (the 9s are `First`, `Last` and `Max` at once), seed 2 answers 7 to
+# `Min ( 8 8 8 )`. Neither input is in the training set. This is not bad luck in our three
+# seeds: measured over 60 seeds of this recipe (the repository's README), 23 reach 100% on
+# all inputs, and the others miss one to a few rare inputs; more epochs help only partly
+# (seeds 0–9: 4 of 10 at eight epochs, 8 of 10 at twenty). Which inputs those misses are,
+# and why, is the subject of the section "The last 0.1%" below.
+#
+# So "the reference reaches 100%" is a claim about seed 0, and the seed spread gives two
+# yardsticks for everything below: the reference's seeds differ by at most one input in
+# 5,000 in accuracy, and one of its three seeds reaches exactly 100%. A setting whose
+# difference from the reference is within that spread, measured on three seeds, has not
+# been shown to change anything.
+#
+# ## Hyperparameters: learning rate and batch size
+#
+# The reference recipe uses a peak learning rate of $3 \cdot 10^{-3}$ and batches of 32
+# (chapter 5). We try a learning rate three times smaller and three times larger, and batches
+# four times larger, each for three seeds, with everything else fixed, including the
+# eight-epoch budget and the 50-step warm-up. For a finer grid, pass more variants to
+# `run_grid`, e.g. `{"batch 16": {"batch_size": 16}, "batch 64": {"batch_size": 64}}`.
+
+# %%
+hyper_grid = run_grid(REFERENCE, {
+    "lr 1e-3": {"lr": 1e-3},
+    "lr 3e-3 (reference)": {},
+    "lr 1e-2": {"lr": 1e-2},
+    "batch 128": {"batch_size": 128},
+}, SEEDS, cache)
+print_grid(hyper_grid)
+
+
+# %%
+def plot_grid(grid: dict, title: str, epochs: int = 8) -> None:
+    """Left: accuracy on all inputs, one dot per seed. Right: epochs until 100%."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6))
+    names = list(grid)
+    for i, name in enumerate(names):
+        runs = grid[name]
+        jitter = np.linspace(-0.12, 0.12, len(runs))
+        left.scatter(i + jitter, [100 * r.accuracy for r in runs], color="tab:blue", zorder=3)
+        left.hlines(100 * np.mean([r.accuracy for r in runs]), i - 0.25, i + 0.25, color="k")
+        done = [(j, r.epochs_to_100) for j, r in zip(jitter, runs) if r.reached_100]
+        never = [j for j, r in zip(jitter, runs) if not r.reached_100]
+        right.scatter([i + j for j, _ in done], [e for _, e in done], color="tab:green",
+                      zorder=3)
+        right.scatter([i + j for j in never], [epochs + 1] * len(never), marker="x",
+                      color="tab:red", zorder=3)
+    for ax in (left, right):
+        ax.set_xticks(range(len(names)), names, rotation=15)
+        ax.grid(axis="y", alpha=0.3)
+    left.set_ylabel("accuracy on all 5,000 inputs (%)")
+    left.set_title("final accuracy (dot = seed, bar = mean)")
+    right.set_ylabel("epochs until 100%")
+    right.set_yticks(range(1, epochs + 2), [*map(str, range(1, epochs + 1)), "never"])
+    right.set_title(f"when every input is right (x = not within {epochs} epochs)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.show()
+
+
+plot_grid(hyper_grid, "Learning rate and batch size, three seeds each")
+
+# %% [markdown]
+# Three things stand out.
+#
+# - **Too large a learning rate breaks the positional operations.** At $10^{-2}$ every seed
+#   ends far below 100%, and the damage is in `First`, `Second` and `Last`, while `Max` and
+#   `Min` stay near 100%. Remember this pattern: it will come back in the ablations.
+# - **$10^{-3}$ is as good as the reference.** Three times smaller, and every seed still
+#   misses at most one input within the same budget, like the reference's seeds; two of its
+#   seeds reach 100%, one of the reference's, a difference within the seed spread. The
+#   reference learning rate is not on a knife's edge.
+# - **Larger batches work per epoch.** With 128 examples per step the model sees the same data
+#   in four times fewer steps, and every seed still gets all but a handful of inputs right in
+#   eight epochs (which inputs, is the subject of a later section).
+
+# %%
+hs = {name: summarize(runs) for name, runs in hyper_grid.items()}
+assert hs["lr 1e-2"]["accuracy_max"] < 0.8                       # all three seeds fail
+assert max(hs["lr 1e-2"]["by_op_mean"][op] for op in ("First", "Second", "Last")) < 0.7
+assert min(hs["lr 1e-2"]["by_op_mean"][op] for op in ("Max", "Min")) > 0.95
+for name in ("lr 1e-3", "lr 3e-3 (reference)"):
+    assert max(len(r.wrong) for r in hyper_grid[name]) <= 1, name
+assert hs["lr 1e-3"]["reached_100"] >= hs["lr 3e-3 (reference)"]["reached_100"] >= 1
+assert hs["batch 128"]["accuracy_min"] >= 0.995
+
+# %% [markdown]
+# ## Model size: how small can it get?
+#
+# The reference model has 102,420 parameters. We shrink it along each axis: one layer instead
+# of two, and narrower models ($d_\text{model}$ = 32, 16, 8, with
+# $d_\text{ff} = 4\,d_\text{model}$ as in the reference, and two heads instead of four when
+# $d_\text{model} \le 16$). The number of heads is an ablation of its own below.
+#
+# First, where the parameters are. Per block, attention has $4 d^2 + 3d$ ($W_q$, $W_k$, $W_v$,
+# $W_o$; the key projection has no bias), the feed-forward network $2 d\, d_\text{ff} +
+# d_\text{ff} + d$ and the two LayerNorms $4d$; around the blocks sit the embedding ($V d$) and
+# the output layer ($d V + V$), with $V = 20$. The formula matches the models exactly:
+
+# %%
+def expected_parameters(d_model, num_layers, d_ff, vocab=20, layer_norm=True):
+    block = 4 * d_model**2 + 3 * d_model + 2 * d_model * d_ff + d_ff + d_model
+    block += 4 * d_model if layer_norm else 0
+    return vocab * d_model + num_layers * block + d_model * vocab + vocab
+
+
+SIZES = {
+    "d 64, 2 layers (ref.)": {},
+    "d 64, 1 layer": {"num_layers": 1},
+    "d 32, 2 layers": {"d_model": 32, "d_ff": 128},
+    "d 16, 2 layers": {"d_model": 16, "d_ff": 64, "num_heads": 2},
+    "d 8, 2 layers": {"d_model": 8, "d_ff": 32, "num_heads": 2},
+}
+for name, changes in SIZES.items():
+    config = REFERENCE.but(**changes)
+    n = parameter_count(config.model())
+    assert n == expected_parameters(config.d_model, config.num_layers, config.d_ff), name
+    print(f"{name:<22} {n:>8,} parameters")
+
+# %% [markdown]
+# Prediction, before running: narrower models should still work down to some width, since
+# the task is tiny; but one layer should fail at `First`, `Second` and `Last`. With the
+# `[EOS]` read-out, the answer is assembled at the `[EOS]` position. In a one-layer model its
+# single attention step uses a query computed from the `[EOS]` token alone, which is the same
+# for every operation: it cannot look up "the second digit" only when the operation is
+# `Second`. Two layers can: the first lets `[EOS]` read the operation, the second looks up the
+# position that operation needs. (`Max` and `Min` need no position, so they should survive.)
+
+# %%
+size_grid = run_grid(REFERENCE, SIZES, SEEDS, cache)
+print_grid(size_grid)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for name, runs in size_grid.items():
+    s = summarize(runs)
+    ms_per_step = 1000 * s["seconds_mean"] / s["steps_mean"]
+    print(f"{name:<22} {s['parameters']:>8,} parameters   {s['steps_mean']:5.0f} steps"
+          f"   {s['seconds_mean']:5.1f} s per run   {ms_per_step:5.1f} ms per step")
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 4))
+for name, runs in size_grid.items():
+    marker = "s" if runs[0].config.num_layers == 1 else "o"
+    ax.scatter([r.num_parameters for r in runs], [100 * r.accuracy for r in runs],
+               marker=marker, label=name, zorder=3)
+ax.set_xscale("log")
+ax.set_xlabel("parameters (log scale)")
+ax.set_ylabel("accuracy on all 5,000 inputs (%)")
+ax.set_title("Model size: one marker per seed (square = one layer)")
+ax.grid(alpha=0.3)
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The prediction holds. One layer is not enough, however wide: `First`, `Second` and `Last`
+# stay below 50% while `Max` and `Min` are almost perfect. Width matters much less: a
+# $d_\text{model} = 16$ model with 7,188 parameters, 14 times fewer than the reference, still
+# gets more than 99% of all inputs right with every seed. At $d_\text{model} = 8$ (2,068
+# parameters) training no longer works within eight epochs.
+#
+# Reaching *exactly* 100% is another matter: among these sizes only the reference does it at
+# all in eight epochs (with seed 0). The $d_\text{model} = 32$ and 16 models miss a few inputs
+# with every seed, on average more than the reference's seeds do (which inputs is the
+# subject of a later section). The cell above prints the cost per run and
+# per step on the machine that ran this notebook. To search further, give the small models
+# more epochs, e.g. `run_grid(REFERENCE.but(epochs=16), SIZES, range(10))`.
+
+# %%
+ss = {name: summarize(runs) for name, runs in size_grid.items()}
+one_layer = size_grid["d 64, 1 layer"]
+assert max(r.accuracy_by_op[op] for r in one_layer for op in ("First", "Second", "Last")) < 0.5
+assert min(r.accuracy_by_op[op] for r in one_layer for op in ("Max", "Min")) > 0.99
+assert ss["d 16, 2 layers"]["parameters"] == 7_188
+assert ss["d 16, 2 layers"]["accuracy_min"] > 0.99
+assert ss["d 64, 2 layers (ref.)"]["parameters"] / ss["d 16, 2 layers"]["parameters"] > 14
+assert ss["d 8, 2 layers"]["accuracy_max"] < 0.95
+assert ss["d 64, 2 layers (ref.)"]["reached_100"] >= 1
+assert all(ss[name]["reached_100"] == 0 for name in SIZES if name != "d 64, 2 layers (ref.)")
+for name in ("d 32, 2 layers", "d 16, 2 layers"):
+    assert ss[name]["accuracy_mean"] < ss["d 64, 2 layers (ref.)"]["accuracy_mean"], name
+
+# %% [markdown]
+# ## Ablations: what each part is for
+#
+# An ablation removes one part and measures what breaks. Each subsection writes down the
+# prediction first, then runs three seeds, then checks the prediction against the numbers.
+#
+# ### No positional encoding
+#
+# **Prediction.** Without positional encodings the model receives a *bag* of tokens.
+# Attention is permutation-equivariant: permute the input vectors and the outputs are
+# permuted the same way, because every score depends only on the two vectors involved. The
+# feed-forward network and LayerNorm act on each position separately. So the `[EOS]` vector,
+# and hence the answer, cannot depend on the order of the digits. `Max ( 5 3 9 )` and
+# `Max ( 9 5 3 )` should look identical to the model (fine for `Max` and `Min`), but so do
+# `First ( 5 3 9 )` and `First ( 9 5 3 )`, which have different answers.
+#
+# How well can an order-blind model do on `First`? Its best guess is the most common digit of
+# the input, which is right with probability (number of copies)/3. Averaged over all 1,000
+# digit triples this ceiling is
+#
+# $$\frac{\mathbb{E}[\text{copies of the most common digit}]}{3}
+#   = \frac{0.72 \cdot 1 + 0.27 \cdot 2 + 0.01 \cdot 3}{3} = 43\%,$$
+#
+# since 72% of triples have three different digits, 27% exactly one pair and 1% are triples.
+# So: `First`, `Second` and `Last` should end at or below 43% (above the 10% of random
+# guessing), and `Max` and `Min` near 100%. Since the ceiling is a bound that no amount of
+# training can beat, this ablation gets four epochs instead of eight.
+
+# %%
+import itertools
+from collections import Counter
+
+triples = list(itertools.product(range(10), repeat=3))
+ceiling = np.mean([Counter(t).most_common(1)[0][1] / 3 for t in triples])
+print(f"best possible accuracy of an order-blind model on First/Second/Last: {ceiling:.2%}")
+assert abs(ceiling - (0.72 * 1 + 0.27 * 2 + 0.01 * 3) / 3) < 1e-12
+
+NO_POSITIONS = {"positional": False, "epochs": 4}
+ablation_grid = run_grid(REFERENCE, {"reference": {}, "no positional encoding": NO_POSITIONS},
+                         SEEDS, cache)
+print_grid(ablation_grid)
+
+# %% [markdown]
+# The trained models obey the argument exactly: reordering the digits of any input does not
+# change the logits (up to float32 rounding). It is enough to check a swap of the first two
+# digits and a rotation of all three, since every order of three digits is a combination of
+# those two. The models come close to the ceiling, and cannot beat it.
+
+# %%
+no_pos = ablation_grid["no positional encoding"]
+exhaustive = all_examples()
+batch = create_batch(exhaustive)
+for run in no_pos:
+    run.model.eval()
+    logits = run.model(batch.ids, batch.mask)                         # (5000, V)
+    # a swap and a rotation generate all six orders of three digits
+    for perm in ([1, 0, 2], [1, 2, 0]):
+        ids = batch.ids.copy()
+        ids[:, 2:5] = batch.ids[:, 2:5][:, perm]             # reorder the three digits
+        assert np.allclose(run.model(ids, batch.mask), logits, atol=1e-4)
+    for op in ("First", "Second", "Last"):
+        assert 0.3 < run.accuracy_by_op[op] <= ceiling + 1e-12, (op, run.accuracy_by_op[op])
+    assert min(run.accuracy_by_op["Max"], run.accuracy_by_op["Min"]) > 0.99
+print("permuting the digits never changes the logits; First/Second/Last:",
+      [[f"{r.accuracy_by_op[op]:.1%}" for op in ("First", "Second", "Last")] for r in no_pos])
+
+# %% [markdown]
+# ### No residual connections
+#
+# **Prediction.** Residual connections ($x + \text{sublayer}(x)$) give the gradient a direct
+# path around every sub-layer, which matters when there are many sub-layers to get through.
+# Our model has only two blocks, so the path without them is short. Prediction: at this depth
+# the model still learns the task, at most a little less reliably. (We test the depth
+# argument itself further below.)
+
+# %%
+ablation_grid |= run_grid(REFERENCE, {"no residual": {"residual": False}}, SEEDS, cache)
+print_grid({k: ablation_grid[k] for k in ("reference", "no residual")})
+
+# %% [markdown]
+# ### No LayerNorm
+#
+# **Prediction.** The model is post-norm (`x = norm1(x + attention(x))`, chapter 4), so
+# without LayerNorm nothing keeps the size of the residual stream in check as it passes
+# through the blocks. With two blocks, gradient clipping and warm-up, that should not matter
+# much either: prediction, still close to 100%.
+
+# %%
+ablation_grid |= run_grid(REFERENCE, {"no LayerNorm": {"layer_norm": False}}, SEEDS, cache)
+print_grid({k: ablation_grid[k] for k in ("reference", "no LayerNorm")})
+
+# %% [markdown]
+# ### One head instead of four
+#
+# **Prediction.** With one head of $d_k = 64$ instead of four of $d_k = 16$ each layer can
+# attend to only one mixture of positions. The task needs one lookup per operation (one
+# position, or the largest or smallest digit), and two layers give two attention steps, so one
+# head per layer should be enough, though possibly less reliably. Prediction: close to 100%.
+
+# %%
+ablation_grid |= run_grid(REFERENCE, {"one head": {"num_heads": 1}}, SEEDS, cache)
+print_grid({k: ablation_grid[k] for k in ("reference", "one head")})
+
+# %% [markdown]
+# ### Read-out: mean over positions instead of `[EOS]`
+#
+# **Prediction.** The reference reads the answer from the `[EOS]` position. The mean read-out
+# averages all positions instead. The answer then has to be written into the average, which
+# the last attention layer can do by copying it into many positions. Averaging does not lose
+# the order, since the positional encodings were added before the blocks. Prediction: works
+# about as well.
+
+# %%
+ablation_grid |= run_grid(REFERENCE, {"mean read-out": {"readout": "mean"}}, SEEDS, cache)
+print_grid({k: ablation_grid[k] for k in ("reference", "mean read-out")})
+
+# %% [markdown]
+# ### All ablations side by side
+
+# %%
+def plot_by_operation(grid: dict, title: str) -> None:
+    """Grouped bars: mean accuracy per operation and variant; whiskers: min..max over seeds."""
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(grid)
+    for k, (name, runs) in enumerate(grid.items()):
+        acc = np.array([[r.accuracy_by_op[op] for op in OPERATIONS] for r in runs]) * 100
+        mean = acc.mean(axis=0)
+        x = np.arange(len(OPERATIONS)) + (k - (len(grid) - 1) / 2) * width
+        ax.bar(x, mean, width, label=name,
+               yerr=[mean - acc.min(axis=0), acc.max(axis=0) - mean], capsize=2)
+    ax.axhline(100 * ceiling, color="gray", ls="--", lw=1, label="order-blind ceiling (43%)")
+    ax.axhline(10, color="gray", ls=":", lw=1, label="random guess (10%)")
+    ax.set_xticks(range(len(OPERATIONS)), OPERATIONS)
+    ax.set_ylabel("accuracy on all inputs (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    plt.show()
+
+
+plot_by_operation(ablation_grid, "Ablations: mean accuracy per operation over three seeds "
+                                 "(whiskers: min to max)")
+print_grid(ablation_grid)
+
+# %% [markdown]
+# Only one ablation breaks the model, and it breaks exactly what was predicted: without
+# positional encodings `First`, `Second` and `Last` fall to the order-blind ceiling while
+# `Max` and `Min` are untouched. The other four cost little or nothing at this size: every
+# one of their twelve runs stays above 95%, and most are above 99.9%. They reach *exactly*
+# 100% in at most half of their runs; so does the reference, with one seed of three. With
+# three seeds each, that measure cannot tell these four variants from the reference.
+
+# %%
+ab = {name: summarize(runs) for name, runs in ablation_grid.items()}
+mild = [r for name in ("no residual", "no LayerNorm", "one head", "mean read-out")
+        for r in ablation_grid[name]]
+print(f"the four mild ablations: lowest accuracy {min(r.accuracy for r in mild):.2%}, "
+      f"{sum(r.accuracy >= 0.999 for r in mild)} of {len(mild)} runs at 99.9% or more, "
+      f"{sum(r.reached_100 for r in mild)} of {len(mild)} reached 100%")
+assert min(r.accuracy for r in mild) > 0.95                      # nothing breaks at depth 2
+assert sum(r.accuracy >= 0.999 for r in mild) > len(mild) / 2
+assert sum(r.reached_100 for r in mild) <= len(mild) / 2   # 100% is not reliable ...
+assert 1 <= ab["reference"]["reached_100"] <= len(SEEDS) / 2      # ... for the reference either
+
+# %% [markdown]
+# ### Depth: where residual connections and LayerNorm earn their keep
+#
+# The argument for residual connections and LayerNorm is about depth, and two blocks are
+# hardly deep. **Prediction:** in a six-block model the same two ablations should hurt badly,
+# because the gradient has to pass through twelve sub-layers (without residuals) or the
+# activations can grow or shrink from block to block (without LayerNorm). To keep it cheap we
+# use $d_\text{model} = 32$, $d_\text{ff} = 64$, four epochs and two seeds (pass `SEEDS` for
+# three); the complete six-block model is there to show that this budget is enough when
+# both parts are present.
+
+# %%
+DEEP = REFERENCE.but(d_model=32, d_ff=64, num_layers=6, epochs=4)
+deep_grid = run_grid(DEEP, {"6 blocks": {}, "6 blocks, no residual": {"residual": False},
+                            "6 blocks, no LayerNorm": {"layer_norm": False}}, (0, 1), cache)
+print_grid(deep_grid)
+ds = {name: summarize(runs) for name, runs in deep_grid.items()}
+assert ds["6 blocks"]["accuracy_min"] > 0.95
+worst_complete = ds["6 blocks"]["accuracy_min"]
+assert ds["6 blocks, no residual"]["accuracy_max"] < worst_complete - 0.15
+assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.15
+
+# %% [markdown]
+# With six blocks, removing the residual connections or LayerNorm leaves both seeds more than
+# 15 points below the worst seed of the complete six-block model, which gets more than 95% in
+# the same four epochs. Residual connections and LayerNorm are what make depth trainable; a two-block model
+# hardly needs them.
+
+# %% [markdown]
+# ## The last 0.1%: which inputs do near-perfect models get wrong?
+#
+# Many runs above ended between 99.9% and 100%. Collecting every wrong answer of every run
+# with an accuracy of at least 99.5% shows that they are not spread over the inputs at all:
+
+# %%
+near_perfect = [r for r in cache.values() if 0.995 <= r.accuracy < 1.0]
+misses = Counter(ex.text for r in near_perfect for ex in r.wrong)
+print(f"{len(near_perfect)} runs between 99.5% and 100% got {sum(misses.values())} "
+      f"answers wrong, on {len(misses)} different inputs:")
+for text, count in misses.most_common(8):
+    print(f"  {text:18} wrong in {count:2d} run{'s' if count > 1 else ''}")
+wrong_examples = {ex for r in near_perfect for ex in r.wrong}
+in_training = sum((ex.op, ex.args) in train_inputs for ex in wrong_examples)
+print(f"of these inputs, {in_training} are in the training set")
+
+max_answer_1 = [ex for ex in exhaustive if ex.op == "Max" and ex.answer == 1]
+print("the Max inputs whose answer is 1:")
+for ex in max_answer_1:
+    print(f"  {ex.text:18} {'in' if (ex.op, ex.args) in train_inputs else 'not in'} "
+          "the training set")
+
+# %%
+untrained_max_1 = {ex.text for ex in max_answer_1 if (ex.op, ex.args) not in train_inputs}
+on_max_1 = sum(count for text, count in misses.items() if text in untrained_max_1)
+print(f"{on_max_1} of the {sum(misses.values())} wrong answers are on the 6 Max inputs "
+      "with answer 1 that are not in the training set")
+assert len(max_answer_1) == 7 and len(untrained_max_1) == 6
+assert {text for text, _ in misses.most_common(3)} <= untrained_max_1
+assert on_max_1 > 0.6 * sum(misses.values())
+
+# %% [markdown]
+# The misses are concentrated on a few rare inputs: `Max` with the answer 1. Only 7 of the
+# 1,000 `Max` inputs have the answer 1 (digits 0 and 1 only, at least one 1), and the book's
+# random training split happens to contain just one of them, `Max ( 1 1 0 )`. The other six
+# collect most of the wrong answers of all these runs. A model never
+# sees what to do with `Max ( 0 0 1 )` and has to get it right by generalising from other
+# inputs. The reference's seeds 1 and 2 fail in the same way on other rare unseen inputs,
+# `Second ( 9 1 9 )` and `Min ( 8 8 8 )` (above); seed 0 happens to get every one of them
+# right, and smaller or ablated models more often get some of them wrong.
+# So "exactly 100% on all inputs" is partly a test of these few unseen corner cases, which
+# is why the tables report the accuracy itself alongside it.
+
+# %% [markdown]
+# ## Harder variant 1: longer inputs than in training
+#
+# Does the model learn the *operations*, or the operations at the lengths it has seen? We
+# train on 2 to 5 arguments (2,500 random examples of each length, split without leaks into
+# train, validation and test as in chapter 1) and then test on 6, 7 and 8 arguments, lengths
+# the model has never seen. `length_experiment` does this; `seeds` and the number of examples
+# are arguments.
+#
+# **Prediction.** It depends on how each operation finds its answer.
+# `First` and `Second` sit at fixed positions (2 and 3), whatever the length: they should
+# carry over. `Max` and `Min` are found by content, by comparing digits: they should carry
+# over too, perhaps slightly worse with more digits to compare. `Last` is the hard one: its
+# position moves with the length, and with 6 to 8 arguments it lands on absolute positions
+# that were never the last digit in training. Prediction: `Last` fails on longer inputs.
+
+# %% tags=["export"]
+def length_experiment(config: ExperimentConfig = ExperimentConfig(),
+                      train_lengths: Sequence[int] = (2, 3, 4, 5),
+                      test_lengths: Sequence[int] = (6, 7, 8),
+                      per_length: int = 2_500, per_test_length: int = 1_000,
+                      seeds: Sequence[int] = (0,)) -> list[dict]:
+    """Train on inputs with ``train_lengths`` arguments, test on longer ones.
+
+    Returns one dict per seed: ``result`` (the ExperimentResult on the in-distribution test
+    split) and ``accuracy``: {(num_args, op): accuracy} over all lengths, plus the examples.
+    """
+    examples = []
+    for k in train_lengths:
+        examples += generate_dataset(per_length, seed=100 + k, num_args=k)
+    train, val, test = split_dataset(examples, seed=0)
+    longer = []
+    for k in test_lengths:
+        longer += generate_dataset(per_test_length, seed=200 + k, num_args=k)
+    out = []
+    for seed in seeds:
+        result = run_experiment(config.but(seed=seed), data=(train, val), evaluate_on=test)
+        accuracy = accuracy_by(result.model, test + longer,
+                               key=lambda ex: (len(ex.args), ex.op))
+        out.append({"result": result, "accuracy": accuracy, "test": test, "longer": longer})
+    return out
+
+
+# %%
+from transformer_lib.experiments import length_experiment
+
+length_runs = length_experiment(seeds=(0,))         # bigger: seeds=range(5), per_length=10_000
+lengths = range(2, 9)
+for run in length_runs:
+    r = run["result"]
+    print(f"seed {r.config.seed}: in-distribution test accuracy {r.accuracy:.2%} "
+          f"({len(run['test'])} inputs, 2-5 arguments), wrong: {[ex.text for ex in r.wrong]}")
+table = np.array([[[run["accuracy"][(k, op)] for k in lengths] for op in OPERATIONS]
+                  for run in length_runs])                       # (seeds, ops, lengths)
+
+fig, ax = plt.subplots(figsize=(7, 3.4))
+image = ax.imshow(100 * table.mean(axis=0), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+for i in range(len(OPERATIONS)):
+    for j in range(len(lengths)):
+        value = 100 * table[:, i, j].mean()
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center",
+                color="white" if value < 60 else "black", fontsize=9)
+ax.axvline(3.5, color="red", lw=2)
+ax.set_xticks(range(len(lengths)), lengths)
+ax.set_yticks(range(len(OPERATIONS)), OPERATIONS)
+ax.set_xlabel("number of arguments (trained on 2-5, left of the red line)")
+ax.set_title(f"Accuracy (%) by length ({len(length_runs)} seed)")
+fig.colorbar(image, ax=ax, label="accuracy (%)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# On the lengths it trained on, the model is near-perfect: at least 99.5% of the
+# in-distribution test inputs, and at least 98% for every operation and length.
+# `First`, `Second`, `Max` and `Min` generalise to lengths the model has never seen; `Last`
+# collapses, towards random guessing at 7 and 8 arguments. What does the model answer for
+# `Last` instead? Mostly the fifth argument, the digit that sat at the last position in the
+# longest training inputs:
+
+# %%
+OP = {op: i for i, op in enumerate(OPERATIONS)}
+assert table[:, :, :4].min() >= 0.98              # every seed, every op, lengths 2-5
+assert all(r["result"].accuracy >= 0.995 for r in length_runs)
+for op in ("First", "Max", "Min"):
+    assert table[:, OP[op], 4:].min() >= 0.95, op
+assert table[:, OP["Second"], 4:].min() >= 0.85
+assert table[:, OP["Last"], 5:].max() < 0.3                    # 7 and 8 arguments
+
+for run in length_runs:
+    last_long = [ex for ex in run["longer"] if ex.op == "Last" and len(ex.args) >= 7]
+    answers = predictions(run["result"].model, create_batch(last_long)) - 2  # id -> digit
+    is_fifth = np.mean([a == ex.args[4] for a, ex in zip(answers, last_long)])
+    is_last = np.mean([a == ex.args[-1] for a, ex in zip(answers, last_long)])
+    print(f"seed {run['result'].config.seed}: Last with 7-8 arguments answers the 5th "
+          f"argument {is_fifth:.0%} of the time, the real last one {is_last:.0%}")
+    assert is_fifth > 0.5 > 0.3 > is_last
+
+# %% [markdown]
+# The model did not learn "the digit before `)`"; it mostly learned where the last digit was in
+# the training data. With absolute positional encodings that is the cheaper solution, and the
+# training data never told it otherwise. The fixes are known, and left as experiments: train
+# on more lengths, or use relative positions (the score depends on the distance between two
+# tokens rather than on where they are) so that "the token just before `)`" means the same at
+# every length.
+#
+# ## Harder variant 2: numbers from 0 to 99
+#
+# The original project tried numbers 0–99 and reached 83.7%. Our vocabulary has 20 tokens
+# and only ten digits, so a number such as 57 has to be written as two tokens, and the
+# answer has to be produced as two tokens as well. Both are design choices:
+#
+# - **Input.** Every number is written as exactly two digits, with a leading zero:
+#   `Max(57, 3, 99)` becomes `Max ( 5 7 0 3 9 9 ) [EOS]`. Fixed width means the tens digit of
+#   number $i$ (counting from 0) is always at position $2 + 2i$, so the positional encodings tell the
+#   model which digit is which without separators (the commas are dropped, as in chapter 1).
+#   The sequence has $2k + 4$ tokens for $k$ numbers.
+# - **Output.** Two output heads read the same `[EOS]` vector: one predicts the tens digit of
+#   the answer, the other the units digit, each a softmax over the vocabulary. The loss is the
+#   mean of the two cross-entropies, and an answer counts as right only if both digits are.
+#   The alternative, generating the answer one token at a time and feeding the first digit
+#   back in, needs a decoder and a generation loop; two heads keep the model a classifier, at
+#   the cost of predicting the two digits independently given the input. Since the answer is
+#   a deterministic function of the input, that costs nothing here.
+#
+# `TwoDigitTransformer` is the chapter 4 transformer with its output layer replaced by one
+# that produces both heads' logits at once, $W_\text{out} \in \mathbb{R}^{d \times 2V}$. Its
+# forward reshapes the $(B, 2V)$ logits into $(B, 2, V)$. Its backward reshapes the gradient
+# back to $(B, 2V)$, pushes it through the output layer, and then repeats the rest of chapter
+# 4's backward (the read-out, the blocks, the embedding). It cannot simply hand the gradient to
+# the parent's backward, because that one checks, to catch mistakes, that the gradient has
+# chapter 4's shape $(B, V)$. `TwoTokenLoss` does the same reshaping around
+# chapter 5's cross-entropy, treating the $B$ examples as $2B$ one-token predictions.
+
+# %% tags=["export"]
+class TwoDigitTransformer(Transformer):
+    """The transformer with two output heads: the answer's tens digit and its units digit.
+
+    Takes the same arguments as ``Transformer``. Both heads read the final vector at the
+    read-out position; together they are one Linear layer of shape (d_model, 2 * vocab_size).
+
+    forward: ids (B, T) [, mask (B, T)] -> logits (B, 2, V); row 0 = tens, row 1 = units.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        c = self.config
+        dtype = self.embedding.W.data.dtype
+        rng = np.random.default_rng(c["seed"] + 1)
+        self.output = Linear(c["d_model"], 2 * c["vocab_size"], rng, dtype=dtype)   # (D, 2V)
+
+    def forward(self, ids, mask=None):
+        logits = super().forward(ids, mask)                   # (B, 2V)
+        return logits.reshape(len(logits), 2, -1)             # (B, 2, V)
+
+    def backward(self, grad_logits):
+        """Chapter 4's backward for logits (B, 2, V); returns None like it."""
+        grad_logits = np.asarray(grad_logits)                 # (B, 2, V)
+        shape, r = self._check_cache(self._cache)
+        B, T, D = shape
+        V = self.config["vocab_size"]
+        if grad_logits.shape != (B, 2, V):
+            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
+                             f"produced logits of shape {(B, 2, V)}")
+        g_pooled = self.output.backward(grad_logits.reshape(B, 2 * V))    # (B, D)
+        if self.readout == "eos":
+            g = np.zeros(shape, dtype=g_pooled.dtype)         # (B, T, D): only the read-out
+            g[np.arange(B), r] = g_pooled                     # position receives gradient
+        else:
+            g = r[:, :, None] * g_pooled[:, None, :]          # (B, T, D): w[b, t] * g_pooled[b]
+        for block in reversed(self.blocks):
+            g = block.backward(g)                             # (B, T, D)
+        self.embedding.backward(g)
+        return None
+
+
+class TwoTokenLoss(CrossEntropyLoss):
+    """Cross-entropy averaged over K answer tokens: logits (B, K, V), targets (B, K)."""
+
+    def forward(self, logits: np.ndarray, targets: np.ndarray) -> float:
+        logits, targets = np.asarray(logits), np.asarray(targets)
+        if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+            raise ValueError(f"expected logits (B, K, V) and targets (B, K), "
+                             f"got {logits.shape} and {targets.shape}")
+        self._shape = logits.shape
+        return super().forward(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    __call__ = forward
+
+    def backward(self) -> np.ndarray:
+        return super().backward().reshape(self._shape)      # (B, K, V)
+
+
+# %% [markdown]
+# The data: `two_digit_data` encodes given operations and numbers, `generate_two_digit` draws
+# them. There are $5 \cdot 100^3 = 5$ million inputs, far too many to enumerate, so the test
+# set is a random sample of inputs that are *not* in the training set.
+
+# %% tags=["export"]
+_DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
+_ANSWER = {"First": lambda n: n[:, 0], "Second": lambda n: n[:, 1], "Last": lambda n: n[:, -1],
+           "Max": lambda n: n.max(axis=1), "Min": lambda n: n.min(axis=1)}
+TWO_DIGIT_OP_WEIGHTS = (0.1, 0.1, 0.1, 0.35, 0.35)
+
+
+class TwoDigitData(NamedTuple):
+    """Puzzles on numbers 0-99: ops (N,) str, numbers (N, k) int, answers (N,) int,
+    batch with ids (N, 2k + 4) and targets (N, 2) = token ids of the answer's two digits."""
+
+    ops: np.ndarray
+    numbers: np.ndarray
+    answers: np.ndarray
+    batch: Batch
+
+    def text(self, i: int) -> str:
+        """Example i as the model reads it, e.g. ``Max ( 5 7 0 3 9 9 ) [EOS]``."""
+        return " ".join(ID_TO_TOKEN[int(t)] for t in self.batch.ids[i])
+
+
+def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
+    """Encode puzzles on numbers 0-99, each number as two digit tokens (leading zero)."""
+    ops, numbers = np.asarray(ops), np.asarray(numbers)
+    if numbers.ndim != 2 or len(numbers) != len(ops) or numbers.shape[1] < 2:
+        raise ValueError(f"expected numbers of shape (N, k >= 2) for N = {len(ops)} "
+                         f"operations, got {numbers.shape}")
+    if not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 0 or numbers.max() > 99:
+        raise ValueError(f"numbers must be integers 0-99, got values from {numbers.min()} "
+                         f"to {numbers.max()}")
+    unknown = sorted(set(ops.tolist()) - set(OPERATIONS))
+    if unknown:
+        raise ValueError(f"unknown operation(s) {unknown}; "
+                         f"expected one of {', '.join(OPERATIONS)}")
+    n, k = numbers.shape
+    ids = np.empty((n, 2 * k + 4), dtype=np.int64)                 # Op ( t u t u ... ) [EOS]
+    ids[:, 0] = [TOKEN_TO_ID[op] for op in ops]
+    ids[:, 1] = TOKEN_TO_ID["("]
+    ids[:, 2:2 + 2 * k:2] = _DIGIT_IDS[numbers // 10]              # tens digits
+    ids[:, 3:3 + 2 * k:2] = _DIGIT_IDS[numbers % 10]               # units digits
+    ids[:, -2], ids[:, -1] = TOKEN_TO_ID[")"], TOKEN_TO_ID["[EOS]"]
+    answers = np.empty(n, dtype=np.int64)
+    for op, answer in _ANSWER.items():
+        answers[ops == op] = answer(numbers[ops == op])
+    tens, units = _DIGIT_IDS[answers // 10], _DIGIT_IDS[answers % 10]
+    targets = np.stack([tens, units], axis=1)                      # (N, 2)
+    return TwoDigitData(ops, numbers, answers, Batch(ids, np.ones(ids.shape, bool), targets))
+
+
+def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
+                       exclude: set | None = None) -> TwoDigitData:
+    """Draw n distinct random puzzles on numbers 0-99, none of them in ``exclude``.
+
+    ``op_weights``: probabilities of the five operations (default uniform).
+    ``exclude``: a set of (op, numbers tuple) keys, e.g. ``two_digit_keys(train)``.
+    """
+    rng = np.random.default_rng(seed)
+    exclude = set() if exclude is None else exclude
+    ops, numbers, keys = [], [], set()
+    while len(ops) < n:
+        draw_ops = rng.choice(len(OPERATIONS), size=2 * n, p=op_weights)
+        draw_numbers = rng.integers(0, 100, size=(2 * n, num_args))
+        for o, nums in zip(draw_ops, draw_numbers):
+            key = (OPERATIONS[o], tuple(nums.tolist()))
+            if key not in keys and key not in exclude:
+                keys.add(key)
+                ops.append(key[0])
+                numbers.append(nums)
+                if len(ops) == n:
+                    break
+    return two_digit_data(ops, np.array(numbers))
+
+
+def two_digit_keys(data: TwoDigitData) -> set:
+    """The set of (op, numbers tuple) of a data set, to exclude it from another."""
+    return {(op, tuple(nums)) for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
+
+
+# %% [markdown]
+# `two_digit_experiment` trains and tests it. One more choice, about the training data:
+# `First`, `Second` and `Last` are learned early, while `Max` and `Min` need many more
+# examples, since comparing two-digit numbers means combining the tens and units of each
+# number before comparing. So the training set draws `Max` and `Min` 35% of the time each and
+# the others 10% each (`op_weights`); the test set uses all five equally. The learning curve
+# below shows whether the rarer operations still come out right.
+
+# %% tags=["export"]
+@dataclass
+class TwoDigitResult:
+    """Held-out accuracy (both digits right), overall and per operation; curve per epoch."""
+
+    heldout_accuracy: float
+    heldout_by_op: dict
+    curve: list
+    num_parameters: int
+    steps: int
+    seconds: float
+    model: TwoDigitTransformer = field(repr=False)
+    test: TwoDigitData = field(repr=False)
+
+
+def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int = 64,
+                         lr: float = 3e-3, warmup: int = 50, n_test: int = 5_000,
+                         op_weights=TWO_DIGIT_OP_WEIGHTS, seed: int = 0,
+                         progress: bool = False, **model_kwargs) -> TwoDigitResult:
+    """Train a TwoDigitTransformer on ``n_train`` random puzzles on numbers 0-99.
+
+    The test set is ``n_test`` puzzles with uniformly drawn operations that are not in the
+    training set; it is evaluated after every epoch. ``model_kwargs`` go to the model (default:
+    the reference shape). ``seed`` sets the weights and batch order; the data are fixed.
+    """
+    train = generate_two_digit(n_train, seed=1, op_weights=op_weights)
+    test = generate_two_digit(n_test, seed=2, exclude=two_digit_keys(train))
+    model = TwoDigitTransformer(seed=seed, **model_kwargs)
+    optimizer = Adam(model.parameters(), lr=lr)
+    loss_fn = TwoTokenLoss()
+    rng = np.random.default_rng(seed)
+    total_steps = epochs * -(-n_train // batch_size)
+    schedule = functools.partial(warmup_cosine, total_steps=total_steps, warmup=warmup,
+                                 peak_lr=lr)
+
+    def heldout():
+        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)  # (N,)
+        by_op = {op: float(correct[test.ops == op].mean()) for op in OPERATIONS}
+        return float(correct.mean()), by_op
+
+    step, curve = 0, []
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        losses = train_one_epoch(model, loss_fn, optimizer, train.batch, batch_size, rng,
+                                 schedule, step, clip=1.0)
+        step += len(losses)
+        accuracy, by_op = heldout()
+        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+                      "heldout_accuracy": accuracy, "heldout_by_op": by_op})
+        if progress:
+            print(f"epoch {epoch}  step {step}  train loss {np.mean(losses):.4f}  "
+                  f"held-out accuracy {accuracy:.2%}", flush=True)
+    return TwoDigitResult(accuracy, by_op, curve, parameter_count(model), step,
+                          time.perf_counter() - start, model, test)
+
+
+# %% [markdown]
+# Before training, the gradient check: a small float64 model, a random upstream gradient on
+# the $(B, 2, V)$ logits, every parameter compared with central differences. The loss gets its
+# own check against the numerical derivative with respect to the logits.
+
+# %%
+from transformer_lib.experiments import (TwoDigitTransformer, TwoTokenLoss, generate_two_digit,
+                                         two_digit_data, two_digit_experiment)
+from transformer_lib.layers import gradient_check, numerical_gradient, relative_error
+
+sample = two_digit_data(["Max", "First", "Min"], [[57, 3, 99], [12, 40, 8], [65, 61, 7]])
+for i in range(3):
+    print(f"{sample.text(i):34} answer {sample.answers[i]:2d}  "
+          f"targets {sample.batch.targets[i]}")
+assert sample.text(0) == "Max ( 5 7 0 3 9 9 ) [EOS]" and sample.answers.tolist() == [99, 12, 7]
+
+small = TwoDigitTransformer(d_model=8, num_heads=2, num_layers=2, d_ff=16, seed=0)
+small.to(np.float64)
+errors = gradient_check(small, sample.batch.ids, sample.batch.mask)
+print(f"largest relative error over {len(errors)} parameters: {max(errors.values()):.1e}")
+assert max(errors.values()) < 1e-6
+
+logits = np.random.default_rng(0).normal(size=(3, 2, 20))
+loss_fn = TwoTokenLoss()
+loss_fn(logits, sample.batch.targets)
+numeric = numerical_gradient(lambda: loss_fn.forward(logits, sample.batch.targets), logits)
+loss_fn(logits, sample.batch.targets)
+loss_error = relative_error(loss_fn.backward(), numeric)
+print(f"TwoTokenLoss backward: relative error {loss_error:.1e}")
+assert loss_error < 1e-6
+
+show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]), "numbers must be integers 0-99")
+show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
+           "expected logits (B, K, V) and targets (B, K)")
+
+# %% [markdown]
+# Now the real model, the reference shape with two heads, trained on 50,000 puzzles for three
+# epochs (2,346 steps of 64) and tested on 5,000 held-out puzzles. This is the most expensive
+# cell of the chapter. For a spread over seeds, call `two_digit_experiment(seed=s)` for a few
+# values of `s`; for more data, raise `n_train`.
+
+# %%
+two_digit = two_digit_experiment(progress=True)
+print(f"held-out accuracy: {two_digit.heldout_accuracy:.2%} (the original project: 83.7%)")
+for op, acc in two_digit.heldout_by_op.items():
+    print(f"  {op:7} {acc:.2%}")
+assert two_digit.heldout_accuracy >= 0.99
+assert min(two_digit.heldout_by_op.values()) >= 0.98
+first_epoch = two_digit.curve[0]["heldout_by_op"]
+assert min(first_epoch[op] for op in ("First", "Second", "Last")) >= 0.97
+assert max(first_epoch["Max"], first_epoch["Min"]) < 0.99
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{two_digit.num_parameters:,} parameters, {two_digit.steps} steps "
+      f"in {two_digit.seconds:.1f} s")
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for op in OPERATIONS:
+    ax.plot([c["step"] for c in two_digit.curve],
+            [100 * c["heldout_by_op"][op] for c in two_digit.curve], marker="o", label=op)
+ax.axhline(83.7, color="gray", ls="--", lw=1)
+ax.text(two_digit.curve[0]["step"], 85, "original project (83.7%)", color="gray", fontsize=8)
+ax.set_xlabel("training step")
+ax.set_ylabel("held-out accuracy (%)")
+ax.set_title("Numbers 0-99: held-out accuracy per operation after each epoch")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The model answers more than 99% of held-out puzzles correctly, both digits, against the
+# original 83.7%. The positional operations are above 97% after the first epoch, although
+# they are drawn only 10% of the time each; `Max` and `Min` need the rest of the training.
+# Where do the remaining errors sit? When the numbers being compared are close:
+
+# %%
+test = two_digit.test
+pred = predictions(two_digit.model, test.batch)                          # (N, 2)
+wrong = ~(pred == test.batch.targets).all(axis=1)
+compare = np.isin(test.ops, ["Max", "Min"])
+ordered = np.sort(test.numbers, axis=1)
+gap = np.where(test.ops == "Max", ordered[:, -1] - ordered[:, -2],   # best minus runner-up
+               ordered[:, 1] - ordered[:, 0])
+close = compare & (gap <= 2)
+print(f"Max/Min puzzles whose two best candidates differ by at most 2: {close.sum()} of "
+      f"{compare.sum()}, error rate {wrong[close].mean():.1%}; the other Max/Min puzzles: "
+      f"{wrong[compare & ~close].mean():.2%}")
+assert wrong[close].mean() > wrong[compare & ~close].mean()
+for i in np.flatnonzero(wrong)[:4]:
+    print(f"  {test.text(i):32} answer {test.answers[i]:2d}, model "
+          f"{pred[i, 0] - 2}{pred[i, 1] - 2}")
+
+# %% [markdown]
+# ## Findings
+#
+# Everything measured in this chapter, in one table (three seeds unless noted; accuracy on
+# all 5,000 inputs, or held-out where the inputs cannot be enumerated):
+
+# %%
+from IPython.display import HTML
+
+rows = []
+
+
+def add_rows(section, grid):
+    for name, runs in grid.items():
+        s = summarize(runs)
+        steps = "—" if s["steps_to_100_mean"] is None else f"{s['steps_to_100_mean']:.0f}"
+        accuracy = (f"{100 * s['accuracy_mean']:.2f} "
+                    f"({100 * s['accuracy_min']:.2f}–{100 * s['accuracy_max']:.2f})")
+        rows.append([section, name, f"{s['parameters']:,}", accuracy,
+                     f"{s['reached_100']}/{s['runs']}", steps])
+
+
+add_rows("seeds", seed_grid)
+add_rows("hyperparameters", {k: v for k, v in hyper_grid.items() if "reference" not in k})
+add_rows("size", {k: v for k, v in size_grid.items() if "ref." not in k})
+add_rows("ablation", {k: v for k, v in ablation_grid.items() if k != "reference"})
+add_rows("depth (4 epochs, 2 seeds)", deep_grid)
+long_acc = table[:, :, 4:].mean(axis=(0, 2))                   # per operation, lengths 6-8
+per_op = ", ".join(f"{op} {100 * a:.0f}" for op, a in zip(OPERATIONS, long_acc))
+rows.append(["length (1 seed)", "train on 2–5 arguments, test on 6–8",
+             f"{length_runs[0]['result'].num_parameters:,}", per_op, "—", "—"])
+rows.append(["numbers 0–99 (1 seed)", "two output heads", f"{two_digit.num_parameters:,}",
+             f"{100 * two_digit.heldout_accuracy:.2f} (held-out)", "—", "—"])
+header = ["experiment", "variant", "parameters", "accuracy %, mean (min–max)",
+          "reached 100%", "mean steps to 100%"]
+HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
+     + "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+     + "\n</table>")
+
+# %% [markdown]
+# What to take away:
+#
+# 1. **Look at the spread before the mean.** Whether the reference config gets exactly 100%
+#    of the inputs in eight epochs depends on the seed alone: seed 0 does, seeds 1 and 2 miss
+#    one rare input each (over 60 seeds, 23 reach it). Single runs cannot rank settings that
+#    differ by less than that.
+# 2. **Positional encodings are the one part this task cannot do without**, and the failure
+#    is exactly predictable: an order-blind model is capped at 43% on `First`, `Second` and
+#    `Last`, and `Max` and `Min` do not care.
+# 3. **Depth beats width here.** Two layers are needed (one attention step to read the
+#    operation, one to fetch the answer); a 16-wide two-layer model with 7% of the reference's
+#    parameters still gets more than 99% right, a 64-wide one-layer model does not get past 50%
+#    on the positional operations.
+# 4. **Residual connections and LayerNorm are about depth.** At two blocks removing them costs
+#    almost nothing; at six blocks the model no longer trains in the same budget.
+# 5. **The last 0.1% is about data.** Near-perfect runs fail mostly on a few rare inputs that
+#    the training split does not contain. Exact 100% on all inputs is a strict test of
+#    generalisation to those corners, worth keeping in mind before calling a variant better.
+# 6. **Absolute positions do not extrapolate.** Operations that find their answer by content
+#    or at a fixed position work on longer inputs; `Last` does not.
+# 7. **Numbers 0–99 are learnable with 20 tokens**: two digit tokens per number and two
+#    output heads reach more than 99% on held-out puzzles.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+total = time.perf_counter() - notebook_start
+trained = (sum(r.seconds for r in cache.values())
+           + sum(r["result"].seconds for r in length_runs) + two_digit.seconds)
+print(f"{len(cache)} runs in the cache; this notebook ran for {total:.0f} s "
+      f"({time.process_time():.0f} s of CPU time), {trained:.0f} s of it training:")
+counted = set()
+for name, grid in [("seeds", seed_grid), ("hyperparameters", hyper_grid), ("sizes", size_grid),
+                   ("ablations", ablation_grid), ("depth", deep_grid)]:
+    new = [r for runs in grid.values() for r in runs if id(r) not in counted]
+    counted |= {id(r) for r in new}
+    print(f"  {name:16} {sum(r.seconds for r in new):5.1f} s  ({len(new)} runs)")
+print(f"  {'length':16} {sum(r['result'].seconds for r in length_runs):5.1f} s")
+print(f"  {'numbers 0-99':16} {two_digit.seconds:5.1f} s")
+
+# %% [markdown]
+# ## Summary
+#
+# - `ExperimentConfig` + `run_experiment` turn a config into measurements: accuracy per
+#   operation on all 5,000 inputs, held-out accuracy, steps and seconds to 100%, parameter
+#   count. `run_grid` runs variants for several seeds and reuses runs through a cache.
+# - The seed decides whether the reference reaches exactly 100% in eight epochs: seed 0
+#   does, seeds 1 and 2 end at 99.98%, one rare unseen input wrong each. Learning rates of $10^{-3}$ and
+#   $3 \cdot 10^{-3}$ both work, $10^{-2}$ breaks the positional operations.
+# - Two layers are necessary; width can shrink to 16 with little loss.
+# - Without positional encodings, `First`/`Second`/`Last` hit the order-blind ceiling of 43%;
+#   without residuals or LayerNorm a two-block model is fine but a six-block one is not.
+# - Trained on 2–5 arguments, the model keeps `First`, `Second`, `Max` and `Min` up to 8
+#   arguments, but `Last` collapses: it learned an absolute position.
+# - With two digit tokens per number and two output heads, numbers 0–99 reach more than 99%.
+#
+# ## Exercises
+#
+# **1.** An order-blind model (no positional encoding) is capped at 43% on `First` with three
+# arguments. What is the cap with four arguments? Compute it by enumeration and check it
+# against $\mathbb{E}[\text{copies of the most common digit}]/4$ computed another way.
+
+# %% tags=["hide-cell"]
+# Solution: enumerate all 10**4 quadruples; the best order-blind guess is a most common digit.
+quads = np.array(list(itertools.product(range(10), repeat=4)))            # (10000, 4)
+counts = np.stack([(quads == d).sum(axis=1) for d in range(10)], axis=1)  # (10000, 10)
+cap4 = counts.max(axis=1).mean() / 4
+# another way: count the quadruples by pattern (all distinct, pairs, triple, four alike)
+p = {1: 10 * 9 * 8 * 7, 2: 6 * 10 * 9 * 8 + 3 * 10 * 9, 3: 4 * 10 * 9, 4: 10}
+assert sum(p.values()) == 10**4
+assert abs(cap4 - sum(m * n for m, n in p.items()) / 10**4 / 4) < 1e-12
+print(f"cap with four arguments: {cap4:.2%} (three arguments: {ceiling:.2%})")
+assert cap4 < ceiling
+
+# %% [markdown]
+# **2.** The order-blind models cannot know which digit is first, but they can still guess
+# well. Check that on `First`, `Second` and `Last` they always answer one of the input's
+# digits, and measure how often they answer the repeated digit when the input has exactly one
+# pair (the best order-blind guess).
+
+# %% tags=["hide-cell"]
+# Solution: predictions of the no-positional-encoding runs on the positional operations.
+positional_ops = [ex for ex in exhaustive if ex.op in ("First", "Second", "Last")]
+pairs = np.array([sorted(Counter(ex.args).values()) == [1, 2] for ex in positional_ops])
+mode = np.array([Counter(ex.args).most_common(1)[0][0] for ex in positional_ops])
+for run in no_pos:
+    answers = predictions(run.model, create_batch(positional_ops)) - 2
+    in_args = np.mean([a in ex.args for a, ex in zip(answers, positional_ops)])
+    picks_pair = np.mean(answers[pairs] == mode[pairs])
+    print(f"seed {run.config.seed}: answers one of the digits {in_args:.1%}, "
+          f"the repeated digit of a pair {picks_pair:.0%}")
+    assert in_args > 0.99 and picks_pair > 0.5
+
+# %% [markdown]
+# **3.** With numbers 0–99 and three arguments, how many distinct inputs are there, and what
+# fraction of them did the two-digit model train on? Is it plausible that it memorised the
+# test set?
+
+# %% tags=["hide-cell"]
+# Solution: 5 operations x 100**3 number triples; the training set is 50,000 distinct puzzles.
+space = 5 * 100**3
+fraction = 50_000 / space
+print(f"{space:,} inputs; the model trained on {fraction:.1%} of them, and the test puzzles "
+      "were drawn from the other 99%: it has to generalise, memorising cannot help")
+assert space == 5_000_000 and fraction == 0.01
