@@ -336,22 +336,13 @@ print(f"trained in {reference.seconds:.1f} s; 100% after {reference.seconds_to_1
 # Bad configs are refused with a message that says what is wrong:
 
 # %%
-def show_error(call, expected_words: str) -> None:
-    """Run call(); assert it raises ValueError mentioning expected_words; print it."""
-    try:
-        call()
-    except ValueError as error:
-        assert expected_words in str(error), f"unexpected message: {error}"
-        print(f"ValueError: {error}")
-    else:
-        raise AssertionError(f"expected a ValueError mentioning {expected_words!r}")
-
+from transformer_lib.data import show_error  # chapter 1: assert an error and print it
 
 show_error(lambda: ExperimentConfig().but(learning_rate=1e-3),
-           "unknown config field(s) learning_rate")
+           ValueError, "unknown config field(s) learning_rate")
 show_error(lambda: ExperimentConfig(d_model=64, num_heads=3),
-           "d_model=64 is not divisible by num_heads=3")
-show_error(lambda: ExperimentConfig(epochs=0), "epochs must be a positive integer, got 0")
+           ValueError, "d_model=64 is not divisible by num_heads=3")
+show_error(lambda: ExperimentConfig(epochs=0), ValueError, "epochs must be a positive integer, got 0")
 
 # %% [markdown]
 # ## How much does one run tell you? Seeds
@@ -1252,9 +1243,9 @@ loss_error = relative_error(loss_fn.backward(), numeric)
 print(f"TwoTokenLoss backward: relative error {loss_error:.1e}")
 assert loss_error < 1e-6
 
-show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]), "numbers must be integers 0-99")
+show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]), ValueError, "numbers must be integers 0-99")
 show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
-           "expected logits (B, K, V) and targets (B, K)")
+           ValueError, "expected logits (B, K, V) and targets (B, K)")
 
 # %% [markdown]
 # Now the real model, the reference shape with two heads, trained on 50,000 puzzles for three
