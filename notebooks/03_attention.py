@@ -952,8 +952,8 @@ print(np.round(P_c[0], 2))
 # of the mask) of a `MultiHeadAttention` layer. Show that the output is permuted the same way:
 # attention is *permutation-equivariant*. Then show the consequence for our puzzles: without
 # positional encodings, the `[EOS]` output for `First ( 5 3 9 )` and `First ( 9 3 5 )` is
-# identical, so a model built from such layers could not get both right. Chapter 7 removes the
-# positional encoding from the trained model to see this happen.
+# identical, so a model built from such layers could not get both right. Chapter 7 trains the
+# model without positional encoding and measures exactly this.
 
 # %% tags=["hide-cell"]
 layer = MultiHeadAttention(16, 4, rng=np.random.default_rng(21)).to(np.float64)
