@@ -576,9 +576,10 @@ class Transformer(Module):
         """
         shape, r = self._check_cache(self._cache)
         B, T, D = shape
-        if grad_logits.shape != (B, self.config["vocab_size"]):
+        expected = (B, self.output.W.data.shape[1])             # (B, V): the output layer's width
+        if grad_logits.shape != expected:
             raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
-                             f"produced logits of shape {(B, self.config['vocab_size'])}")
+                             f"produced logits of shape {expected}")
         g_pooled = self.output.backward(grad_logits)           # (B, D)
         if self.readout == "eos":
             g = np.zeros(shape, dtype=g_pooled.dtype)           # (B, T, D): only the read-out position
@@ -703,6 +704,9 @@ show_error(lambda: model(np.ones((1, 65), dtype=int)), ValueError, "sequence len
 show_error(lambda: model(ids, mask[:, :-1]), ValueError, "mask shape (4, 8) does not match ids shape (4, 9)")
 show_error(lambda: model(np.array([good, [PAD_ID] * 7])), ValueError, "sequence 1 has no real tokens")
 show_error(lambda: Transformer(readout="cls"), ValueError, "unknown readout 'cls'; choose one of ('eos', 'mean')")
+model(ids, mask)                                   # a training-mode forward of B = 4 sequences
+show_error(lambda: model.backward(np.ones((4, 21))), ValueError,
+           "grad_logits has shape (4, 21), but the last forward produced logits of shape (4, 20)")
 
 # %% [markdown]
 # ## Counting the parameters

@@ -998,11 +998,9 @@ for run in length_runs:
 #
 # `TwoDigitTransformer` is the chapter 4 transformer with its output layer replaced by one
 # that produces both heads' logits at once, $W_\text{out} \in \mathbb{R}^{d \times 2V}$. Its
-# forward reshapes the $(B, 2V)$ logits into $(B, 2, V)$. Its backward reshapes the gradient
-# back to $(B, 2V)$, pushes it through the output layer, and then repeats the rest of chapter
-# 4's backward (the read-out, the blocks, the embedding). It cannot simply hand the gradient to
-# the parent's backward, because that one checks, to catch mistakes, that the gradient has
-# chapter 4's shape $(B, V)$. `TwoTokenLoss` does the same reshaping around
+# forward reshapes the $(B, 2V)$ logits into $(B, 2, V)$; its backward reshapes the gradient
+# back to $(B, 2V)$ and hands it to chapter 4's backward, which checks it against the output
+# layer's width, $2V$ here, and does the rest. `TwoTokenLoss` does the same reshaping around
 # chapter 5's cross-entropy, treating the $B$ examples as $2B$ one-token predictions.
 
 # %% tags=["export"]
@@ -1027,24 +1025,11 @@ class TwoDigitTransformer(Transformer):
         return logits.reshape(len(logits), 2, -1)             # (B, 2, V)
 
     def backward(self, grad_logits):
-        """Chapter 4's backward for logits (B, 2, V); returns None like it."""
+        """Chapter 4's backward, for logits (B, 2, V); returns None like it."""
         grad_logits = np.asarray(grad_logits)                 # (B, 2, V)
-        shape, r = self._check_cache(self._cache)
-        B, T, D = shape
-        V = self.config["vocab_size"]
-        if grad_logits.shape != (B, 2, V):
-            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
-                             f"produced logits of shape {(B, 2, V)}")
-        g_pooled = self.output.backward(grad_logits.reshape(B, 2 * V))    # (B, D)
-        if self.readout == "eos":
-            g = np.zeros(shape, dtype=g_pooled.dtype)         # (B, T, D): only the read-out
-            g[np.arange(B), r] = g_pooled                     # position receives gradient
-        else:
-            g = r[:, :, None] * g_pooled[:, None, :]          # (B, T, D): w[b, t] * g_pooled[b]
-        for block in reversed(self.blocks):
-            g = block.backward(g)                             # (B, T, D)
-        self.embedding.backward(g)
-        return None
+        if grad_logits.ndim != 3 or grad_logits.shape[1] != 2:
+            raise ValueError(f"grad_logits must have shape (B, 2, V), got {grad_logits.shape}")
+        return super().backward(grad_logits.reshape(len(grad_logits), -1))   # (B, 2V)
 
 
 class TwoTokenLoss(CrossEntropyLoss):
@@ -1244,6 +1229,7 @@ print(f"TwoTokenLoss backward: relative error {loss_error:.1e}")
 assert loss_error < 1e-6
 
 show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]), ValueError, "numbers must be integers 0-99")
+show_error(lambda: small.backward(np.zeros((3, 20))), ValueError, "grad_logits must have shape (B, 2, V)")
 show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
            ValueError, "expected logits (B, K, V) and targets (B, K)")
 

@@ -350,24 +350,11 @@ class TwoDigitTransformer(Transformer):
         return logits.reshape(len(logits), 2, -1)             # (B, 2, V)
 
     def backward(self, grad_logits):
-        """Chapter 4's backward for logits (B, 2, V); returns None like it."""
+        """Chapter 4's backward, for logits (B, 2, V); returns None like it."""
         grad_logits = np.asarray(grad_logits)                 # (B, 2, V)
-        shape, r = self._check_cache(self._cache)
-        B, T, D = shape
-        V = self.config["vocab_size"]
-        if grad_logits.shape != (B, 2, V):
-            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
-                             f"produced logits of shape {(B, 2, V)}")
-        g_pooled = self.output.backward(grad_logits.reshape(B, 2 * V))    # (B, D)
-        if self.readout == "eos":
-            g = np.zeros(shape, dtype=g_pooled.dtype)         # (B, T, D): only the read-out
-            g[np.arange(B), r] = g_pooled                     # position receives gradient
-        else:
-            g = r[:, :, None] * g_pooled[:, None, :]          # (B, T, D): w[b, t] * g_pooled[b]
-        for block in reversed(self.blocks):
-            g = block.backward(g)                             # (B, T, D)
-        self.embedding.backward(g)
-        return None
+        if grad_logits.ndim != 3 or grad_logits.shape[1] != 2:
+            raise ValueError(f"grad_logits must have shape (B, 2, V), got {grad_logits.shape}")
+        return super().backward(grad_logits.reshape(len(grad_logits), -1))   # (B, 2V)
 
 
 class TwoTokenLoss(CrossEntropyLoss):

@@ -243,9 +243,10 @@ class Transformer(Module):
         """
         shape, r = self._check_cache(self._cache)
         B, T, D = shape
-        if grad_logits.shape != (B, self.config["vocab_size"]):
+        expected = (B, self.output.W.data.shape[1])             # (B, V): the output layer's width
+        if grad_logits.shape != expected:
             raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
-                             f"produced logits of shape {(B, self.config['vocab_size'])}")
+                             f"produced logits of shape {expected}")
         g_pooled = self.output.backward(grad_logits)           # (B, D)
         if self.readout == "eos":
             g = np.zeros(shape, dtype=g_pooled.dtype)           # (B, T, D): only the read-out position
