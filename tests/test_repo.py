@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-FIX = "edit notebooks/NN_x.py, then run: .venv/bin/jupytext --sync --execute notebooks/NN_x.py"
+FIX = "edit notebooks/NN_x.py, then run: .venv/bin/python tools/execute.py notebooks/NN_x.py"
 
 
 def test_there_are_notebooks():
@@ -53,6 +53,9 @@ def test_ipynb_is_executed_top_to_bottom(ipynb):
     errors = [o for c in notebook.cells if c.cell_type == "code"
               for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{ipynb.name} has stored errors"
+    timed = [i for i, c in enumerate(notebook.cells) if "execution" in c.metadata]
+    assert not timed, (f"{ipynb.name} keeps execution timestamps in cells {timed[:5]} (noise in "
+                       f"every diff); {FIX}")
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
