@@ -10,7 +10,8 @@ Measures, for the reference model (d_model 64, 4 heads, 2 layers, d_ff 256, post
 1. the median time of one training step (forward, loss, backward, clipping, Adam) at batch 32
    and 256, in float32 and float64; if PyTorch is importable, the same model and step in
    PyTorch on the CPU, measured in alternating rounds with NumPy so that both see the same
-   machine load, and the ratio NumPy / PyTorch;
+   machine load, and the ratio NumPy / PyTorch; then how a NumPy step at batch 32 in float32
+   divides into forward, loss, backward, and clipping plus Adam;
 2. for seeds 0-4 (--seeds), the book's recipe (fit: Adam 3e-3, warm-up, cosine decay) with
    each schedule length of --epochs (default: the book's 8 epochs, and 16): the first step
    after which the model is right on all 5,000 possible inputs (checked every --check-every
@@ -150,6 +151,36 @@ def step_table(train):
     return rows
 
 
+def phase_table(train, steps=300):
+    """Where a NumPy step's time goes: median ms of forward, loss, backward, clip + Adam."""
+    rng = np.random.default_rng(0)
+    batch = create_batch([train[i] for i in rng.choice(len(train), 32, replace=False)])
+    model = Transformer(**REFERENCE_CONFIG, seed=0)
+    opt, loss_fn = Adam(model.parameters(), lr=3e-3), CrossEntropyLoss()
+    model.train()
+    times = {"forward": [], "loss (forward and backward)": [], "backward": [], "clipping and Adam": []}
+    for i in range(steps + 10):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        logits = model(batch.ids, batch.mask)
+        t1 = time.perf_counter()
+        loss_fn(logits, batch.targets)
+        grad = loss_fn.backward()
+        t2 = time.perf_counter()
+        model.backward(grad)
+        t3 = time.perf_counter()
+        clip_grad_norm(opt.grad, 1.0)
+        opt.step()
+        t4 = time.perf_counter()
+        if i >= 10:                                          # the first steps warm up
+            for key, a, b in zip(times, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+                times[key].append(b - a)
+    print("\nOne NumPy step, float32, batch 32, by phase (median ms):\n")
+    print("| phase | ms |\n|---|---:|")
+    for key, t in times.items():
+        print(f"| {key} | {1000 * statistics.median(t):.2f} |")
+
+
 # ---------------------------------------------------------------- time to 100% on all inputs
 def time_to_perfect(train, val, test, seeds, epochs, check_every, warmup):
     everything = create_batch(all_examples())
@@ -234,6 +265,7 @@ def main():
     train, val, test = default_splits()
     if not args.skip_steps:
         step_table(train)
+        phase_table(train)
         scalar_promotion()
     if not args.skip_seeds:
         for epochs in args.epochs:
