@@ -1345,16 +1345,17 @@ for ex, answer in wrong:
 wrong = [ex for ex, _ in wrong]
 assert [ex.text for ex in wrong] == ["Second ( 9 1 9 )"]
 assert not seen & {ex.text for ex in wrong}
-# Seed 1 misses a single puzzle, `Second ( 9 1 9 )`, which it never trained on and whose
-# answer is easy to confuse: the 9 is First, Last and Max at once. Which seeds reach 100% is
-# partly luck: the last few unseen inputs are decided by small differences between runs.
-# A longer schedule helps. With 16 epochs instead of 8 (the learning rate decays half as
-# fast), seed 1 gets every puzzle right:
+# Seed 1 misses a single puzzle, `Second ( 9 1 9 )`, which it never trained on
+# and whose answer is easy to confuse: the 9 is First, Last and Max at once.
+# Which seeds reach 100% is partly luck: the last few unseen inputs are decided
+# by small differences between runs. A longer schedule helps. With 16 epochs
+# instead of 8 (the learning rate decays half as fast), seed 1 gets every puzzle
+# right:
 
 seed_1_long, _ = train_reference_model(seed=1, epochs=16, progress=False)
 long_accuracy = evaluate(seed_1_long, all_examples())["accuracy"]
 print(f"seed 1, 16 epochs: {long_accuracy:.2%} of all inputs")
 assert long_accuracy == 1.0
-# It is still no guarantee. benchmarks/benchmark.py measures seeds 0-9 (table in the README):
-# 4 of them reach 100% on all inputs with 8 epochs, 8 with 16. A claim of "100%" is a claim
-# about one seed unless it is measured over several.
+# It is still no guarantee. benchmarks/benchmark.py measures seeds 0-9 (table in
+# the README): 4 of them reach 100% on all inputs with 8 epochs, 8 with 16. A
+# claim of "100%" is a claim about one seed unless it is measured over several.
