@@ -85,8 +85,8 @@ class Parameter:
     data : np.ndarray
         The values.
     grad : np.ndarray
-        Same shape and dtype as ``data``; starts at zero. Backward passes *add* into it and
-        ``Module.zero_grad`` clears it.
+        Same shape and dtype as ``data``; starts at zero. Backward passes *add* into it
+        and ``Module.zero_grad`` clears it.
     """
 
     def __init__(self, data: np.ndarray) -> None:
@@ -117,12 +117,13 @@ class Parameter:
 class Module:
     """Base class of every layer and model.
 
-    A subclass defines ``forward(x, ...)``, which returns the output and, in training mode,
-    caches what ``backward`` needs, and ``backward(grad_out)``, which receives dL/d(output)
-    (same shape as the output), returns dL/d(input) and *adds* dL/d(parameter) into each
-    parameter's ``.grad``. Parameters and sub-modules are found among the attributes, also
-    inside lists and tuples, so ``named_parameters`` yields dotted names such as
-    ``blocks.0.attention.W_q.W``. Calling the module calls ``forward``.
+    A subclass defines ``forward(x, ...)``, which returns the output and, in training
+    mode, caches what ``backward`` needs, and ``backward(grad_out)``, which receives
+    dL/d(output) (same shape as the output), returns dL/d(input) and *adds*
+    dL/d(parameter) into each parameter's ``.grad``. Parameters and sub-modules are
+    found among the attributes, also inside lists and tuples, so ``named_parameters``
+    yields dotted names such as ``blocks.0.attention.W_q.W``. Calling the module calls
+    ``forward``.
     """
 
     training: bool = True
@@ -137,7 +138,8 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must define backward")
 
     def _children(self) -> Iterator[tuple[str, "Parameter | Module"]]:
-        """(attribute name, child) for every Parameter or Module attribute, lists included."""
+        """(attribute name, child) for every Parameter or Module attribute,
+        lists included."""
         for name, value in vars(self).items():
             if isinstance(value, (Parameter, Module)):
                 yield name, value
@@ -166,7 +168,8 @@ class Module:
                 yield from child.named_parameters(prefix + name + ".")
 
     def parameters(self) -> list[Parameter]:
-        """Every parameter of this module and its sub-modules, in ``named_parameters`` order."""
+        """Every parameter of this module and its sub-modules,
+        in ``named_parameters`` order."""
         return [p for _, p in self.named_parameters()]
 
     def modules(self) -> Iterator["Module"]:
@@ -182,17 +185,20 @@ class Module:
             p.grad.fill(0)
 
     def train(self, mode: bool = True) -> "Module":
-        """Set training mode (eval mode if ``mode`` is False) here and in every sub-module."""
+        """Set training mode (eval mode if ``mode`` is False) here and in every
+        sub-module."""
         for m in self.modules():
             m.training = mode
         return self
 
     def eval(self) -> "Module":
-        """Switch to eval mode: forward passes cache nothing and backward raises RuntimeError."""
+        """Switch to eval mode: forward passes cache nothing
+        and backward raises RuntimeError."""
         return self.train(False)
 
     def to(self, dtype: type | np.dtype) -> "Module":
-        """Cast every parameter and float buffer to a floating ``dtype``; reset gradients to zero.
+        """Cast every parameter and float buffer to a floating ``dtype``;
+        reset gradients to zero.
 
         Parameters
         ----------
@@ -206,10 +212,12 @@ class Module:
         """
         dtype = np.dtype(dtype)
         if not np.issubdtype(dtype, np.floating):
-            raise ValueError(f"to() needs a floating dtype such as np.float64, got {dtype}")
+            raise ValueError(
+                f"to() needs a floating dtype such as np.float64, got {dtype}")
         for m in self.modules():
             for name, value in list(vars(m).items()):
-                if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+                if (isinstance(value, np.ndarray)
+                        and np.issubdtype(value.dtype, np.floating)):
                     setattr(m, name, value.astype(dtype))
         for p in self.parameters():
             p.data = p.data.astype(dtype)
@@ -217,14 +225,17 @@ class Module:
         return self
 
     def _check_cache(self, cache):
-        """Return ``cache``; raise RuntimeError in eval mode or before any forward pass."""
+        """Return ``cache``; raise RuntimeError in eval mode
+        or before any forward pass."""
         name = type(self).__name__
         if not self.training:
-            raise RuntimeError(f"{name}.backward called in eval mode: eval() forward passes keep "
-                               "no cache. Call .train(), run forward, then backward.")
+            raise RuntimeError(
+                f"{name}.backward called in eval mode: eval() forward passes keep "
+                "no cache. Call .train(), run forward, then backward.")
         if cache is None:
-            raise RuntimeError(f"{name}.backward called before any forward pass in training mode: "
-                               "run forward first.")
+            raise RuntimeError(
+                f"{name}.backward called before any forward pass in training mode: "
+                "run forward first.")
         return cache
 
 # %% [markdown]
@@ -312,14 +323,17 @@ class Linear(Module):
         Zeros at first; None when ``bias=False``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator | None = None,
-                 bias: bool = True, dtype: type = DEFAULT_DTYPE) -> None:
+    def __init__(self, in_features: int, out_features: int,
+                 rng: np.random.Generator | None = None, bias: bool = True,
+                 dtype: type = DEFAULT_DTYPE) -> None:
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"Linear needs positive sizes, got in_features={in_features}, "
-                             f"out_features={out_features}")
+            raise ValueError(
+                f"Linear needs positive sizes, got in_features={in_features}, "
+                f"out_features={out_features}")
         rng = np.random.default_rng(0) if rng is None else rng
-        limit = np.sqrt(6.0 / (in_features + out_features))               # Xavier/Glorot uniform
-        self.W = Parameter(rng.uniform(-limit, limit, (in_features, out_features)).astype(dtype))
+        limit = np.sqrt(6.0 / (in_features + out_features))  # Xavier/Glorot uniform
+        self.W = Parameter(
+            rng.uniform(-limit, limit, (in_features, out_features)).astype(dtype))
         self.b = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
         self._x = None
 
@@ -337,12 +351,15 @@ class Linear(Module):
         in_features = self.W.data.shape[0]
         if x.shape[-1:] != (in_features,):
             got = x.shape[-1] if x.ndim else "a scalar"
-            raise ValueError(f"Linear expected input with last dimension {in_features}, got {got} "
-                             f"(input shape {x.shape})")
+            raise ValueError(
+                f"Linear expected input with last dimension {in_features}, got {got} "
+                f"(input shape {x.shape})")
         if self.training:
             self._x = x
-        # one 2-D matmul over all B*T positions (a 3-D @ 2-D matmul is a stack of B products)
-        y = (x.reshape(-1, in_features) @ self.W.data).reshape(*x.shape[:-1], -1)   # (..., out)
+        # one 2-D matmul over all B*T positions
+        # (a 3-D @ 2-D matmul is a stack of B products)
+        # (..., out)
+        y = (x.reshape(-1, in_features) @ self.W.data).reshape(*x.shape[:-1], -1)
         if self.b is not None:
             y += self.b.data
         return y
@@ -366,12 +383,12 @@ class Linear(Module):
         if grad_out.shape != expected:
             raise ValueError(f"Linear.backward expected grad_out of shape {expected} "
                              f"(the output's shape), got {grad_out.shape}")
-        x2 = x.reshape(-1, in_features)                            # (N, in), N = B*T
-        g2 = grad_out.reshape(-1, out_features)                    # (N, out)
-        self.W.grad += x2.T @ g2                                   # (in, out): sums over all N rows
+        x2 = x.reshape(-1, in_features)                # (N, in), N = B*T
+        g2 = grad_out.reshape(-1, out_features)        # (N, out)
+        self.W.grad += x2.T @ g2                       # (in, out): sums over all N rows
         if self.b is not None:
-            self.b.grad += g2.sum(axis=0)                          # (out,)
-        return (g2 @ self.W.data.T).reshape(x.shape)               # (..., in)
+            self.b.grad += g2.sum(axis=0)              # (out,)
+        return (g2 @ self.W.data.T).reshape(x.shape)   # (..., in)
 
 # %% [markdown]
 # **Proof.** Shapes first, then the forward pass against its definition written the slow, obvious
@@ -389,7 +406,8 @@ y = layer(x)                                                        # (B, T, out
 print("x", x.shape, "-> y", y.shape, y.dtype, "| W", layer.W.shape, "b", layer.b.shape)
 assert y.shape == (2, 5, 3) and y.dtype == np.float32
 assert layer.W.shape == (4, 3) and layer.b.shape == (3,)
-assert np.allclose(y, np.einsum("bti,ij->btj", x, layer.W.data) + layer.b.data, atol=1e-6)
+assert np.allclose(y, np.einsum("bti,ij->btj", x, layer.W.data) + layer.b.data,
+                   atol=1e-6)
 
 g = rng.normal(size=y.shape).astype(np.float32)
 grad_x = layer.backward(g)
@@ -399,10 +417,12 @@ assert layer.W.grad.shape == layer.W.shape and layer.b.grad.shape == (3,)
 big = Linear(256, 512, np.random.default_rng(1))
 limit = np.sqrt(6 / (256 + 512))
 W_var, expected_var = big.W.data.var(), 2 / (256 + 512)
-out_var = big(np.random.default_rng(2).normal(size=(1000, 256)).astype(np.float32)).var()
+out_var = big(
+    np.random.default_rng(2).normal(size=(1000, 256)).astype(np.float32)).var()
 print(f"Var(W) = {W_var:.6f} (Xavier: {expected_var:.6f}),  "
       f"max |W| = {np.abs(big.W.data).max():.4f} <= a = {limit:.4f}")
-print(f"Var(y) = {out_var:.3f} for unit-variance inputs (in * Var(W) = {256 * expected_var:.3f})")
+print(f"Var(y) = {out_var:.3f} for unit-variance inputs "
+      f"(in * Var(W) = {256 * expected_var:.3f})")
 assert abs(W_var / expected_var - 1) < 0.02 and np.abs(big.W.data).max() <= limit
 assert abs(out_var / (256 * expected_var) - 1) < 0.03
 assert np.all(big.b.data == 0)
@@ -475,7 +495,8 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     return float(np.linalg.norm(analytic - numeric) / denom) if denom > 0 else 0.0
 
 
-def numerical_gradient(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def numerical_gradient(f: Callable[[], float], x: np.ndarray,
+                       eps: float = 1e-6) -> np.ndarray:
     """Gradient of the scalar ``f()`` with respect to ``x`` by central differences.
 
     Parameters
@@ -513,18 +534,20 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6)
 # %% tags=["export"]
 def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
                    **kwargs) -> dict[str, float]:
-    """Compare ``module.backward`` with central differences: the first input and every parameter.
+    """Compare ``module.backward`` with central differences:
+    the first input and every parameter.
 
-    The scalar checked is ``sum(module(*inputs, **kwargs) * G)`` with a random upstream gradient
-    ``G ~ N(0, 1)`` (seeded), so ``module.backward(G)`` must equal its gradient.
+    The scalar checked is ``sum(module(*inputs, **kwargs) * G)`` with a random upstream
+    gradient ``G ~ N(0, 1)`` (seeded), so ``module.backward(G)`` must equal its
+    gradient.
 
     Parameters
     ----------
     module : Module
         In float64 (``module.to(np.float64)``); switched to training mode.
     *inputs : np.ndarray
-        Passed to ``forward``. The first one is checked if it is a float array (it must then
-        be float64); integer inputs such as token ids are not differentiable.
+        Passed to ``forward``. The first one is checked if it is a float array (it must
+        then be float64); integer inputs such as token ids are not differentiable.
     seed : int
         Seed of the upstream gradient G.
     eps : float
@@ -535,8 +558,8 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     Returns
     -------
     dict of str to float
-        ``{"input": error, "<parameter name>": error, ...}``: relative errors, 1e-8 or smaller
-        when backward is right.
+        ``{"input": error, "<parameter name>": error, ...}``: relative errors, 1e-8 or
+        smaller when backward is right.
     """
     for name, p in module.named_parameters():
         if p.data.dtype != np.float64:
@@ -545,11 +568,12 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     x = inputs[0] if inputs else None
     check_input = isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
     if check_input and x.dtype != np.float64:
-        raise ValueError(f"gradient_check needs float64 inputs; the first input is {x.dtype} "
-                         "(use x.astype(np.float64))")
+        raise ValueError(
+            f"gradient_check needs float64 inputs; the first input is {x.dtype} "
+            "(use x.astype(np.float64))")
     module.train()
     out = module(*inputs, **kwargs)
-    G = np.random.default_rng(seed).normal(size=out.shape)                # random upstream gradient
+    G = np.random.default_rng(seed).normal(size=out.shape)  # random upstream gradient
     f = lambda: float((module(*inputs, **kwargs) * G).sum())
     module.zero_grad()
     module(*inputs, **kwargs)
@@ -572,10 +596,12 @@ errors_by_layer: dict[str, dict[str, float]] = {}
 
 
 def report(layer_name: str, errors: dict[str, float]) -> None:
-    """Print one row per checked array, assert each error <= TOLERANCE, and remember them."""
+    """Print one row per checked array, assert each error <= TOLERANCE,
+    and remember them."""
     for name, error in errors.items():
         print(f"  {layer_name:22} {name:8} {error:.1e}")
-    assert errors and all(e <= TOLERANCE for e in errors.values()), f"{layer_name}: {errors}"
+    assert errors and all(e <= TOLERANCE for e in errors.values()), \
+        f"{layer_name}: {errors}"
     errors_by_layer[layer_name] = errors
 
 
@@ -586,10 +612,11 @@ def report(layer_name: str, errors: dict[str, float]) -> None:
 # %%
 rng = np.random.default_rng(0)
 linear = Linear(4, 3, rng).to(np.float64)
-linear.b.data[:] = rng.normal(size=3)                 # a non-zero bias, so forward uses it
-x = rng.normal(size=(2, 3, 4))                        # (B, T, in), float64
+linear.b.data[:] = rng.normal(size=3)  # a non-zero bias, so forward uses it
+x = rng.normal(size=(2, 3, 4))         # (B, T, in), float64
 report("Linear", gradient_check(linear, x))
-report("Linear(bias=False)", gradient_check(Linear(4, 3, rng, bias=False).to(np.float64), x))
+report("Linear(bias=False)",
+       gradient_check(Linear(4, 3, rng, bias=False).to(np.float64), x))
 
 # %% [markdown]
 # ### Can the check fail?
@@ -607,7 +634,8 @@ class MixedAxesLinear(Linear):
     def backward(self, grad_out):
         x = self._check_cache(self._x)
         x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad_out.swapaxes(0, 1).reshape(-1, grad_out.shape[-1])    # BUG: (T, B) order
+        # BUG: (T, B) order
+        g2 = grad_out.swapaxes(0, 1).reshape(-1, grad_out.shape[-1])
         self.W.grad += x2.T @ g2
         self.b.grad += g2.sum(axis=0)
         return (g2 @ self.W.data.T).reshape(x.shape)
@@ -618,7 +646,8 @@ class MeanBiasLinear(Linear):
         x = self._check_cache(self._x)
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         self.W.grad += x2.T @ g2
-        self.b.grad += g2.mean(axis=0)                                  # BUG: mean, not sum
+        # BUG: mean, not sum
+        self.b.grad += g2.mean(axis=0)
         return (g2 @ self.W.data.T).reshape(x.shape)
 
 
@@ -627,11 +656,14 @@ for buggy in (MixedAxesLinear, MeanBiasLinear):
     print(f"{buggy.__name__:16}", "  ".join(f"{k}: {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) > 0.1                         # caught, by a wide margin
 
-mixed = gradient_check(MixedAxesLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
-mean_bias = gradient_check(MeanBiasLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
+mixed = gradient_check(
+    MixedAxesLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
+mean_bias = gradient_check(
+    MeanBiasLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
 assert mixed["input"] > 0.1 and mixed["W"] > 0.1
-assert mixed["b"] < TOLERANCE                                 # a sum over rows ignores their order
-assert mean_bias["b"] > 0.1 and mean_bias["input"] < TOLERANCE and mean_bias["W"] < TOLERANCE
+assert mixed["b"] < TOLERANCE  # a sum over rows ignores their order
+assert (mean_bias["b"] > 0.1 and mean_bias["input"] < TOLERANCE
+        and mean_bias["W"] < TOLERANCE)
 
 # %% [markdown]
 # Both bugs are caught, and the per-array errors point at the culprits. The mixed-up axes
@@ -654,7 +686,8 @@ def check_with_sum(module: Module, x: np.ndarray) -> dict[str, float]:
     return errors
 
 
-hidden = check_with_sum(MixedAxesLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
+hidden = check_with_sum(
+    MixedAxesLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
 print("MixedAxesLinear checked with G = ones:",
       "  ".join(f"{k}: {v:.1e}" for k, v in hidden.items()))
 assert max(hidden.values()) < TOLERANCE        # the bug is invisible to a sum ...
@@ -704,10 +737,11 @@ x, g = rng.normal(size=(4, 3)), rng.normal(size=(4, 2))
 layer.eval()
 y_eval = layer(x)
 assert layer._x is None and not layer.training          # nothing was cached
-show_error(lambda: layer.backward(g), RuntimeError, "Linear.backward called in eval mode")
+show_error(lambda: layer.backward(g), RuntimeError,
+           "Linear.backward called in eval mode")
 show_error(lambda: Linear(3, 2).backward(g), RuntimeError, "before any forward pass")
 layer.train()
-assert np.array_equal(layer(x), y_eval)                 # the mode changes caching, not the result
+assert np.array_equal(layer(x), y_eval)  # the mode changes caching, not the result
 
 # %% [markdown]
 # **Gradients accumulate.** Two forward/backward passes without `zero_grad()` leave twice the
@@ -721,7 +755,7 @@ once_W, once_b = layer.W.grad.copy(), layer.b.grad.copy()
 layer(x)
 layer.backward(g)
 assert np.allclose(layer.W.grad, 2 * once_W) and np.allclose(layer.b.grad, 2 * once_b)
-assert np.allclose(once_W, x.T @ g)                     # and one pass gives exactly X^T G
+assert np.allclose(once_W, x.T @ g)  # and one pass gives exactly X^T G
 layer.zero_grad()
 assert not layer.W.grad.any() and not layer.b.grad.any()
 print("after two backward passes: W.grad = 2 x (one pass); after zero_grad: all zeros")
@@ -733,7 +767,8 @@ print("after two backward passes: W.grad = 2 x (one pass); after zero_grad: all 
 
 # %%
 class TinyStack(Module):
-    """Two hidden Linear layers in a list and a bias-free head (only for naming; no forward)."""
+    """Two hidden Linear layers in a list and a bias-free head
+    (only for naming; no forward)."""
 
     def __init__(self) -> None:
         rng = np.random.default_rng(0)
@@ -749,8 +784,9 @@ assert [n for n, _ in stack.named_parameters()] == \
 assert sum(p.data.size for p in stack.parameters()) == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 2
 
 stack.to(np.float64)
-assert all(p.data.dtype == np.float64 and p.grad.dtype == np.float64 for p in stack.parameters())
-assert len(list(stack.modules())) == 4                  # the stack and its three Linear layers
+assert all(p.data.dtype == np.float64 and p.grad.dtype == np.float64
+           for p in stack.parameters())
+assert len(list(stack.modules())) == 4  # the stack and its three Linear layers
 show_error(lambda: stack.to(np.int32), ValueError, "to() needs a floating dtype")
 
 # %% [markdown]
@@ -801,7 +837,8 @@ class Embedding(Module):
         Initialised N(0, 1).
     """
 
-    def __init__(self, num_embeddings: int, dim: int, rng: np.random.Generator | None = None,
+    def __init__(self, num_embeddings: int, dim: int,
+                 rng: np.random.Generator | None = None,
                  dtype: type = DEFAULT_DTYPE) -> None:
         rng = np.random.default_rng(0) if rng is None else rng
         self.W = Parameter(rng.normal(0.0, 1.0, (num_embeddings, dim)).astype(dtype))
@@ -821,7 +858,8 @@ class Embedding(Module):
         ids = np.asarray(ids)
         V = self.W.data.shape[0]
         if ids.dtype.kind not in "iu":
-            raise ValueError(f"Embedding expects integer token ids, got dtype {ids.dtype}")
+            raise ValueError(
+                f"Embedding expects integer token ids, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= V):
             bad = ids[(ids < 0) | (ids >= V)][0]
             raise ValueError(f"Embedding got token id {bad}, outside its {V} rows "
@@ -831,7 +869,8 @@ class Embedding(Module):
         return self.W.data[ids]                                    # (B, T, D)
 
     def backward(self, grad_out: np.ndarray) -> None:
-        """Add dL/dW into ``W.grad`` (repeated tokens add up). Ids have no gradient: returns None.
+        """Add dL/dW into ``W.grad`` (repeated tokens add up).
+        Ids have no gradient: returns None.
 
         Parameters
         ----------
@@ -840,10 +879,13 @@ class Embedding(Module):
         ids = self._check_cache(self._ids)
         V, D = self.W.data.shape
         if grad_out.shape != (*ids.shape, D):
-            raise ValueError(f"Embedding.backward expected grad_out of shape {(*ids.shape, D)}, "
-                             f"got {grad_out.shape}")
-        one_hot = (ids.reshape(-1, 1) == np.arange(V)).astype(grad_out.dtype)     # (B*T, V)
-        self.W.grad += one_hot.T @ grad_out.reshape(-1, D)   # (V, D): repeated tokens add up
+            raise ValueError(
+                f"Embedding.backward expected grad_out of shape {(*ids.shape, D)}, "
+                f"got {grad_out.shape}")
+        # (B*T, V)
+        one_hot = (ids.reshape(-1, 1) == np.arange(V)).astype(grad_out.dtype)
+        # (V, D): repeated tokens add up
+        self.W.grad += one_hot.T @ grad_out.reshape(-1, D)
         return None
 
 # %% [markdown]
@@ -855,9 +897,9 @@ class Embedding(Module):
 # %%
 from transformer_lib.data import TOKEN_TO_ID, VOCAB_SIZE, encode
 
-ids = np.array([encode("Max(5, 5, 9)"), encode("Min(5, 2, 2)")])        # (B, T) = (2, 7)
+ids = np.array([encode("Max(5, 5, 9)"), encode("Min(5, 2, 2)")])  # (B, T) = (2, 7)
 emb = Embedding(VOCAB_SIZE, 8, np.random.default_rng(0)).to(np.float64)
-out = emb(ids)                                                          # (B, T, D)
+out = emb(ids)                                                    # (B, T, D)
 print("ids", ids.shape, "-> embeddings", out.shape)
 assert out.shape == (2, 7, 8) and np.array_equal(out[0, 2], emb.W.data[ids[0, 2]])
 
@@ -865,19 +907,21 @@ G_emb = np.random.default_rng(1).normal(size=out.shape)
 emb.zero_grad()
 assert emb.backward(G_emb) is None
 reference = np.zeros_like(emb.W.data)
-np.add.at(reference, ids, G_emb)                                      # scatter-add, unbuffered
+np.add.at(reference, ids, G_emb)  # scatter-add, unbuffered
 naive = np.zeros_like(emb.W.data)
-naive[ids] += G_emb                                                   # buffered: last write wins
+naive[ids] += G_emb               # buffered: last write wins
 assert np.allclose(emb.W.grad, reference)
 
 five = TOKEN_TO_ID["5"]
 norm_of = lambda grad: f"{np.linalg.norm(grad[five]):.3f}"
 print(f"token '5' occurs {np.sum(ids == five)} times; norm of its gradient row:")
-print(f"  ours {norm_of(emb.W.grad)}, np.add.at {norm_of(reference)}, naive {norm_of(naive)}")
-assert np.allclose(emb.W.grad[five], G_emb[ids == five].sum(axis=0))   # the sum of its 3 positions
-assert not np.allclose(naive[five], reference[five])                   # the naive version loses two
+print(f"  ours {norm_of(emb.W.grad)}, np.add.at {norm_of(reference)}, "
+      f"naive {norm_of(naive)}")
+assert np.allclose(emb.W.grad[five],
+                   G_emb[ids == five].sum(axis=0))    # the sum of its 3 positions
+assert not np.allclose(naive[five], reference[five])  # the naive version loses two
 unused = np.setdiff1d(np.arange(VOCAB_SIZE), ids)
-assert not emb.W.grad[unused].any()                                    # unused tokens get exactly 0
+assert not emb.W.grad[unused].any()                   # unused tokens get exactly 0
 report("Embedding", gradient_check(emb, ids))
 
 # %% [markdown]
@@ -935,10 +979,11 @@ class PositionalEncoding(Module):
         ``pe[p, 2i+1] = cos(p / 10000**(2i/d_model))``.
     """
 
-    def __init__(self, d_model: int, max_len: int = 64, dtype: type = DEFAULT_DTYPE) -> None:
-        pos = np.arange(max_len)[:, None]                          # (max_len, 1)
-        i = np.arange(0, d_model, 2)[None, :]                      # (1, ceil(d_model/2)): the 2i
-        angle = pos / (10000.0 ** (i / d_model))                   # (max_len, ceil(d_model/2))
+    def __init__(self, d_model: int, max_len: int = 64,
+                 dtype: type = DEFAULT_DTYPE) -> None:
+        pos = np.arange(max_len)[:, None]                # (max_len, 1)
+        i = np.arange(0, d_model, 2)[None, :]            # (1, ceil(d_model/2)): the 2i
+        angle = pos / (10000.0 ** (i / d_model))         # (max_len, ceil(d_model/2))
         pe = np.zeros((max_len, d_model))
         pe[:, 0::2] = np.sin(angle)
         pe[:, 1::2] = np.cos(angle[:, : d_model // 2])
@@ -957,12 +1002,14 @@ class PositionalEncoding(Module):
         """
         max_len, d_model = self.pe.shape
         if x.ndim < 2 or x.shape[-1] != d_model:
-            raise ValueError(f"PositionalEncoding expected input of shape (..., T, {d_model}), "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"PositionalEncoding expected input of shape (..., T, {d_model}), "
+                f"got {x.shape}")
         T = x.shape[-2]
         if T > max_len:
-            raise ValueError(f"PositionalEncoding: sequence length {T} exceeds max_len {max_len} "
-                             "(create it with a larger max_len)")
+            raise ValueError(
+                f"PositionalEncoding: sequence length {T} exceeds max_len {max_len} "
+                "(create it with a larger max_len)")
         return x + self.pe[:T]                                     # (B, T, D) + (T, D)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
@@ -995,15 +1042,17 @@ plt.show()
 
 # %%
 pe = pos_enc.pe.astype(np.float64)                                   # (max_len, D)
-distances = np.linalg.norm(pe[:, None, :] - pe[None, :, :], axis=-1)  # (max_len, max_len)
+# (max_len, max_len)
+distances = np.linalg.norm(pe[:, None, :] - pe[None, :, :], axis=-1)
 np.fill_diagonal(distances, np.inf)
 p1, p2 = map(int, np.unravel_index(distances.argmin(), distances.shape))
 print(f"values in [{pe.min():.4f}, {pe.max():.4f}]; every row has norm "
       f"{np.linalg.norm(pe[0]):.3f} = sqrt(64/2)")
 print(f"closest pair of positions: ({p1}, {p2}), distance {distances.min():.3f}")
 assert np.abs(pe).max() <= 1.0
-assert np.allclose(np.linalg.norm(pe, axis=1), np.sqrt(32))           # sin^2 + cos^2 = 1 per pair
-assert distances.min() > 0.5                                          # every position is distinct
+# sin^2 + cos^2 = 1 per pair
+assert np.allclose(np.linalg.norm(pe, axis=1), np.sqrt(32))
+assert distances.min() > 0.5  # every position is distinct
 assert len({tuple(np.round(row, 6)) for row in pe}) == 64
 assert np.allclose(pe[5, 0::2], np.sin(5 / 10000 ** (np.arange(0, 64, 2) / 64)))
 
@@ -1011,8 +1060,9 @@ x = np.random.default_rng(0).normal(size=(2, 7, 64)).astype(np.float32)   # (B, 
 y = pos_enc(x)
 assert y.shape == x.shape
 assert np.allclose(y - x, np.broadcast_to(pos_enc.pe[:7], x.shape), atol=1e-6)
-report("PositionalEncoding", gradient_check(PositionalEncoding(8, 16).to(np.float64),
-                                            np.random.default_rng(0).normal(size=(2, 5, 8))))
+report("PositionalEncoding",
+       gradient_check(PositionalEncoding(8, 16).to(np.float64),
+                      np.random.default_rng(0).normal(size=(2, 5, 8))))
 show_error(lambda: pos_enc(np.zeros((1, 65, 64))), ValueError,
            "sequence length 65 exceeds max_len 64")
 
@@ -1036,8 +1086,8 @@ show_error(lambda: pos_enc(np.zeros((1, 65, 64))), ValueError,
 def row_max(x: np.ndarray) -> np.ndarray:
     """Maximum over the last axis, keepdims: equal to ``x.max(axis=-1, keepdims=True)``.
 
-    Uses one ``np.maximum`` per column, which beats NumPy's reduction when the last axis is
-    short (softmax over T <= 10 keys).
+    Uses one ``np.maximum`` per column, which beats NumPy's reduction when the last axis
+    is short (softmax over T <= 10 keys).
 
     Parameters
     ----------
@@ -1054,9 +1104,11 @@ def row_max(x: np.ndarray) -> np.ndarray:
 
 
 def row_sum(x: np.ndarray) -> np.ndarray:
-    """Sum over the last axis, keepdims: equal to ``x.sum(axis=-1, keepdims=True)`` up to rounding.
+    """Sum over the last axis, keepdims: equal to ``x.sum(axis=-1, keepdims=True)``
+    up to rounding.
 
-    Computed as a matrix product with a column of ones (one BLAS call, fast for any length).
+    Computed as a matrix product with a column of ones
+    (one BLAS call, fast for any length).
 
     Parameters
     ----------
@@ -1074,12 +1126,15 @@ def row_sum(x: np.ndarray) -> np.ndarray:
 # product adds in a different order.
 
 # %%
-scores = np.random.default_rng(0).normal(size=(32, 4, 8, 8)).astype(np.float32)   # (B, H, T, T)
+# (B, H, T, T)
+scores = np.random.default_rng(0).normal(size=(32, 4, 8, 8)).astype(np.float32)
 assert np.array_equal(row_max(scores), scores.max(axis=-1, keepdims=True))
-assert np.allclose(row_sum(scores), scores.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-5)
+assert np.allclose(row_sum(scores), scores.sum(axis=-1, keepdims=True),
+                   rtol=1e-5, atol=1e-5)
 assert row_max(scores).shape == row_sum(scores).shape == (32, 4, 8, 1)
-wide = np.random.default_rng(1).normal(size=(64, 64))                   # LayerNorm-sized rows
-assert np.allclose(row_sum(wide), wide.sum(axis=-1, keepdims=True), rtol=1e-12, atol=1e-12)
+wide = np.random.default_rng(1).normal(size=(64, 64))  # LayerNorm-sized rows
+assert np.allclose(row_sum(wide), wide.sum(axis=-1, keepdims=True),
+                   rtol=1e-12, atol=1e-12)
 print("row_max == .max(-1) exactly; row_sum == .sum(-1) up to rounding")
 
 # %% [markdown]
@@ -1101,7 +1156,8 @@ pairs = [("max over last axis", lambda: scores.max(axis=-1, keepdims=True),
 print(f"(B, H, T, T) = {scores.shape}, float32")
 for label, plain, ours in pairs:
     t_plain, t_ours = microseconds(plain), microseconds(ours)
-    print(f"{label:20} NumPy {t_plain:6.0f} us   ours {t_ours:6.0f} us   ({t_plain / t_ours:.1f}x)")
+    print(f"{label:20} NumPy {t_plain:6.0f} us   ours {t_ours:6.0f} us   "
+          f"({t_plain / t_ours:.1f}x)")
 
 # %% [markdown]
 # ## Layer normalisation
@@ -1160,7 +1216,8 @@ for label, plain, ours in pairs:
 class LayerNorm(Module):
     """Normalise each row (last axis) to mean 0 and variance 1, then scale and shift.
 
-    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the biased variance (divide by D).
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the biased variance
+    (divide by D).
 
     Parameters
     ----------
@@ -1200,11 +1257,11 @@ class LayerNorm(Module):
         if x.shape[-1:] != (D,):
             raise ValueError(f"LayerNorm expected input with last dimension {D}, "
                              f"got shape {x.shape}")
-        mu = row_sum(x) / D                                        # (..., 1)
-        xc = x - mu                                                # (..., D)
-        var = row_sum(xc * xc) / D                                 # (..., 1) biased variance
-        rstd = 1.0 / np.sqrt(var + self.eps)                       # (..., 1)
-        xhat = xc * rstd                                           # (..., D)
+        mu = row_sum(x) / D                                   # (..., 1)
+        xc = x - mu                                           # (..., D)
+        var = row_sum(xc * xc) / D                            # (..., 1) biased variance
+        rstd = 1.0 / np.sqrt(var + self.eps)                  # (..., 1)
+        xhat = xc * rstd                                      # (..., D)
         if self.training:
             self._cache = (xhat, rstd)
         return xhat * self.gamma.data + self.beta.data
@@ -1222,8 +1279,9 @@ class LayerNorm(Module):
         """
         xhat, rstd = self._check_cache(self._cache)
         if grad_out.shape != xhat.shape:
-            raise ValueError(f"LayerNorm.backward expected grad_out of shape {xhat.shape}, "
-                             f"got {grad_out.shape}")
+            raise ValueError(
+                f"LayerNorm.backward expected grad_out of shape {xhat.shape}, "
+                f"got {grad_out.shape}")
         D = xhat.shape[-1]
         g2 = grad_out.reshape(-1, D)                               # (N, D)
         self.gamma.grad += (g2 * xhat.reshape(-1, D)).sum(axis=0)  # (D,)
@@ -1242,20 +1300,23 @@ class LayerNorm(Module):
 
 # %%
 rng = np.random.default_rng(0)
-scale, offset = rng.uniform(0.5, 20, size=(3, 5, 1)), rng.uniform(-50, 50, size=(3, 5, 1))
-x = rng.normal(size=(3, 5, 16)) * scale + offset                                 # (B, T, D)
+scale, offset = (rng.uniform(0.5, 20, size=(3, 5, 1)),
+                 rng.uniform(-50, 50, size=(3, 5, 1)))
+x = rng.normal(size=(3, 5, 16)) * scale + offset  # (B, T, D)
 norm = LayerNorm(16).to(np.float64)
-y = norm(x)                                                                      # (B, T, D)
+y = norm(x)                                       # (B, T, D)
 mean_err, var_err = np.abs(y.mean(axis=-1)).max(), np.abs(y.var(axis=-1) - 1).max()
 print(f"input rows: means in [{x.mean(-1).min():.1f}, {x.mean(-1).max():.1f}], "
       f"std in [{x.std(-1).min():.2f}, {x.std(-1).max():.2f}]")
 print(f"output rows: max |mean| = {mean_err:.1e}, max |var - 1| = {var_err:.1e}")
 assert mean_err < 1e-12 and var_err < 1e-4
-direct = (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-5)
+direct = ((x - x.mean(axis=-1, keepdims=True))
+          / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-5))
 assert np.allclose(y, direct, rtol=1e-12, atol=1e-12)
 sigma2 = x.var(axis=-1)
-assert np.allclose(y.var(axis=-1), sigma2 / (sigma2 + 1e-5), rtol=1e-12)   # sigma^2/(sigma^2+eps)
-assert np.allclose(LayerNorm(16)(x.astype(np.float32)), y, atol=1e-5)             # float32 agrees
+# sigma^2/(sigma^2+eps)
+assert np.allclose(y.var(axis=-1), sigma2 / (sigma2 + 1e-5), rtol=1e-12)
+assert np.allclose(LayerNorm(16)(x.astype(np.float32)), y, atol=1e-5)  # float32 agrees
 
 norm.gamma.data[:] = rng.normal(size=16)
 norm.beta.data[:] = rng.normal(size=16)
@@ -1367,7 +1428,8 @@ report("ReLU", gradient_check(ReLU(), away_from_kink))
 
 # %% tags=["export"]
 class Softmax(Module):
-    """Softmax along the last axis, computed stably (the row maximum is subtracted first)."""
+    """Softmax along the last axis, computed stably
+    (the row maximum is subtracted first)."""
 
     def __init__(self) -> None:
         self._y = None
@@ -1391,7 +1453,8 @@ class Softmax(Module):
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Jacobian-vector product without building the Jacobian: dx = y * (g - sum(g * y)).
+        """Jacobian-vector product without building the Jacobian:
+        dx = y * (g - sum(g * y)).
 
         Parameters
         ----------
@@ -1421,7 +1484,8 @@ ours = softmax(extreme)
 print("textbook formula:\n", textbook, "\nstable softmax:\n", np.round(ours, 4))
 assert np.isnan(textbook).any()
 assert np.isfinite(ours).all() and np.allclose(ours.sum(axis=-1), 1.0)
-assert np.allclose(ours[1], softmax(np.array([0.0, 1.0, -1.0])))    # a shift of 1e4 changes nothing
+# a shift of 1e4 changes nothing
+assert np.allclose(ours[1], softmax(np.array([0.0, 1.0, -1.0])))
 assert np.allclose(ours[2], 1 / 3) and ours[0, 0] == 1.0
 
 x32 = (np.random.default_rng(0).normal(size=(32, 4, 8, 8)) * 1e4).astype(np.float32)
@@ -1441,16 +1505,18 @@ assert np.allclose(y32.sum(axis=-1), 1.0, atol=1e-6)
 row = np.array([2.0, -1.0, 0.5, 0.0])
 y_row = softmax(row)
 J = np.diag(y_row) - np.outer(y_row, y_row)                                # (T, T)
-J_numeric = np.stack([numerical_gradient(lambda: float(softmax(row)[i]), row) for i in range(4)])
+J_numeric = np.stack([numerical_gradient(lambda: float(softmax(row)[i]), row)
+                      for i in range(4)])
 print("Jacobian diag(y) - y y^T:\n", np.round(J, 4))
 assert relative_error(J, J_numeric) < TOLERANCE and np.allclose(J, J.T)
 
 g_row = np.random.default_rng(0).normal(size=4)
 softmax(row)
-assert np.allclose(softmax.backward(g_row), J.T @ g_row)                   # the JVP is J^T g
+assert np.allclose(softmax.backward(g_row), J.T @ g_row)  # the JVP is J^T g
 softmax(row)
-assert np.allclose(softmax.backward(np.ones(4)), 0)                 # why G = ones proves nothing
-report("Softmax", gradient_check(Softmax(), np.random.default_rng(0).normal(size=(2, 3, 5))))
+assert np.allclose(softmax.backward(np.ones(4)), 0)       # why G = ones proves nothing
+report("Softmax",
+       gradient_check(Softmax(), np.random.default_rng(0).normal(size=(2, 3, 5))))
 
 # %% [markdown]
 # **Why we never build $J$.** Each row of scores has its own $T \times T$ Jacobian. For attention
@@ -1460,19 +1526,20 @@ report("Softmax", gradient_check(Softmax(), np.random.default_rng(0).normal(size
 
 # %%
 B, H, T = 2, 2, 8
-att_scores = np.random.default_rng(0).normal(size=(B, H, T, T))            # (B, H, T, T)
+att_scores = np.random.default_rng(0).normal(size=(B, H, T, T))   # (B, H, T, T)
 G_att = np.random.default_rng(1).normal(size=(B, H, T, T))
 w = softmax(att_scores)
 jvp = softmax.backward(G_att)
-diag_part = np.einsum("bhqi,ik->bhqik", w, np.eye(T))                   # diag(y), per row
-jacobians = diag_part - np.einsum("bhqi,bhqk->bhqik", w, w)               # (B, H, T, T, T)
-materialised = np.einsum("bhqik,bhqi->bhqk", jacobians, G_att)            # J^T g, row by row
+diag_part = np.einsum("bhqi,ik->bhqik", w, np.eye(T))             # diag(y), per row
+jacobians = diag_part - np.einsum("bhqi,bhqk->bhqik", w, w)       # (B, H, T, T, T)
+materialised = np.einsum("bhqik,bhqi->bhqk", jacobians, G_att)    # J^T g, row by row
 assert np.allclose(materialised, jvp)
 assert jacobians.nbytes == T * att_scores.nbytes
 print(f"scores {att_scores.nbytes:,} bytes; all Jacobians {jacobians.nbytes:,} bytes "
       f"(T = {T} times more)")
 
-print(f"\n{'T':>6} {'scores (float32)':>18} {'Jacobians (float32)':>20}   per example and head")
+print(f"\n{'T':>6} {'scores (float32)':>18} {'Jacobians (float32)':>20}   "
+      "per example and head")
 for T_ in (8, 512, 2048):
     print(f"{T_:>6} {T_ * T_ * 4:>16,} B {T_ ** 3 * 4:>18,} B")
 
@@ -1494,8 +1561,8 @@ for layer_name, errors in errors_by_layer.items():
         print(f"{layer_name:22} {name:8} {error:>15.1e}")
 worst = max(e for errors in errors_by_layer.values() for e in errors.values())
 print(f"worst: {worst:.1e} (threshold {TOLERANCE:.0e})")
-assert set(errors_by_layer) == {"Linear", "Linear(bias=False)", "Embedding", "PositionalEncoding",
-                                "LayerNorm", "ReLU", "Softmax"}
+assert set(errors_by_layer) == {"Linear", "Linear(bias=False)", "Embedding",
+                                "PositionalEncoding", "LayerNorm", "ReLU", "Softmax"}
 assert worst <= TOLERANCE and worst < 1e-8
 
 # %% [markdown]
@@ -1561,7 +1628,8 @@ class GELU(Module):
         return grad_out * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du_dx)
 
 
-gelu_errors = gradient_check(GELU(), np.random.default_rng(0).normal(size=(2, 3, 6)) * 2)
+gelu_errors = gradient_check(GELU(),
+                             np.random.default_rng(0).normal(size=(2, 3, 6)) * 2)
 print("GELU", {k: f"{v:.1e}" for k, v in gelu_errors.items()})
 assert gelu_errors["input"] <= TOLERANCE
 
@@ -1594,7 +1662,8 @@ def layer_norm_backward(x: np.ndarray, g: np.ndarray, eps: float = 1e-5) -> np.n
 rng = np.random.default_rng(0)
 x_ex, g_ex = rng.normal(size=(4, 10)), rng.normal(size=(4, 10))
 def plain_norm() -> np.ndarray:
-    return (x_ex - x_ex.mean(-1, keepdims=True)) / np.sqrt(x_ex.var(-1, keepdims=True) + 1e-5)
+    return ((x_ex - x_ex.mean(-1, keepdims=True))
+            / np.sqrt(x_ex.var(-1, keepdims=True) + 1e-5))
 
 
 numeric = numerical_gradient(lambda: float((plain_norm() * g_ex).sum()), x_ex)
@@ -1603,7 +1672,8 @@ ln = LayerNorm(10).to(np.float64)
 ln(x_ex)
 assert relative_error(ours_ln, numeric) <= TOLERANCE
 assert np.allclose(ours_ln, ln.backward(g_ex))
-# y does not change when a constant is added to a row, so the gradient has no component along (1, ..., 1)
+# y does not change when a constant is added to a row,
+# so the gradient has no component along (1, ..., 1)
 print("row sums of dL/dx:", np.round(ours_ln.sum(axis=-1), 12) + 0.0)
 assert np.allclose(ours_ln.sum(axis=-1), 0, atol=1e-12)
 
@@ -1616,7 +1686,8 @@ assert np.allclose(ours_ln.sum(axis=-1), 0, atol=1e-12)
 
 # %% tags=["hide-cell"]
 class Sequential(Module):
-    """Apply layers in order; backward applies their backward passes in reverse order."""
+    """Apply layers in order;
+    backward applies their backward passes in reverse order."""
 
     def __init__(self, *layers: Module) -> None:
         self.layers = list(layers)
@@ -1633,7 +1704,8 @@ class Sequential(Module):
 
 
 rng = np.random.default_rng(0)
-mlp = Sequential(Linear(6, 12, rng), ReLU(), Linear(12, 6, rng), LayerNorm(6)).to(np.float64)
+mlp = Sequential(Linear(6, 12, rng), ReLU(), Linear(12, 6, rng),
+                 LayerNorm(6)).to(np.float64)
 names = [name for name, _ in mlp.named_parameters()]
 print(names)
 assert names == ["layers.0.W", "layers.0.b", "layers.2.W", "layers.2.b",
@@ -1641,4 +1713,5 @@ assert names == ["layers.0.W", "layers.0.b", "layers.2.W", "layers.2.b",
 mlp_errors = gradient_check(mlp, rng.normal(size=(2, 4, 6)))
 print({k: f"{v:.1e}" for k, v in mlp_errors.items()})
 assert set(mlp_errors) == {"input", *names} and max(mlp_errors.values()) <= TOLERANCE
-# The checker only uses the protocol (forward, backward, named_parameters), which Sequential inherits.
+# The checker only uses the protocol (forward, backward, named_parameters),
+# which Sequential inherits.

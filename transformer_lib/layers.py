@@ -21,8 +21,8 @@ class Parameter:
     data : np.ndarray
         The values.
     grad : np.ndarray
-        Same shape and dtype as ``data``; starts at zero. Backward passes *add* into it and
-        ``Module.zero_grad`` clears it.
+        Same shape and dtype as ``data``; starts at zero. Backward passes *add* into it
+        and ``Module.zero_grad`` clears it.
     """
 
     def __init__(self, data: np.ndarray) -> None:
@@ -41,12 +41,13 @@ class Parameter:
 class Module:
     """Base class of every layer and model.
 
-    A subclass defines ``forward(x, ...)``, which returns the output and, in training mode,
-    caches what ``backward`` needs, and ``backward(grad_out)``, which receives dL/d(output)
-    (same shape as the output), returns dL/d(input) and *adds* dL/d(parameter) into each
-    parameter's ``.grad``. Parameters and sub-modules are found among the attributes, also
-    inside lists and tuples, so ``named_parameters`` yields dotted names such as
-    ``blocks.0.attention.W_q.W``. Calling the module calls ``forward``.
+    A subclass defines ``forward(x, ...)``, which returns the output and, in training
+    mode, caches what ``backward`` needs, and ``backward(grad_out)``, which receives
+    dL/d(output) (same shape as the output), returns dL/d(input) and *adds*
+    dL/d(parameter) into each parameter's ``.grad``. Parameters and sub-modules are
+    found among the attributes, also inside lists and tuples, so ``named_parameters``
+    yields dotted names such as ``blocks.0.attention.W_q.W``. Calling the module calls
+    ``forward``.
     """
 
     training: bool = True
@@ -61,7 +62,8 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must define backward")
 
     def _children(self) -> Iterator[tuple[str, "Parameter | Module"]]:
-        """(attribute name, child) for every Parameter or Module attribute, lists included."""
+        """(attribute name, child) for every Parameter or Module attribute,
+        lists included."""
         for name, value in vars(self).items():
             if isinstance(value, (Parameter, Module)):
                 yield name, value
@@ -90,7 +92,8 @@ class Module:
                 yield from child.named_parameters(prefix + name + ".")
 
     def parameters(self) -> list[Parameter]:
-        """Every parameter of this module and its sub-modules, in ``named_parameters`` order."""
+        """Every parameter of this module and its sub-modules,
+        in ``named_parameters`` order."""
         return [p for _, p in self.named_parameters()]
 
     def modules(self) -> Iterator["Module"]:
@@ -106,17 +109,20 @@ class Module:
             p.grad.fill(0)
 
     def train(self, mode: bool = True) -> "Module":
-        """Set training mode (eval mode if ``mode`` is False) here and in every sub-module."""
+        """Set training mode (eval mode if ``mode`` is False) here and in every
+        sub-module."""
         for m in self.modules():
             m.training = mode
         return self
 
     def eval(self) -> "Module":
-        """Switch to eval mode: forward passes cache nothing and backward raises RuntimeError."""
+        """Switch to eval mode: forward passes cache nothing
+        and backward raises RuntimeError."""
         return self.train(False)
 
     def to(self, dtype: type | np.dtype) -> "Module":
-        """Cast every parameter and float buffer to a floating ``dtype``; reset gradients to zero.
+        """Cast every parameter and float buffer to a floating ``dtype``;
+        reset gradients to zero.
 
         Parameters
         ----------
@@ -130,10 +136,12 @@ class Module:
         """
         dtype = np.dtype(dtype)
         if not np.issubdtype(dtype, np.floating):
-            raise ValueError(f"to() needs a floating dtype such as np.float64, got {dtype}")
+            raise ValueError(
+                f"to() needs a floating dtype such as np.float64, got {dtype}")
         for m in self.modules():
             for name, value in list(vars(m).items()):
-                if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+                if (isinstance(value, np.ndarray)
+                        and np.issubdtype(value.dtype, np.floating)):
                     setattr(m, name, value.astype(dtype))
         for p in self.parameters():
             p.data = p.data.astype(dtype)
@@ -141,14 +149,17 @@ class Module:
         return self
 
     def _check_cache(self, cache):
-        """Return ``cache``; raise RuntimeError in eval mode or before any forward pass."""
+        """Return ``cache``; raise RuntimeError in eval mode
+        or before any forward pass."""
         name = type(self).__name__
         if not self.training:
-            raise RuntimeError(f"{name}.backward called in eval mode: eval() forward passes keep "
-                               "no cache. Call .train(), run forward, then backward.")
+            raise RuntimeError(
+                f"{name}.backward called in eval mode: eval() forward passes keep "
+                "no cache. Call .train(), run forward, then backward.")
         if cache is None:
-            raise RuntimeError(f"{name}.backward called before any forward pass in training mode: "
-                               "run forward first.")
+            raise RuntimeError(
+                f"{name}.backward called before any forward pass in training mode: "
+                "run forward first.")
         return cache
 
 
@@ -174,14 +185,17 @@ class Linear(Module):
         Zeros at first; None when ``bias=False``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator | None = None,
-                 bias: bool = True, dtype: type = DEFAULT_DTYPE) -> None:
+    def __init__(self, in_features: int, out_features: int,
+                 rng: np.random.Generator | None = None, bias: bool = True,
+                 dtype: type = DEFAULT_DTYPE) -> None:
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"Linear needs positive sizes, got in_features={in_features}, "
-                             f"out_features={out_features}")
+            raise ValueError(
+                f"Linear needs positive sizes, got in_features={in_features}, "
+                f"out_features={out_features}")
         rng = np.random.default_rng(0) if rng is None else rng
-        limit = np.sqrt(6.0 / (in_features + out_features))               # Xavier/Glorot uniform
-        self.W = Parameter(rng.uniform(-limit, limit, (in_features, out_features)).astype(dtype))
+        limit = np.sqrt(6.0 / (in_features + out_features))  # Xavier/Glorot uniform
+        self.W = Parameter(
+            rng.uniform(-limit, limit, (in_features, out_features)).astype(dtype))
         self.b = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
         self._x = None
 
@@ -199,12 +213,15 @@ class Linear(Module):
         in_features = self.W.data.shape[0]
         if x.shape[-1:] != (in_features,):
             got = x.shape[-1] if x.ndim else "a scalar"
-            raise ValueError(f"Linear expected input with last dimension {in_features}, got {got} "
-                             f"(input shape {x.shape})")
+            raise ValueError(
+                f"Linear expected input with last dimension {in_features}, got {got} "
+                f"(input shape {x.shape})")
         if self.training:
             self._x = x
-        # one 2-D matmul over all B*T positions (a 3-D @ 2-D matmul is a stack of B products)
-        y = (x.reshape(-1, in_features) @ self.W.data).reshape(*x.shape[:-1], -1)   # (..., out)
+        # one 2-D matmul over all B*T positions
+        # (a 3-D @ 2-D matmul is a stack of B products)
+        # (..., out)
+        y = (x.reshape(-1, in_features) @ self.W.data).reshape(*x.shape[:-1], -1)
         if self.b is not None:
             y += self.b.data
         return y
@@ -228,12 +245,12 @@ class Linear(Module):
         if grad_out.shape != expected:
             raise ValueError(f"Linear.backward expected grad_out of shape {expected} "
                              f"(the output's shape), got {grad_out.shape}")
-        x2 = x.reshape(-1, in_features)                            # (N, in), N = B*T
-        g2 = grad_out.reshape(-1, out_features)                    # (N, out)
-        self.W.grad += x2.T @ g2                                   # (in, out): sums over all N rows
+        x2 = x.reshape(-1, in_features)                # (N, in), N = B*T
+        g2 = grad_out.reshape(-1, out_features)        # (N, out)
+        self.W.grad += x2.T @ g2                       # (in, out): sums over all N rows
         if self.b is not None:
-            self.b.grad += g2.sum(axis=0)                          # (out,)
-        return (g2 @ self.W.data.T).reshape(x.shape)               # (..., in)
+            self.b.grad += g2.sum(axis=0)              # (out,)
+        return (g2 @ self.W.data.T).reshape(x.shape)   # (..., in)
 
 
 def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
@@ -253,7 +270,8 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     return float(np.linalg.norm(analytic - numeric) / denom) if denom > 0 else 0.0
 
 
-def numerical_gradient(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def numerical_gradient(f: Callable[[], float], x: np.ndarray,
+                       eps: float = 1e-6) -> np.ndarray:
     """Gradient of the scalar ``f()`` with respect to ``x`` by central differences.
 
     Parameters
@@ -284,18 +302,20 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6)
 
 def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
                    **kwargs) -> dict[str, float]:
-    """Compare ``module.backward`` with central differences: the first input and every parameter.
+    """Compare ``module.backward`` with central differences:
+    the first input and every parameter.
 
-    The scalar checked is ``sum(module(*inputs, **kwargs) * G)`` with a random upstream gradient
-    ``G ~ N(0, 1)`` (seeded), so ``module.backward(G)`` must equal its gradient.
+    The scalar checked is ``sum(module(*inputs, **kwargs) * G)`` with a random upstream
+    gradient ``G ~ N(0, 1)`` (seeded), so ``module.backward(G)`` must equal its
+    gradient.
 
     Parameters
     ----------
     module : Module
         In float64 (``module.to(np.float64)``); switched to training mode.
     *inputs : np.ndarray
-        Passed to ``forward``. The first one is checked if it is a float array (it must then
-        be float64); integer inputs such as token ids are not differentiable.
+        Passed to ``forward``. The first one is checked if it is a float array (it must
+        then be float64); integer inputs such as token ids are not differentiable.
     seed : int
         Seed of the upstream gradient G.
     eps : float
@@ -306,8 +326,8 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     Returns
     -------
     dict of str to float
-        ``{"input": error, "<parameter name>": error, ...}``: relative errors, 1e-8 or smaller
-        when backward is right.
+        ``{"input": error, "<parameter name>": error, ...}``: relative errors, 1e-8 or
+        smaller when backward is right.
     """
     for name, p in module.named_parameters():
         if p.data.dtype != np.float64:
@@ -316,11 +336,12 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     x = inputs[0] if inputs else None
     check_input = isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
     if check_input and x.dtype != np.float64:
-        raise ValueError(f"gradient_check needs float64 inputs; the first input is {x.dtype} "
-                         "(use x.astype(np.float64))")
+        raise ValueError(
+            f"gradient_check needs float64 inputs; the first input is {x.dtype} "
+            "(use x.astype(np.float64))")
     module.train()
     out = module(*inputs, **kwargs)
-    G = np.random.default_rng(seed).normal(size=out.shape)                # random upstream gradient
+    G = np.random.default_rng(seed).normal(size=out.shape)  # random upstream gradient
     f = lambda: float((module(*inputs, **kwargs) * G).sum())
     module.zero_grad()
     module(*inputs, **kwargs)
@@ -353,7 +374,8 @@ class Embedding(Module):
         Initialised N(0, 1).
     """
 
-    def __init__(self, num_embeddings: int, dim: int, rng: np.random.Generator | None = None,
+    def __init__(self, num_embeddings: int, dim: int,
+                 rng: np.random.Generator | None = None,
                  dtype: type = DEFAULT_DTYPE) -> None:
         rng = np.random.default_rng(0) if rng is None else rng
         self.W = Parameter(rng.normal(0.0, 1.0, (num_embeddings, dim)).astype(dtype))
@@ -373,7 +395,8 @@ class Embedding(Module):
         ids = np.asarray(ids)
         V = self.W.data.shape[0]
         if ids.dtype.kind not in "iu":
-            raise ValueError(f"Embedding expects integer token ids, got dtype {ids.dtype}")
+            raise ValueError(
+                f"Embedding expects integer token ids, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= V):
             bad = ids[(ids < 0) | (ids >= V)][0]
             raise ValueError(f"Embedding got token id {bad}, outside its {V} rows "
@@ -383,7 +406,8 @@ class Embedding(Module):
         return self.W.data[ids]                                    # (B, T, D)
 
     def backward(self, grad_out: np.ndarray) -> None:
-        """Add dL/dW into ``W.grad`` (repeated tokens add up). Ids have no gradient: returns None.
+        """Add dL/dW into ``W.grad`` (repeated tokens add up).
+        Ids have no gradient: returns None.
 
         Parameters
         ----------
@@ -392,10 +416,13 @@ class Embedding(Module):
         ids = self._check_cache(self._ids)
         V, D = self.W.data.shape
         if grad_out.shape != (*ids.shape, D):
-            raise ValueError(f"Embedding.backward expected grad_out of shape {(*ids.shape, D)}, "
-                             f"got {grad_out.shape}")
-        one_hot = (ids.reshape(-1, 1) == np.arange(V)).astype(grad_out.dtype)     # (B*T, V)
-        self.W.grad += one_hot.T @ grad_out.reshape(-1, D)   # (V, D): repeated tokens add up
+            raise ValueError(
+                f"Embedding.backward expected grad_out of shape {(*ids.shape, D)}, "
+                f"got {grad_out.shape}")
+        # (B*T, V)
+        one_hot = (ids.reshape(-1, 1) == np.arange(V)).astype(grad_out.dtype)
+        # (V, D): repeated tokens add up
+        self.W.grad += one_hot.T @ grad_out.reshape(-1, D)
         return None
 
 
@@ -418,10 +445,11 @@ class PositionalEncoding(Module):
         ``pe[p, 2i+1] = cos(p / 10000**(2i/d_model))``.
     """
 
-    def __init__(self, d_model: int, max_len: int = 64, dtype: type = DEFAULT_DTYPE) -> None:
-        pos = np.arange(max_len)[:, None]                          # (max_len, 1)
-        i = np.arange(0, d_model, 2)[None, :]                      # (1, ceil(d_model/2)): the 2i
-        angle = pos / (10000.0 ** (i / d_model))                   # (max_len, ceil(d_model/2))
+    def __init__(self, d_model: int, max_len: int = 64,
+                 dtype: type = DEFAULT_DTYPE) -> None:
+        pos = np.arange(max_len)[:, None]                # (max_len, 1)
+        i = np.arange(0, d_model, 2)[None, :]            # (1, ceil(d_model/2)): the 2i
+        angle = pos / (10000.0 ** (i / d_model))         # (max_len, ceil(d_model/2))
         pe = np.zeros((max_len, d_model))
         pe[:, 0::2] = np.sin(angle)
         pe[:, 1::2] = np.cos(angle[:, : d_model // 2])
@@ -440,12 +468,14 @@ class PositionalEncoding(Module):
         """
         max_len, d_model = self.pe.shape
         if x.ndim < 2 or x.shape[-1] != d_model:
-            raise ValueError(f"PositionalEncoding expected input of shape (..., T, {d_model}), "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"PositionalEncoding expected input of shape (..., T, {d_model}), "
+                f"got {x.shape}")
         T = x.shape[-2]
         if T > max_len:
-            raise ValueError(f"PositionalEncoding: sequence length {T} exceeds max_len {max_len} "
-                             "(create it with a larger max_len)")
+            raise ValueError(
+                f"PositionalEncoding: sequence length {T} exceeds max_len {max_len} "
+                "(create it with a larger max_len)")
         return x + self.pe[:T]                                     # (B, T, D) + (T, D)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
@@ -456,8 +486,8 @@ class PositionalEncoding(Module):
 def row_max(x: np.ndarray) -> np.ndarray:
     """Maximum over the last axis, keepdims: equal to ``x.max(axis=-1, keepdims=True)``.
 
-    Uses one ``np.maximum`` per column, which beats NumPy's reduction when the last axis is
-    short (softmax over T <= 10 keys).
+    Uses one ``np.maximum`` per column, which beats NumPy's reduction when the last axis
+    is short (softmax over T <= 10 keys).
 
     Parameters
     ----------
@@ -474,9 +504,11 @@ def row_max(x: np.ndarray) -> np.ndarray:
 
 
 def row_sum(x: np.ndarray) -> np.ndarray:
-    """Sum over the last axis, keepdims: equal to ``x.sum(axis=-1, keepdims=True)`` up to rounding.
+    """Sum over the last axis, keepdims: equal to ``x.sum(axis=-1, keepdims=True)``
+    up to rounding.
 
-    Computed as a matrix product with a column of ones (one BLAS call, fast for any length).
+    Computed as a matrix product with a column of ones
+    (one BLAS call, fast for any length).
 
     Parameters
     ----------
@@ -492,7 +524,8 @@ def row_sum(x: np.ndarray) -> np.ndarray:
 class LayerNorm(Module):
     """Normalise each row (last axis) to mean 0 and variance 1, then scale and shift.
 
-    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the biased variance (divide by D).
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the biased variance
+    (divide by D).
 
     Parameters
     ----------
@@ -532,11 +565,11 @@ class LayerNorm(Module):
         if x.shape[-1:] != (D,):
             raise ValueError(f"LayerNorm expected input with last dimension {D}, "
                              f"got shape {x.shape}")
-        mu = row_sum(x) / D                                        # (..., 1)
-        xc = x - mu                                                # (..., D)
-        var = row_sum(xc * xc) / D                                 # (..., 1) biased variance
-        rstd = 1.0 / np.sqrt(var + self.eps)                       # (..., 1)
-        xhat = xc * rstd                                           # (..., D)
+        mu = row_sum(x) / D                                   # (..., 1)
+        xc = x - mu                                           # (..., D)
+        var = row_sum(xc * xc) / D                            # (..., 1) biased variance
+        rstd = 1.0 / np.sqrt(var + self.eps)                  # (..., 1)
+        xhat = xc * rstd                                      # (..., D)
         if self.training:
             self._cache = (xhat, rstd)
         return xhat * self.gamma.data + self.beta.data
@@ -554,8 +587,9 @@ class LayerNorm(Module):
         """
         xhat, rstd = self._check_cache(self._cache)
         if grad_out.shape != xhat.shape:
-            raise ValueError(f"LayerNorm.backward expected grad_out of shape {xhat.shape}, "
-                             f"got {grad_out.shape}")
+            raise ValueError(
+                f"LayerNorm.backward expected grad_out of shape {xhat.shape}, "
+                f"got {grad_out.shape}")
         D = xhat.shape[-1]
         g2 = grad_out.reshape(-1, D)                               # (N, D)
         self.gamma.grad += (g2 * xhat.reshape(-1, D)).sum(axis=0)  # (D,)
@@ -602,7 +636,8 @@ class ReLU(Module):
 
 
 class Softmax(Module):
-    """Softmax along the last axis, computed stably (the row maximum is subtracted first)."""
+    """Softmax along the last axis, computed stably
+    (the row maximum is subtracted first)."""
 
     def __init__(self) -> None:
         self._y = None
@@ -626,7 +661,8 @@ class Softmax(Module):
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Jacobian-vector product without building the Jacobian: dx = y * (g - sum(g * y)).
+        """Jacobian-vector product without building the Jacobian:
+        dx = y * (g - sum(g * y)).
 
         Parameters
         ----------
