@@ -68,19 +68,22 @@ def draw_architecture():
     cx, w, h = 5.0, 5.6, 0.62
 
     def box(y, text, color):
-        ax.add_patch(FancyBboxPatch((cx - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
-                                    facecolor=color, edgecolor="black"))
+        ax.add_patch(FancyBboxPatch((cx - w / 2, y - h / 2), w, h,
+                                    boxstyle="round,pad=0.05", facecolor=color,
+                                    edgecolor="black"))
         ax.text(cx, y, text, ha="center", va="center", fontsize=10)
 
     def arrow(y_from, y_to, shape=None):
-        ax.annotate("", xy=(cx, y_to + h / 2 + 0.05), xytext=(cx, y_from - h / 2 - 0.05),
+        ax.annotate("", xy=(cx, y_to + h / 2 + 0.05),
+                    xytext=(cx, y_from - h / 2 - 0.05),
                     arrowprops=dict(arrowstyle="-|>", color="black"))
         if shape:
             ax.text(cx + 0.15, (y_from + y_to) / 2, shape, ha="left", va="center",
                     fontsize=9, color="tab:blue", family="monospace")
 
     def residual(y_start, y_add):
-        """Skip path: from just above a sub-layer, around it on the left, into its Add & Norm."""
+        """Skip path: from just above a sub-layer, around it on the left, into its
+        Add & Norm."""
         left = cx - w / 2 - 0.55
         ax.plot([cx, left, left], [y_start, y_start, y_add], color="tab:red", lw=1.5)
         ax.annotate("", xy=(cx - w / 2 - 0.05, y_add), xytext=(left, y_add),
@@ -95,7 +98,8 @@ def draw_architecture():
     box(ys["add1"], "Add & Norm:  x = norm1(x + attention(x))", "#d9ead3")
     box(ys["ffn"], "FeedForward:  D -> d_ff -> D, each position alone", "#fde9c9")
     box(ys["add2"], "Add & Norm:  x = norm2(x + ffn(x))", "#d9ead3")
-    box(ys["read"], "read-out: hidden state at [EOS] ('eos') or mean ('mean')", "#ead1dc")
+    box(ys["read"], "read-out: hidden state at [EOS] ('eos') or mean ('mean')",
+        "#ead1dc")
     box(ys["out"], "output Linear:  D -> V", "#cfe2f3")
     box(ys["logits"], "logits: one score per vocabulary token", "#eeeeee")
     arrow(ys["ids"], ys["emb"], "(B, T)")
@@ -114,11 +118,13 @@ def draw_architecture():
     ax.add_patch(FancyBboxPatch((cx - w / 2 - 0.9, bottom), w + 1.3, top - bottom,
                                 boxstyle="round,pad=0.05", fill=False, linestyle="--",
                                 edgecolor="gray"))
-    ax.text(cx + w / 2 + 0.65, (top + bottom) / 2, "TransformerBlock\n× num_layers\n(post-norm)",
+    ax.text(cx + w / 2 + 0.65, (top + bottom) / 2,
+            "TransformerBlock\n× num_layers\n(post-norm)",
             ha="left", va="center", fontsize=10, color="dimgray")
     ax.text(cx - w / 2 - 0.65, (ys["att"] + ys["add1"]) / 2, "residual", rotation=90,
             ha="right", va="center", fontsize=9, color="tab:red")
-    ax.set_title("The transformer of this book: B sequences of T tokens -> B answers", fontsize=12)
+    ax.set_title("The transformer of this book: B sequences of T tokens -> B answers",
+                 fontsize=12)
     fig.tight_layout()
     plt.show()
 
@@ -164,7 +170,8 @@ from transformer_lib.data import PAD_ID
 from transformer_lib.layers import (DEFAULT_DTYPE, Embedding, LayerNorm, Linear, Module,
                                     PositionalEncoding, ReLU)
 
-READOUTS = ("eos", "mean")   # how Transformer turns (B, T, D) into one vector per sequence
+# how Transformer turns (B, T, D) into one vector per sequence
+READOUTS = ("eos", "mean")
 
 # %% tags=["export"]
 class FeedForward(Module):
@@ -187,20 +194,23 @@ class FeedForward(Module):
     def __init__(self, d_model: int, d_ff: int, rng: np.random.Generator | None = None,
                  dtype: npt.DTypeLike = DEFAULT_DTYPE):
         rng = np.random.default_rng(0) if rng is None else rng
-        self.linear1 = Linear(d_model, d_ff, rng, dtype=dtype)     # W_1 (D, d_ff), b_1 (d_ff,)
+        # W_1 (D, d_ff), b_1 (d_ff,)
+        self.linear1 = Linear(d_model, d_ff, rng, dtype=dtype)
         self.relu = ReLU()
-        self.linear2 = Linear(d_ff, d_model, rng, dtype=dtype)     # W_2 (d_ff, D), b_2 (D,)
+        # W_2 (d_ff, D), b_2 (D,)
+        self.linear2 = Linear(d_ff, d_model, rng, dtype=dtype)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (..., D) -> (..., D)."""
-        h = self.relu(self.linear1(x))          # (..., d_ff)
-        return self.linear2(h)                  # (..., D)
+        h = self.relu(self.linear1(x))        # (..., d_ff)
+        return self.linear2(h)                # (..., D)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """grad_out (..., D) -> gradient for x (..., D); accumulates into the four parameters."""
-        g = self.linear2.backward(grad_out)     # (..., d_ff)
-        g = self.relu.backward(g)               # (..., d_ff), zero where the ReLU was off
-        return self.linear1.backward(g)         # (..., D)
+        """grad_out (..., D) -> gradient for x (..., D); accumulates into the four
+        parameters."""
+        g = self.linear2.backward(grad_out)   # (..., d_ff)
+        g = self.relu.backward(g)             # (..., d_ff), zero where the ReLU was off
+        return self.linear1.backward(g)       # (..., D)
 
 
 # %% [markdown]
@@ -218,7 +228,8 @@ assert hidden.shape == (3, 5, 32) and ffn(x).shape == x.shape
 
 # position-wise: position t alone gives the same output as position t inside the batch
 for t in range(5):
-    np.testing.assert_allclose(ffn(x[:, t:t + 1])[:, 0], ffn(x)[:, t], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ffn(x[:, t:t + 1])[:, 0], ffn(x)[:, t],
+                               rtol=1e-6, atol=1e-6)
 
 ffn64 = FeedForward(16, 32, rng=np.random.default_rng(1)).to(np.float64)
 errors = gradient_check(ffn64, x.astype(np.float64))
@@ -290,7 +301,8 @@ class TransformerBlock(Module):
         ``x = norm1(attention(x))``, ``x = norm2(ffn(x))``.
     layer_norm : bool
         Keep the layer normalisations (default). ``False`` is an ablation for chapter 7:
-        ``x = x + attention(x)``, ``x = x + ffn(x)``, and ``norm1``/``norm2`` are ``None``.
+        ``x = x + attention(x)``, ``x = x + ffn(x)``, and ``norm1``/``norm2`` are
+        ``None``.
     dtype : numpy float type
         float32 by default.
     """
@@ -307,19 +319,21 @@ class TransformerBlock(Module):
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """x (B, T, D), mask (B, T) True for real tokens -> (B, T, D)."""
-        a = self.attention(x, mask)                   # (B, T, D): positions look at each other
-        x = x + a if self.residual else a             # Add
+        a = self.attention(x, mask)           # (B, T, D): positions look at each other
+        x = x + a if self.residual else a     # Add
         if self.norm1 is not None:
-            x = self.norm1(x)                         # Norm
-        f = self.ffn(x)                               # (B, T, D): each position on its own
-        x = x + f if self.residual else f             # Add
+            x = self.norm1(x)                 # Norm
+        f = self.ffn(x)                       # (B, T, D): each position on its own
+        x = x + f if self.residual else f     # Add
         return self.norm2(x) if self.norm2 is not None else x   # Norm
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """grad_out (B, T, D) -> gradient for x (B, T, D); accumulates into every parameter."""
+        """grad_out (B, T, D) -> gradient for x (B, T, D); accumulates into every
+        parameter."""
         g = self.norm2.backward(grad_out) if self.norm2 is not None else grad_out
         g_ffn = self.ffn.backward(g)
-        g = g + g_ffn if self.residual else g_ffn      # residual: the gradient also flows around the FFN
+        # residual: the gradient also flows around the FFN
+        g = g + g_ffn if self.residual else g_ffn
         if self.norm1 is not None:
             g = self.norm1.backward(g)
         g_att = self.attention.backward(g)
@@ -334,17 +348,19 @@ class TransformerBlock(Module):
 # %%
 examples = [generate_example(np.random.default_rng(s), num_args=k)
             for s, k in zip(range(3), (3, 2, 4))]
-small_batch = create_batch(examples)            # lengths 7, 6 and 8: two rows are padded
+small_batch = create_batch(examples)  # lengths 7, 6 and 8: two rows are padded
 assert not small_batch.mask.all()
 
 block = TransformerBlock(16, 4, 32, rng=np.random.default_rng(3)).to(np.float64)
-x = np.random.default_rng(4).normal(size=(*small_batch.ids.shape, 16))        # (B, T, D)
+x = np.random.default_rng(4).normal(size=(*small_batch.ids.shape, 16))  # (B, T, D)
 assert block(x, small_batch.mask).shape == x.shape
 
 errors = gradient_check(block, x, mask=small_batch.mask)
 worst = max(errors, key=errors.get)
-print("\n".join(f"{ex.text:22} mask {m.astype(int)}" for ex, m in zip(examples, small_batch.mask)))
-print(f"{len(errors)} gradients checked, largest relative error {errors[worst]:.1e} ({worst})")
+print("\n".join(f"{ex.text:22} mask {m.astype(int)}"
+                for ex, m in zip(examples, small_batch.mask)))
+print(f"{len(errors)} gradients checked, "
+      f"largest relative error {errors[worst]:.1e} ({worst})")
 assert len(errors) == 1 + 15 and errors[worst] <= 1e-6
 
 # %% [markdown]
@@ -365,13 +381,15 @@ def zero_sublayers(block: TransformerBlock) -> None:
         layer.b.data[...] = 0
 
 
-g = np.random.default_rng(5).normal(size=x.shape)           # an upstream gradient (B, T, D)
-norms_only = [LayerNorm(16).to(np.float64), LayerNorm(16).to(np.float64)]   # same init: gamma 1, beta 0
+g = np.random.default_rng(5).normal(size=x.shape)  # an upstream gradient (B, T, D)
+# same init: gamma 1, beta 0
+norms_only = [LayerNorm(16).to(np.float64), LayerNorm(16).to(np.float64)]
 expected_out = norms_only[1](norms_only[0](x))
 expected_grad = norms_only[0].backward(norms_only[1].backward(g))
 
 for residual in (True, False):
-    blk = TransformerBlock(16, 4, 32, rng=np.random.default_rng(3), residual=residual).to(np.float64)
+    blk = TransformerBlock(16, 4, 32, rng=np.random.default_rng(3),
+                           residual=residual).to(np.float64)
     zero_sublayers(blk)
     out = blk(x, small_batch.mask)
     grad_in = blk.backward(g)
@@ -458,14 +476,18 @@ class Transformer(Module):
     max_len : int
         Longest sequence the positional encoding (and the model) accepts.
     readout : {"eos", "mean"}
-        How a sequence becomes one vector: ``"eos"`` takes the hidden state at the last real
-        token (the ``[EOS]`` of every encoded input), ``"mean"`` averages the real tokens.
+        How a sequence becomes one vector: ``"eos"`` takes the hidden state at the last
+        real token (the ``[EOS]`` of every encoded input), ``"mean"`` averages the real
+        tokens.
     positional : bool
-        Add the sinusoidal positional encoding (default). ``False`` is an ablation (chapter 7).
+        Add the sinusoidal positional encoding (default). ``False`` is an ablation
+        (chapter 7).
     residual : bool
-        Residual connections in every block (default). ``False`` is an ablation (chapter 7).
+        Residual connections in every block (default). ``False`` is an ablation
+        (chapter 7).
     layer_norm : bool
-        Layer normalisation in every block (default). ``False`` is an ablation (chapter 7).
+        Layer normalisation in every block (default). ``False`` is an ablation
+        (chapter 7).
     seed : int
         Seed of the initial weights: the same seed gives the same model.
     dtype : numpy float type
@@ -480,55 +502,66 @@ class Transformer(Module):
     """
 
     def __init__(self, vocab_size: int = 20, d_model: int = 64, num_heads: int = 4,
-                 num_layers: int = 2, d_ff: int = 256, max_len: int = 64, readout: str = "eos",
-                 positional: bool = True, residual: bool = True, layer_norm: bool = True,
-                 seed: int = 0, dtype: npt.DTypeLike = DEFAULT_DTYPE):
+                 num_layers: int = 2, d_ff: int = 256, max_len: int = 64,
+                 readout: str = "eos", positional: bool = True, residual: bool = True,
+                 layer_norm: bool = True, seed: int = 0,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE):
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
         self.config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
-                           num_layers=num_layers, d_ff=d_ff, max_len=max_len, readout=readout,
-                           positional=positional, residual=residual, layer_norm=layer_norm, seed=seed)
+                           num_layers=num_layers, d_ff=d_ff, max_len=max_len,
+                           readout=readout, positional=positional, residual=residual,
+                           layer_norm=layer_norm, seed=seed)
         rng = np.random.default_rng(seed)
-        self.embedding = Embedding(vocab_size, d_model, rng, dtype=dtype)           # W (V, D)
-        self.pos_encoding = PositionalEncoding(d_model, max_len, dtype=dtype) if positional else None
-        self.blocks = [TransformerBlock(d_model, num_heads, d_ff, rng, residual, layer_norm, dtype=dtype)
+        self.embedding = Embedding(vocab_size, d_model, rng, dtype=dtype)  # W (V, D)
+        self.pos_encoding = (PositionalEncoding(d_model, max_len, dtype=dtype)
+                             if positional else None)
+        self.blocks = [TransformerBlock(d_model, num_heads, d_ff, rng, residual,
+                                        layer_norm, dtype=dtype)
                        for _ in range(num_layers)]
-        self.output = Linear(d_model, vocab_size, rng, dtype=dtype)                # W (D, V), b (V,)
+        self.output = Linear(d_model, vocab_size, rng, dtype=dtype)  # W (D, V), b (V,)
         self.readout = readout
         self._cache = None
 
     def _check_inputs(self, ids, mask) -> tuple[np.ndarray, np.ndarray]:
-        """Validate ids (B, T) and mask (B, T); return them as an int array and a bool array."""
+        """Validate ids (B, T) and mask (B, T); return them as an int array and a bool
+        array."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             hint = "; for a single sequence use ids[None]" if ids.ndim == 1 else ""
-            raise ValueError(f"ids must be a 2-D array (B, T) of token ids, got shape {ids.shape}{hint}")
+            raise ValueError("ids must be a 2-D array (B, T) of token ids, "
+                             f"got shape {ids.shape}{hint}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
         if ids.size == 0:
-            raise ValueError(f"ids is empty (shape {ids.shape}): a batch needs at least one token per sequence")
+            raise ValueError(f"ids is empty (shape {ids.shape}): "
+                             "a batch needs at least one token per sequence")
         V, max_len = self.config["vocab_size"], self.config["max_len"]
         if ids.shape[1] > max_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {max_len}; "
-                             "build the model with a larger max_len")
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len "
+                             f"{max_len}; build the model with a larger max_len")
         if ids.min() < 0 or ids.max() >= V:
             b, t = np.argwhere((ids < 0) | (ids >= V))[0]
-            raise ValueError(f"token id {ids[b, t]} at position ({b}, {t}) (sequence {b}, token {t}) "
-                             f"is out of range 0–{V - 1} (vocab_size={V})")
+            raise ValueError(f"token id {ids[b, t]} at position ({b}, {t}) "
+                             f"(sequence {b}, token {t}) is out of range 0–{V - 1} "
+                             f"(vocab_size={V})")
         if mask is None:
             mask = ids != PAD_ID
         else:
             mask = np.asarray(mask)
             if mask.shape != ids.shape:
-                raise ValueError(f"mask shape {mask.shape} does not match ids shape {ids.shape}")
+                raise ValueError(f"mask shape {mask.shape} does not match ids shape "
+                                 f"{ids.shape}")
             mask = mask.astype(bool, copy=False)
         empty = ~mask.any(axis=1)
         if empty.any():
-            raise ValueError(f"sequence {np.flatnonzero(empty)[0]} has no real tokens (its mask row "
-                             "is all False); every sequence needs at least its [EOS]")
+            raise ValueError(f"sequence {np.flatnonzero(empty)[0]} has no real tokens "
+                             "(its mask row is all False); every sequence needs "
+                             "at least its [EOS]")
         return ids, mask
 
-    def forward(self, ids: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> np.ndarray:
+    def forward(self, ids: npt.ArrayLike,
+                mask: npt.ArrayLike | None = None) -> np.ndarray:
         """Logits for the answer of every sequence.
 
         Parameters
@@ -546,49 +579,55 @@ class Transformer(Module):
         Raises
         ------
         ValueError
-            If ids are not a 2-D integer array, an id is outside ``0..V-1`` (naming it and its
-            position), the sequences are longer than ``max_len``, the mask's shape differs from
-            the ids', or a sequence has no real token.
+            If ids are not a 2-D integer array, an id is outside ``0..V-1`` (naming it
+            and its position), the sequences are longer than ``max_len``, the mask's
+            shape differs from the ids', or a sequence has no real token.
         """
-        ids, mask = self._check_inputs(ids, mask)               # (B, T) int, (B, T) bool
-        x = self.embedding(ids)                                 # (B, T, D)
+        ids, mask = self._check_inputs(ids, mask)     # (B, T) int, (B, T) bool
+        x = self.embedding(ids)                       # (B, T, D)
         if self.pos_encoding is not None:
-            x = self.pos_encoding(x)                            # (B, T, D) + sin/cos of the position
+            # (B, T, D) + sin/cos of the position
+            x = self.pos_encoding(x)
         for block in self.blocks:
-            x = block(x, mask)                                  # (B, T, D)
+            x = block(x, mask)                        # (B, T, D)
         B, T, D = x.shape
-        if self.readout == "eos":                               # the last real token ([EOS])
-            last = T - 1 - np.argmax(mask[:, ::-1], axis=1)     # (B,) index of the last True
-            pooled = x[np.arange(B), last]                      # (B, D)
+        if self.readout == "eos":                     # the last real token ([EOS])
+            # (B,) index of the last True
+            last = T - 1 - np.argmax(mask[:, ::-1], axis=1)
+            pooled = x[np.arange(B), last]            # (B, D)
             cache = (x.shape, last)
-        else:                                                   # the mean over real tokens
-            w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)   # (B, T), rows sum to 1
-            pooled = np.einsum("btd,bt->bd", x, w)              # (B, D)
+        else:                                         # the mean over real tokens
+            # (B, T), rows sum to 1
+            w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)
+            pooled = np.einsum("btd,bt->bd", x, w)    # (B, D)
             cache = (x.shape, w)
         if self.training:
             self._cache = cache
-        return self.output(pooled)                              # (B, V)
+        return self.output(pooled)                    # (B, V)
 
     def backward(self, grad_logits: np.ndarray) -> None:
-        """Backpropagate grad_logits (B, V) down to the embedding, accumulating every ``.grad``.
+        """Backpropagate grad_logits (B, V) down to the embedding, accumulating every
+        ``.grad``.
 
         Returns None: the input ids are integers and have no gradient.
         """
         shape, r = self._check_cache(self._cache)
         B, T, D = shape
-        expected = (B, self.output.W.data.shape[1])             # (B, V): the output layer's width
+        expected = (B, self.output.W.data.shape[1])   # (B, V): the output layer's width
         if grad_logits.shape != expected:
-            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
-                             f"produced logits of shape {expected}")
-        g_pooled = self.output.backward(grad_logits)           # (B, D)
+            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last "
+                             f"forward produced logits of shape {expected}")
+        g_pooled = self.output.backward(grad_logits)  # (B, D)
         if self.readout == "eos":
-            g = np.zeros(shape, dtype=g_pooled.dtype)           # (B, T, D): only the read-out position
-            g[np.arange(B), r] = g_pooled                       # receives gradient
+            # (B, T, D): only the read-out position receives gradient
+            g = np.zeros(shape, dtype=g_pooled.dtype)
+            g[np.arange(B), r] = g_pooled
         else:
-            g = r[:, :, None] * g_pooled[:, None, :]            # (B, T, D): w[b, t] * g_pooled[b]
+            g = r[:, :, None] * g_pooled[:, None, :]  # (B, T, D): w[b, t] * g_pooled[b]
         for block in reversed(self.blocks):
-            g = block.backward(g)                               # (B, T, D)
-        self.embedding.backward(g)   # the positional encoding is a constant: the gradient passes through
+            g = block.backward(g)                     # (B, T, D)
+        # the positional encoding is a constant: the gradient passes through
+        self.embedding.backward(g)
         return None
 
 
@@ -602,14 +641,15 @@ class Transformer(Module):
 # forward pass and not a retelling of it.
 
 # %%
-model = Transformer()                                              # the reference configuration
+model = Transformer()  # the reference configuration
 batch = create_batch([generate_example(np.random.default_rng(s), num_args=k)
                       for s, k in zip(range(4), (3, 2, 5, 4))])  # B = 4, T = 9 (padded)
 ids, mask = batch.ids, batch.mask
 B, T = ids.shape
 D, F, V = model.config["d_model"], model.config["d_ff"], model.config["vocab_size"]
 symbol = {B: "B", T: "T", D: "D", F: "d_ff", V: "V"}
-assert len(symbol) == 5, "choose B and T different from D, d_ff and V so the symbols are unambiguous"
+assert len(symbol) == 5, ("choose B and T different from D, d_ff and V so the symbols "
+                          "are unambiguous")
 
 rows = [("ids", ids.shape)]
 x = model.embedding(ids)
@@ -627,7 +667,7 @@ for i, blk in enumerate(model.blocks):
     rows.append((f"block {i}: ffn", f.shape))
     x = blk.norm2(x + f)
     rows.append((f"block {i}: norm2(x + ffn)", x.shape))
-last = mask.sum(axis=1) - 1                                       # right-padded: [EOS] is here
+last = mask.sum(axis=1) - 1  # right-padded: [EOS] is here
 pooled = x[np.arange(B), last]
 rows.append(("read-out ([EOS] position)", pooled.shape))
 logits = model.output(pooled)
@@ -638,7 +678,8 @@ for stage, shape in rows:
     print(f"{stage:32} {str(shape):14} ({', '.join(symbol[n] for n in shape)})")
 
 symbols = [tuple(symbol[n] for n in shape) for _, shape in rows]
-per_block = [("B", "T", "D"), ("B", "T", "D"), ("B", "T", "d_ff"), ("B", "T", "D"), ("B", "T", "D")]
+per_block = [("B", "T", "D"), ("B", "T", "D"), ("B", "T", "d_ff"), ("B", "T", "D"),
+             ("B", "T", "D")]
 assert symbols == [("B", "T"), ("B", "T", "D"), ("B", "T", "D"), *per_block, *per_block,
                    ("B", "D"), ("B", "V")]
 assert all(ID_TO_TOKEN[i] == "[EOS]" for i in ids[np.arange(B), last])
@@ -663,24 +704,29 @@ for ax, r, name in zip(axes, (r_eos, r_mean), ('readout="eos"', 'readout="mean"'
     im = ax.imshow(r, cmap="Purples", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1))
     for b in range(B):
         for t in range(T):
-            ax.text(t, b, ID_TO_TOKEN[ids[b, t]].replace("[PAD]", "pad"), ha="center",
-                    va="center", fontsize=8, color="white" if r[b, t] > 0.5 else "black")
+            ax.text(t, b, ID_TO_TOKEN[ids[b, t]].replace("[PAD]", "pad"),
+                    ha="center", va="center", fontsize=8,
+                    color="white" if r[b, t] > 0.5 else "black")
     ax.set_title(name)
     ax.set_xlabel("position t")
     ax.set_xticks(range(T))
 axes[0].set_ylabel("sequence b")
 axes[0].set_yticks(range(B))
-fig.suptitle("Read-out weight $r_{bt}$ of each position: which final vectors make up the answer")
+fig.suptitle("Read-out weight $r_{bt}$ of each position: "
+             "which final vectors make up the answer")
 fig.colorbar(im, ax=axes, label="weight $r_{bt}$ (square-root scale)", shrink=0.9)
 plt.show()
 
 assert np.all(r_eos[~mask] == 0) and np.all(r_mean[~mask] == 0)
 assert np.allclose(r_eos.sum(axis=1), 1) and np.allclose(r_mean.sum(axis=1), 1)
 model_mean = Transformer(readout="mean")     # same seed, so the same weights as `model`
-assert all(np.array_equal(p.data, q.data) for p, q in zip(model.parameters(), model_mean.parameters()))
-np.testing.assert_allclose(model_mean(ids, mask), model.output(np.einsum("btd,bt->bd", x, r_mean)),
+assert all(np.array_equal(p.data, q.data)
+           for p, q in zip(model.parameters(), model_mean.parameters()))
+np.testing.assert_allclose(model_mean(ids, mask),
+                           model.output(np.einsum("btd,bt->bd", x, r_mean)),
                            rtol=1e-5, atol=1e-6)
-np.testing.assert_allclose(model(ids, mask), model.output(np.einsum("btd,bt->bd", x, r_eos)),
+np.testing.assert_allclose(model(ids, mask),
+                           model.output(np.einsum("btd,bt->bd", x, r_eos)),
                            rtol=1e-5, atol=1e-6)
 print("both read-outs equal the weighted sums of the final hidden states")
 
@@ -692,21 +738,29 @@ print("both read-outs equal the weighted sums of the final hidden states")
 
 # %%
 good = encode("Max(5, 3, 9)")
-show_error(lambda: model(np.array(good)), ValueError, "ids must be a 2-D array (B, T) of token ids, got shape (7,)")
-show_error(lambda: model(np.array([good], dtype=float)), ValueError, "ids must be integer token ids")
-show_error(lambda: model(np.array([good, good[:3] + [25] + good[4:]])),
-           ValueError, "token id 25 at position (1, 3) (sequence 1, token 3) is out of range 0–19")
-show_error(lambda: model(np.array([[-1] + good[1:]])), ValueError, "token id -1 at position (0, 0)")
+show_error(lambda: model(np.array(good)),
+           ValueError, "ids must be a 2-D array (B, T) of token ids, got shape (7,)")
+show_error(lambda: model(np.array([good], dtype=float)),
+           ValueError, "ids must be integer token ids")
+show_error(lambda: model(np.array([good, good[:3] + [25] + good[4:]])), ValueError,
+           "token id 25 at position (1, 3) (sequence 1, token 3) is out of range 0–19")
+show_error(lambda: model(np.array([[-1] + good[1:]])),
+           ValueError, "token id -1 at position (0, 0)")
 # what NumPy alone would have done with id -1: silently return the last token's row
 W_E = model.embedding.W.data
 assert np.array_equal(W_E[np.array([[-1]])][0, 0], W_E[VOCAB_SIZE - 1])
-show_error(lambda: model(np.ones((1, 65), dtype=int)), ValueError, "sequence length 65 exceeds max_len 64")
-show_error(lambda: model(ids, mask[:, :-1]), ValueError, "mask shape (4, 8) does not match ids shape (4, 9)")
-show_error(lambda: model(np.array([good, [PAD_ID] * 7])), ValueError, "sequence 1 has no real tokens")
-show_error(lambda: Transformer(readout="cls"), ValueError, "unknown readout 'cls'; choose one of ('eos', 'mean')")
-model(ids, mask)                                   # a training-mode forward of B = 4 sequences
+show_error(lambda: model(np.ones((1, 65), dtype=int)),
+           ValueError, "sequence length 65 exceeds max_len 64")
+show_error(lambda: model(ids, mask[:, :-1]),
+           ValueError, "mask shape (4, 8) does not match ids shape (4, 9)")
+show_error(lambda: model(np.array([good, [PAD_ID] * 7])),
+           ValueError, "sequence 1 has no real tokens")
+show_error(lambda: Transformer(readout="cls"),
+           ValueError, "unknown readout 'cls'; choose one of ('eos', 'mean')")
+model(ids, mask)  # a training-mode forward of B = 4 sequences
 show_error(lambda: model.backward(np.ones((4, 21))), ValueError,
-           "grad_logits has shape (4, 21), but the last forward produced logits of shape (4, 20)")
+           "grad_logits has shape (4, 21), but the last forward produced logits of "
+           "shape (4, 20)")
 
 # %% [markdown]
 # ## Counting the parameters
@@ -732,7 +786,8 @@ show_error(lambda: model.backward(np.ones((4, 21))), ValueError,
 
 # %%
 def count_parameters(vocab_size: int, d_model: int, num_layers: int, d_ff: int) -> int:
-    """Number of parameters of Transformer(...) with residual and layer norms, by formula."""
+    """Number of parameters of Transformer(...) with residual and layer norms, by
+    formula."""
     V, D, F = vocab_size, d_model, d_ff
     attention = 3 * (D * D + D) + D * D        # W_q, W_v, W_o with bias; W_k without
     norms = 2 * (2 * D)                        # norm1 and norm2: gamma and beta
@@ -741,12 +796,14 @@ def count_parameters(vocab_size: int, d_model: int, num_layers: int, d_ff: int) 
 
 
 def print_parameters(model: Transformer) -> None:
-    """One line per parameter of the embedding, block 0 and the output; later blocks summed."""
+    """One line per parameter of the embedding, block 0 and the output; later blocks
+    summed."""
     per_block: dict[str, int] = {}
     for name, p in model.named_parameters():
         parts = name.split(".")
         if parts[0] == "blocks" and parts[1] != "0":
-            per_block[f"blocks.{parts[1]}"] = per_block.get(f"blocks.{parts[1]}", 0) + p.data.size
+            per_block[f"blocks.{parts[1]}"] = (per_block.get(f"blocks.{parts[1]}", 0)
+                                               + p.data.size)
             continue
         print(f"  {name:32} {str(p.data.shape):10} {p.data.size:>8,}")
     for name, n in per_block.items():
@@ -760,7 +817,8 @@ print(f"  {'total':32} {'':10} {total:>8,}   (one block {block_total:,})")
 assert block_total == 49_920 and total == 102_420
 ffn_total = sum(p.data.size for p in model.blocks[0].ffn.parameters())
 ends = model.embedding.W.data.size + sum(p.data.size for p in model.output.parameters())
-print(f"FFN share of a block {ffn_total / block_total:.1%}; embedding + output {ends / total:.1%} of the model")
+print(f"FFN share of a block {ffn_total / block_total:.1%}; "
+      f"embedding + output {ends / total:.1%} of the model")
 assert 0.66 < ffn_total / block_total < 0.67 and ends / total < 0.03
 assert total == count_parameters(vocab_size=20, d_model=64, num_layers=2, d_ff=256)
 assert model.blocks[0].attention.W_k.b is None
@@ -789,8 +847,9 @@ def loss_gradient(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return p / len(targets)
 
 
+# 32 examples, padded
 big_batch = create_batch([generate_example(np.random.default_rng(10 + s), num_args=k)
-                          for s, k in enumerate([3] * 28 + [2, 2, 4, 5])])   # 32 examples, padded
+                          for s, k in enumerate([3] * 28 + [2, 2, 4, 5])])
 model = Transformer()
 model.zero_grad()
 model.backward(loss_gradient(model(big_batch.ids, big_batch.mask), big_batch.targets))
@@ -888,9 +947,11 @@ configs = [
 table = [f"{'configuration':48} {'parameters':>10}  largest relative error"]
 worst_errors = []
 for cfg in configs:
-    small = Transformer(num_heads=4, num_layers=2, max_len=16, seed=1, **cfg).to(np.float64)
+    small = (Transformer(num_heads=4, num_layers=2, max_len=16, seed=1, **cfg)
+             .to(np.float64))
     errors = gradient_check(small, small_batch.ids, mask=small_batch.mask)
-    assert set(errors) == {name for name, _ in small.named_parameters()}   # every parameter checked
+    # every parameter checked
+    assert set(errors) == {name for name, _ in small.named_parameters()}
     n_params = sum(p.data.size for p in small.parameters())
     worst = max(errors, key=errors.get)
     table.append(f"{str(cfg):48} {n_params:>10,}  {errors[worst]:.1e} ({worst})")
@@ -909,16 +970,16 @@ assert max(worst_errors) <= 1e-6
 # %%
 for readout in READOUTS:
     m = Transformer(readout=readout, seed=2)
-    logits = m(batch.ids, batch.mask)                                  # (B, V)
-    extra = 5                                                          # pad every row further
+    logits = m(batch.ids, batch.mask)                # (B, V)
+    extra = 5                                        # pad every row further
     ids_more = np.pad(batch.ids, ((0, 0), (0, extra)), constant_values=PAD_ID)
     mask_more = np.pad(batch.mask, ((0, 0), (0, extra)), constant_values=False)
     np.testing.assert_allclose(m(ids_more, mask_more), logits, rtol=1e-5, atol=1e-5)
-    for b in range(B):                                                 # each sequence on its own
-        alone = batch.ids[b][batch.mask[b]][None]                      # (1, n_b), no padding
+    for b in range(B):                               # each sequence on its own
+        alone = batch.ids[b][batch.mask[b]][None]    # (1, n_b), no padding
         np.testing.assert_allclose(m(alone)[0], logits[b], rtol=1e-5, atol=1e-5)
-    print(f"readout={readout!r}: same logits with {extra} extra padding tokens and for each "
-          f"sequence alone (largest difference "
+    print(f"readout={readout!r}: same logits with {extra} extra padding tokens and "
+          f"for each sequence alone (largest difference "
           f"{np.abs(m(ids_more, mask_more) - logits).max():.1e})")
 
 # %% [markdown]
@@ -980,13 +1041,14 @@ errors = gradient_check(pre, x, mask=small_batch.mask)
 print(f"pre-norm block: largest relative error {max(errors.values()):.1e}")
 assert max(errors.values()) <= 1e-6
 
-# With zeroed sub-layers a pre-norm block is the identity, and it passes the gradient back
-# unchanged: the residual path from output to input has no layer norm on it at all.
+# With zeroed sub-layers a pre-norm block is the identity, and it passes the gradient
+# back unchanged: the residual path from output to input has no layer norm on it at all.
 zero_sublayers(pre)
 g = np.random.default_rng(5).normal(size=x.shape)
 assert np.array_equal(pre(x, small_batch.mask), x)
 assert np.array_equal(pre.backward(g), g)
-print("zeroed sub-layers: output == input and input gradient == upstream gradient, exactly")
+print("zeroed sub-layers: output == input and input gradient == upstream gradient, "
+      "exactly")
 
 # %% [markdown]
 # **2. Count for a wider model.** Use the parameter table to count, by hand or with
@@ -1001,9 +1063,10 @@ by_hand = 20 * 128 + 2 * (3 * (128 * 128 + 128) + 128 * 128 + 4 * 128
 n_wide = sum(p.data.size for p in wide.parameters())
 print(f"d_model=128: {n_wide:,} parameters, {n_wide / 102_420:.2f} times the reference")
 assert n_wide == by_hand == count_parameters(20, 128, 2, 512) == 401_428
-# Almost every parameter sits in a D x D or D x d_ff matrix, and d_ff = 4 D, so the count
-# is about 12 D^2 per block: doubling D multiplies it by about 4. Only the embedding, output
-# and biases grow linearly, which is why the factor is a little below 4.
+# Almost every parameter sits in a D x D or D x d_ff matrix, and d_ff = 4 D, so the
+# count is about 12 D^2 per block: doubling D multiplies it by about 4. Only the
+# embedding, output and biases grow linearly, which is why the factor is a little
+# below 4.
 assert 3.8 < n_wide / 102_420 < 4
 
 # %% [markdown]
@@ -1017,11 +1080,13 @@ a_b = np.array([encode("First(5, 3, 9)"), encode("First(9, 3, 5)")])
 for readout in READOUTS:
     no_pos = Transformer(positional=False, readout=readout)(a_b)
     with_pos = Transformer(positional=True, readout=readout)(a_b)
-    print(f"readout={readout!r}: |difference| without positions {np.abs(no_pos[0] - no_pos[1]).max():.1e}, "
+    print(f"readout={readout!r}: |difference| without positions "
+          f"{np.abs(no_pos[0] - no_pos[1]).max():.1e}, "
           f"with positions {np.abs(with_pos[0] - with_pos[1]).max():.1e}")
     np.testing.assert_allclose(no_pos[0], no_pos[1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(with_pos[0], with_pos[1], rtol=1e-3, atol=1e-3)
-# Without positional encoding, attention sees a *set* of tokens: permuting the digits permutes
-# the positions' vectors and leaves the [EOS] vector (and the mean) unchanged. The two inputs get
-# the same answer although the right answers are 5 and 9, so at most one can be right. Order-
-# based operations are out of reach, whatever the read-out; Max and Min do not need the order.
+# Without positional encoding, attention sees a *set* of tokens: permuting the digits
+# permutes the positions' vectors and leaves the [EOS] vector (and the mean) unchanged.
+# The two inputs get the same answer although the right answers are 5 and 9, so at most
+# one can be right. Order-based operations are out of reach, whatever the read-out; Max
+# and Min do not need the order.

@@ -9,7 +9,8 @@ from transformer_lib.data import PAD_ID
 from transformer_lib.layers import (DEFAULT_DTYPE, Embedding, LayerNorm, Linear, Module,
                                     PositionalEncoding, ReLU)
 
-READOUTS = ("eos", "mean")   # how Transformer turns (B, T, D) into one vector per sequence
+# how Transformer turns (B, T, D) into one vector per sequence
+READOUTS = ("eos", "mean")
 
 
 class FeedForward(Module):
@@ -32,20 +33,23 @@ class FeedForward(Module):
     def __init__(self, d_model: int, d_ff: int, rng: np.random.Generator | None = None,
                  dtype: npt.DTypeLike = DEFAULT_DTYPE):
         rng = np.random.default_rng(0) if rng is None else rng
-        self.linear1 = Linear(d_model, d_ff, rng, dtype=dtype)     # W_1 (D, d_ff), b_1 (d_ff,)
+        # W_1 (D, d_ff), b_1 (d_ff,)
+        self.linear1 = Linear(d_model, d_ff, rng, dtype=dtype)
         self.relu = ReLU()
-        self.linear2 = Linear(d_ff, d_model, rng, dtype=dtype)     # W_2 (d_ff, D), b_2 (D,)
+        # W_2 (d_ff, D), b_2 (D,)
+        self.linear2 = Linear(d_ff, d_model, rng, dtype=dtype)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (..., D) -> (..., D)."""
-        h = self.relu(self.linear1(x))          # (..., d_ff)
-        return self.linear2(h)                  # (..., D)
+        h = self.relu(self.linear1(x))        # (..., d_ff)
+        return self.linear2(h)                # (..., D)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """grad_out (..., D) -> gradient for x (..., D); accumulates into the four parameters."""
-        g = self.linear2.backward(grad_out)     # (..., d_ff)
-        g = self.relu.backward(g)               # (..., d_ff), zero where the ReLU was off
-        return self.linear1.backward(g)         # (..., D)
+        """grad_out (..., D) -> gradient for x (..., D); accumulates into the four
+        parameters."""
+        g = self.linear2.backward(grad_out)   # (..., d_ff)
+        g = self.relu.backward(g)             # (..., d_ff), zero where the ReLU was off
+        return self.linear1.backward(g)       # (..., D)
 
 
 class TransformerBlock(Module):
@@ -68,7 +72,8 @@ class TransformerBlock(Module):
         ``x = norm1(attention(x))``, ``x = norm2(ffn(x))``.
     layer_norm : bool
         Keep the layer normalisations (default). ``False`` is an ablation for chapter 7:
-        ``x = x + attention(x)``, ``x = x + ffn(x)``, and ``norm1``/``norm2`` are ``None``.
+        ``x = x + attention(x)``, ``x = x + ffn(x)``, and ``norm1``/``norm2`` are
+        ``None``.
     dtype : numpy float type
         float32 by default.
     """
@@ -85,19 +90,21 @@ class TransformerBlock(Module):
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """x (B, T, D), mask (B, T) True for real tokens -> (B, T, D)."""
-        a = self.attention(x, mask)                   # (B, T, D): positions look at each other
-        x = x + a if self.residual else a             # Add
+        a = self.attention(x, mask)           # (B, T, D): positions look at each other
+        x = x + a if self.residual else a     # Add
         if self.norm1 is not None:
-            x = self.norm1(x)                         # Norm
-        f = self.ffn(x)                               # (B, T, D): each position on its own
-        x = x + f if self.residual else f             # Add
+            x = self.norm1(x)                 # Norm
+        f = self.ffn(x)                       # (B, T, D): each position on its own
+        x = x + f if self.residual else f     # Add
         return self.norm2(x) if self.norm2 is not None else x   # Norm
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """grad_out (B, T, D) -> gradient for x (B, T, D); accumulates into every parameter."""
+        """grad_out (B, T, D) -> gradient for x (B, T, D); accumulates into every
+        parameter."""
         g = self.norm2.backward(grad_out) if self.norm2 is not None else grad_out
         g_ffn = self.ffn.backward(g)
-        g = g + g_ffn if self.residual else g_ffn      # residual: the gradient also flows around the FFN
+        # residual: the gradient also flows around the FFN
+        g = g + g_ffn if self.residual else g_ffn
         if self.norm1 is not None:
             g = self.norm1.backward(g)
         g_att = self.attention.backward(g)
@@ -125,14 +132,18 @@ class Transformer(Module):
     max_len : int
         Longest sequence the positional encoding (and the model) accepts.
     readout : {"eos", "mean"}
-        How a sequence becomes one vector: ``"eos"`` takes the hidden state at the last real
-        token (the ``[EOS]`` of every encoded input), ``"mean"`` averages the real tokens.
+        How a sequence becomes one vector: ``"eos"`` takes the hidden state at the last
+        real token (the ``[EOS]`` of every encoded input), ``"mean"`` averages the real
+        tokens.
     positional : bool
-        Add the sinusoidal positional encoding (default). ``False`` is an ablation (chapter 7).
+        Add the sinusoidal positional encoding (default). ``False`` is an ablation
+        (chapter 7).
     residual : bool
-        Residual connections in every block (default). ``False`` is an ablation (chapter 7).
+        Residual connections in every block (default). ``False`` is an ablation
+        (chapter 7).
     layer_norm : bool
-        Layer normalisation in every block (default). ``False`` is an ablation (chapter 7).
+        Layer normalisation in every block (default). ``False`` is an ablation
+        (chapter 7).
     seed : int
         Seed of the initial weights: the same seed gives the same model.
     dtype : numpy float type
@@ -147,55 +158,66 @@ class Transformer(Module):
     """
 
     def __init__(self, vocab_size: int = 20, d_model: int = 64, num_heads: int = 4,
-                 num_layers: int = 2, d_ff: int = 256, max_len: int = 64, readout: str = "eos",
-                 positional: bool = True, residual: bool = True, layer_norm: bool = True,
-                 seed: int = 0, dtype: npt.DTypeLike = DEFAULT_DTYPE):
+                 num_layers: int = 2, d_ff: int = 256, max_len: int = 64,
+                 readout: str = "eos", positional: bool = True, residual: bool = True,
+                 layer_norm: bool = True, seed: int = 0,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE):
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
         self.config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
-                           num_layers=num_layers, d_ff=d_ff, max_len=max_len, readout=readout,
-                           positional=positional, residual=residual, layer_norm=layer_norm, seed=seed)
+                           num_layers=num_layers, d_ff=d_ff, max_len=max_len,
+                           readout=readout, positional=positional, residual=residual,
+                           layer_norm=layer_norm, seed=seed)
         rng = np.random.default_rng(seed)
-        self.embedding = Embedding(vocab_size, d_model, rng, dtype=dtype)           # W (V, D)
-        self.pos_encoding = PositionalEncoding(d_model, max_len, dtype=dtype) if positional else None
-        self.blocks = [TransformerBlock(d_model, num_heads, d_ff, rng, residual, layer_norm, dtype=dtype)
+        self.embedding = Embedding(vocab_size, d_model, rng, dtype=dtype)  # W (V, D)
+        self.pos_encoding = (PositionalEncoding(d_model, max_len, dtype=dtype)
+                             if positional else None)
+        self.blocks = [TransformerBlock(d_model, num_heads, d_ff, rng, residual,
+                                        layer_norm, dtype=dtype)
                        for _ in range(num_layers)]
-        self.output = Linear(d_model, vocab_size, rng, dtype=dtype)                # W (D, V), b (V,)
+        self.output = Linear(d_model, vocab_size, rng, dtype=dtype)  # W (D, V), b (V,)
         self.readout = readout
         self._cache = None
 
     def _check_inputs(self, ids, mask) -> tuple[np.ndarray, np.ndarray]:
-        """Validate ids (B, T) and mask (B, T); return them as an int array and a bool array."""
+        """Validate ids (B, T) and mask (B, T); return them as an int array and a bool
+        array."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             hint = "; for a single sequence use ids[None]" if ids.ndim == 1 else ""
-            raise ValueError(f"ids must be a 2-D array (B, T) of token ids, got shape {ids.shape}{hint}")
+            raise ValueError("ids must be a 2-D array (B, T) of token ids, "
+                             f"got shape {ids.shape}{hint}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
         if ids.size == 0:
-            raise ValueError(f"ids is empty (shape {ids.shape}): a batch needs at least one token per sequence")
+            raise ValueError(f"ids is empty (shape {ids.shape}): "
+                             "a batch needs at least one token per sequence")
         V, max_len = self.config["vocab_size"], self.config["max_len"]
         if ids.shape[1] > max_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {max_len}; "
-                             "build the model with a larger max_len")
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len "
+                             f"{max_len}; build the model with a larger max_len")
         if ids.min() < 0 or ids.max() >= V:
             b, t = np.argwhere((ids < 0) | (ids >= V))[0]
-            raise ValueError(f"token id {ids[b, t]} at position ({b}, {t}) (sequence {b}, token {t}) "
-                             f"is out of range 0–{V - 1} (vocab_size={V})")
+            raise ValueError(f"token id {ids[b, t]} at position ({b}, {t}) "
+                             f"(sequence {b}, token {t}) is out of range 0–{V - 1} "
+                             f"(vocab_size={V})")
         if mask is None:
             mask = ids != PAD_ID
         else:
             mask = np.asarray(mask)
             if mask.shape != ids.shape:
-                raise ValueError(f"mask shape {mask.shape} does not match ids shape {ids.shape}")
+                raise ValueError(f"mask shape {mask.shape} does not match ids shape "
+                                 f"{ids.shape}")
             mask = mask.astype(bool, copy=False)
         empty = ~mask.any(axis=1)
         if empty.any():
-            raise ValueError(f"sequence {np.flatnonzero(empty)[0]} has no real tokens (its mask row "
-                             "is all False); every sequence needs at least its [EOS]")
+            raise ValueError(f"sequence {np.flatnonzero(empty)[0]} has no real tokens "
+                             "(its mask row is all False); every sequence needs "
+                             "at least its [EOS]")
         return ids, mask
 
-    def forward(self, ids: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> np.ndarray:
+    def forward(self, ids: npt.ArrayLike,
+                mask: npt.ArrayLike | None = None) -> np.ndarray:
         """Logits for the answer of every sequence.
 
         Parameters
@@ -213,49 +235,55 @@ class Transformer(Module):
         Raises
         ------
         ValueError
-            If ids are not a 2-D integer array, an id is outside ``0..V-1`` (naming it and its
-            position), the sequences are longer than ``max_len``, the mask's shape differs from
-            the ids', or a sequence has no real token.
+            If ids are not a 2-D integer array, an id is outside ``0..V-1`` (naming it
+            and its position), the sequences are longer than ``max_len``, the mask's
+            shape differs from the ids', or a sequence has no real token.
         """
-        ids, mask = self._check_inputs(ids, mask)               # (B, T) int, (B, T) bool
-        x = self.embedding(ids)                                 # (B, T, D)
+        ids, mask = self._check_inputs(ids, mask)     # (B, T) int, (B, T) bool
+        x = self.embedding(ids)                       # (B, T, D)
         if self.pos_encoding is not None:
-            x = self.pos_encoding(x)                            # (B, T, D) + sin/cos of the position
+            # (B, T, D) + sin/cos of the position
+            x = self.pos_encoding(x)
         for block in self.blocks:
-            x = block(x, mask)                                  # (B, T, D)
+            x = block(x, mask)                        # (B, T, D)
         B, T, D = x.shape
-        if self.readout == "eos":                               # the last real token ([EOS])
-            last = T - 1 - np.argmax(mask[:, ::-1], axis=1)     # (B,) index of the last True
-            pooled = x[np.arange(B), last]                      # (B, D)
+        if self.readout == "eos":                     # the last real token ([EOS])
+            # (B,) index of the last True
+            last = T - 1 - np.argmax(mask[:, ::-1], axis=1)
+            pooled = x[np.arange(B), last]            # (B, D)
             cache = (x.shape, last)
-        else:                                                   # the mean over real tokens
-            w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)   # (B, T), rows sum to 1
-            pooled = np.einsum("btd,bt->bd", x, w)              # (B, D)
+        else:                                         # the mean over real tokens
+            # (B, T), rows sum to 1
+            w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)
+            pooled = np.einsum("btd,bt->bd", x, w)    # (B, D)
             cache = (x.shape, w)
         if self.training:
             self._cache = cache
-        return self.output(pooled)                              # (B, V)
+        return self.output(pooled)                    # (B, V)
 
     def backward(self, grad_logits: np.ndarray) -> None:
-        """Backpropagate grad_logits (B, V) down to the embedding, accumulating every ``.grad``.
+        """Backpropagate grad_logits (B, V) down to the embedding, accumulating every
+        ``.grad``.
 
         Returns None: the input ids are integers and have no gradient.
         """
         shape, r = self._check_cache(self._cache)
         B, T, D = shape
-        expected = (B, self.output.W.data.shape[1])             # (B, V): the output layer's width
+        expected = (B, self.output.W.data.shape[1])   # (B, V): the output layer's width
         if grad_logits.shape != expected:
-            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last forward "
-                             f"produced logits of shape {expected}")
-        g_pooled = self.output.backward(grad_logits)           # (B, D)
+            raise ValueError(f"grad_logits has shape {grad_logits.shape}, but the last "
+                             f"forward produced logits of shape {expected}")
+        g_pooled = self.output.backward(grad_logits)  # (B, D)
         if self.readout == "eos":
-            g = np.zeros(shape, dtype=g_pooled.dtype)           # (B, T, D): only the read-out position
-            g[np.arange(B), r] = g_pooled                       # receives gradient
+            # (B, T, D): only the read-out position receives gradient
+            g = np.zeros(shape, dtype=g_pooled.dtype)
+            g[np.arange(B), r] = g_pooled
         else:
-            g = r[:, :, None] * g_pooled[:, None, :]            # (B, T, D): w[b, t] * g_pooled[b]
+            g = r[:, :, None] * g_pooled[:, None, :]  # (B, T, D): w[b, t] * g_pooled[b]
         for block in reversed(self.blocks):
-            g = block.backward(g)                               # (B, T, D)
-        self.embedding.backward(g)   # the positional encoding is a constant: the gradient passes through
+            g = block.backward(g)                     # (B, T, D)
+        # the positional encoding is a constant: the gradient passes through
+        self.embedding.backward(g)
         return None
 
 
