@@ -91,7 +91,8 @@ def _unknown_token(piece: object, where: str) -> ValueError:
     """Build the error for a piece that is not in VOCAB, with a hint when one helps."""
     if not isinstance(piece, str):
         return ValueError(f"expected a token string at {where}, got {piece!r} "
-                          f"({type(piece).__name__}); to turn ids into text, use detokenize")
+                          f"({type(piece).__name__}); to turn ids into text, "
+                          "use detokenize")
     if piece.isdigit():
         return ValueError(f"unknown token {piece!r} at {where}: "
                           "only single digits 0–9 are tokens")
@@ -198,7 +199,8 @@ print(detokenize(tokenize("Max(5, 3, 9)")))
 print(detokenize([TOKEN_TO_ID["Min"], 17, 4, 5, 18, EOS_ID, PAD_ID, PAD_ID]))
 
 all_ids = list(range(VOCAB_SIZE))
-samples = [all_ids, all_ids[::-1], tokenize("Second(0,9)"), tokenize("Last(1,2,3) [EOS]")]
+samples = [all_ids, all_ids[::-1], tokenize("Second(0,9)"),
+           tokenize("Last(1,2,3) [EOS]")]
 for ids in samples:
     assert tokenize(detokenize(ids, skip_pad=False)) == ids
 assert detokenize(np.array([12, 17, 3, 18])) == "First ( 1 )"
@@ -216,13 +218,14 @@ assert detokenize(np.array([12, 17, 3, 18])) == "First ( 1 )"
 from typing import Callable
 
 
-def show_error(call: Callable[[], object], error_type: type[Exception], expected_words: str,
-               hide: str | None = None) -> None:
-    """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its message.
+def show_error(call: Callable[[], object], error_type: type[Exception],
+               expected_words: str, hide: str | None = None) -> None:
+    """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its
+    message.
 
-    Prints the message, so the book shows the error a reader would see; fails (AssertionError)
-    if nothing is raised or the message is different. ``hide`` replaces a varying part of the
-    message (e.g. a temporary path) with ``<tmp>``.
+    Prints the message, so the book shows the error a reader would see; fails
+    (AssertionError) if nothing is raised or the message is different. ``hide`` replaces
+    a varying part of the message (e.g. a temporary path) with ``<tmp>``.
     """
     try:
         call()
@@ -231,14 +234,15 @@ def show_error(call: Callable[[], object], error_type: type[Exception], expected
         assert expected_words in message, f"unexpected message: {message}"
         print(f"{type(error).__name__}: {message}")
     else:
-        raise AssertionError(f"expected {error_type.__name__} mentioning {expected_words!r}")
+        raise AssertionError(
+            f"expected {error_type.__name__} mentioning {expected_words!r}")
 
 
 # %%
-show_error(lambda: tokenize("max(5, 3, 9)"),
-           ValueError, "unknown token 'max' at position 0 (character 0) — did you mean 'Max'?")
-show_error(lambda: tokenize("Max(5, 12, 9)"),
-           ValueError, "unknown token '12' at position 4 (character 7): only single digits 0–9")
+show_error(lambda: tokenize("max(5, 3, 9)"), ValueError,
+           "unknown token 'max' at position 0 (character 0) — did you mean 'Max'?")
+show_error(lambda: tokenize("Max(5, 12, 9)"), ValueError,
+           "unknown token '12' at position 4 (character 7): only single digits 0–9")
 show_error(lambda: tokenize("   "), ValueError, "empty input")
 show_error(lambda: detokenize([15, 17, 5, 20]),
            ValueError, "token id 20 at position 3 is out of range 0–19")
@@ -325,14 +329,18 @@ def encode(text_or_tokens: str | Sequence[str], strict: bool = True) -> list[int
 for text in ["Max(5, 3, 9)", "Max ( 5 3 9 )", "Max ( 5 3 9 ) [EOS]", "Second(7,1)"]:
     print(f"{text!r:24} -> {encode(text)}  = {detokenize(encode(text))}")
 
-assert encode("Max(5, 3, 9)") == encode("Max ( 5 3 9 )") == encode("Max ( 5 3 9 ) [EOS]")
+assert (encode("Max(5, 3, 9)") == encode("Max ( 5 3 9 )")
+        == encode("Max ( 5 3 9 ) [EOS]"))
 assert detokenize(encode("Max(5, 3, 9)")) == "Max ( 5 3 9 ) [EOS]"
 assert len(encode("Max(5, 3, 9)")) == 3 + 4  # 3 digits, operation, (, ) and [EOS]
 
-show_error(lambda: encode("Max ( 5 3 9"), ValueError, "expected ')' at position 5, got end of input")
-show_error(lambda: encode("Max ( )"), ValueError, "expected a digit 0–9 at position 2, got ')'")
-show_error(lambda: encode("( 5 3 ) Max"),
-           ValueError, "expected an operation (First, Second, Last, Max, Min) at position 0, got '('")
+show_error(lambda: encode("Max ( 5 3 9"), ValueError,
+           "expected ')' at position 5, got end of input")
+show_error(lambda: encode("Max ( )"), ValueError,
+           "expected a digit 0–9 at position 2, got ')'")
+show_error(lambda: encode("( 5 3 ) Max"), ValueError,
+           "expected an operation (First, Second, Last, Max, Min) "
+           "at position 0, got '('")
 
 print(detokenize(encode("Max ( 5 3 9", strict=False)), " <- strict=False")
 assert encode(") Max 5 (", strict=False)[-1] == EOS_ID
@@ -397,9 +405,11 @@ def apply_operation(op: str, args: Sequence[int]) -> int:
     if len(args) == 0:
         raise ValueError(f"{op} needs at least one argument, got none")
     for position, a in enumerate(args):
-        is_int = isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+        is_int = (isinstance(a, (int, np.integer))
+                  and not isinstance(a, (bool, np.bool_)))
         if not is_int or not 0 <= a <= 9:
-            raise ValueError(f"argument {a!r} at position {position} is not a digit 0–9")
+            raise ValueError(f"argument {a!r} at position {position} "
+                             "is not a digit 0–9")
     if op == "Second" and len(args) < 2:
         raise ValueError(f"Second needs at least two arguments, got {len(args)}")
     return int(_APPLY[op](args))
@@ -417,7 +427,8 @@ def _check_generation(num_args: int, operations: Sequence[str]) -> None:
             raise ValueError(f"unknown operation {op!r}; "
                              f"expected one of {', '.join(OPERATIONS)}")
     if "Second" in operations and num_args < 2:
-        raise ValueError(f"Second needs at least two arguments, got num_args={num_args}")
+        raise ValueError("Second needs at least two arguments, "
+                         f"got num_args={num_args}")
 
 
 def generate_example(rng: np.random.Generator, num_args: int = 3,
@@ -460,7 +471,8 @@ def generate_dataset(n: int = 10_000, seed: int = 0, num_args: int = 3,
 
 def all_examples(num_args: int = 3,
                  operations: Sequence[str] = OPERATIONS) -> list[Example]:
-    """Every distinct puzzle, in a fixed order (operation, then digits in counting order).
+    """Every distinct puzzle, in a fixed order (operation, then digits in counting
+    order).
 
     With the defaults this is 5 operations x 10**3 digit triples = 5,000 examples.
     """
@@ -482,9 +494,12 @@ assert generate_dataset(100, seed=1) != generate_dataset(100, seed=2)
 assert generate_dataset(0) == []
 assert apply_operation("Second", (5, 3, 9)) == apply_operation("Min", (5, 3, 9)) == 3
 
-show_error(lambda: generate_dataset(-5), ValueError, "n must be a non-negative integer, got -5")
-show_error(lambda: generate_example(np.random.default_rng(0), operations=("Max", "Mean")),
-           ValueError, "unknown operation 'Mean'; expected one of First, Second, Last, Max, Min")
+show_error(lambda: generate_dataset(-5), ValueError,
+           "n must be a non-negative integer, got -5")
+show_error(lambda: generate_example(np.random.default_rng(0),
+                                    operations=("Max", "Mean")),
+           ValueError,
+           "unknown operation 'Mean'; expected one of First, Second, Last, Max, Min")
 
 # %% [markdown]
 # ## What the answers look like
@@ -502,7 +517,8 @@ exhaustive = all_examples()
 fig, axes = plt.subplots(1, len(OPERATIONS), figsize=(12, 3), sharey=True)
 for ax, op in zip(axes, OPERATIONS):
     answers = [ex.answer for ex in exhaustive if ex.op == op]
-    ax.bar(range(10), np.bincount(answers, minlength=10) / len(answers), color="tab:blue")
+    ax.bar(range(10), np.bincount(answers, minlength=10) / len(answers),
+           color="tab:blue")
     ax.set_title(op)
     ax.set_xticks(range(10))
     ax.set_xlabel("answer")
@@ -573,7 +589,8 @@ def split_dataset(examples: Sequence[Example],
     """Split examples into train, validation and test sets that share no input.
 
     Duplicates (same operation and digits) are removed first, keeping the first
-    occurrence; the distinct examples are shuffled with ``seed`` and cut by ``fractions``.
+    occurrence; the distinct examples are shuffled with ``seed`` and cut by
+    ``fractions``.
 
     Parameters
     ----------
@@ -594,8 +611,9 @@ def split_dataset(examples: Sequence[Example],
     """
     fractions = tuple(fractions)
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError("fractions must be three non-negative numbers (train, val, test) "
-                         f"summing to 1, got {fractions} (sum {sum(fractions):g})")
+        raise ValueError("fractions must be three non-negative numbers "
+                         "(train, val, test) summing to 1, "
+                         f"got {fractions} (sum {sum(fractions):g})")
     unique: dict[tuple[str, tuple[int, ...]], Example] = {}
     for ex in examples:
         unique.setdefault((ex.op, ex.args), ex)
@@ -610,7 +628,8 @@ def split_dataset(examples: Sequence[Example],
 
 # %%
 train, val, test = split_dataset(dataset, seed=0)
-print(f"train {len(train):,}   val {len(val):,}   test {len(test):,}   (distinct inputs)")
+print(f"train {len(train):,}   val {len(val):,}   test {len(test):,}   "
+      "(distinct inputs)")
 
 inputs = [{(ex.op, ex.args) for ex in part} for part in (train, val, test)]
 assert sum(map(len, inputs)) == len(train) + len(val) + len(test) == len(distinct)
@@ -692,7 +711,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
 
 
 def create_batch(examples: Sequence[Example]) -> Batch:
-    """Encode and pad examples into one ``Batch`` (ids and mask (B, T), targets (B,))."""
+    """Encode and pad examples into one ``Batch`` (ids and mask (B, T), targets (B,)).
+    """
     if len(examples) == 0:
         raise ValueError("cannot make a batch from no examples")
     ids, mask = pad_sequences([ex.ids for ex in examples])              # (B, T), (B, T)
@@ -725,7 +745,8 @@ ids, mask = pad_sequences([encode("Min(4, 2)"), long_ids])
 print(ids, mask.sum(axis=1), sep="\n")
 assert ids.shape == (2, 12) and mask.sum(axis=1).tolist() == [6, 12]
 
-show_error(lambda: pad_sequences([]), ValueError, "cannot pad an empty list of sequences")
+show_error(lambda: pad_sequences([]), ValueError,
+           "cannot pad an empty list of sequences")
 
 # %% [markdown]
 # ## What we built
@@ -766,12 +787,13 @@ print(", ".join(transformer_lib.data.__all__))
 #    example exactly once per epoch.
 
 # %% tags=["hide-cell"]
-# Solution 1: 5 operations x 10**4 digit strings; the expected number of distinct inputs among
-# n draws from N equally likely ones is N * (1 - (1 - 1/N)**n).
+# Solution 1: 5 operations x 10**4 digit strings; the expected number of distinct inputs
+# among n draws from N equally likely ones is N * (1 - (1 - 1/N)**n).
 N4 = len(OPERATIONS) * 10**4
 expected = N4 * (1 - (1 - 1 / N4) ** 10_000)
 seen = len({(ex.op, ex.args) for ex in generate_dataset(10_000, seed=0, num_args=4)})
-print(f"{N4:,} inputs; expected distinct {expected:,.0f} ({expected / N4:.1%}), measured {seen:,}")
+print(f"{N4:,} inputs; expected distinct {expected:,.0f} ({expected / N4:.1%}), "
+      f"measured {seen:,}")
 assert N4 == 50_000 and abs(seen - expected) < 100
 
 # %% tags=["hide-cell"]
@@ -792,5 +814,6 @@ def batches(examples, batch_size, rng):
 small = generate_dataset(100, seed=3)
 got = [b for b in batches(small, 32, np.random.default_rng(0))]
 assert [len(b.targets) for b in got] == [32, 32, 32, 4]
-assert sorted(t for b in got for t in b.targets.tolist()) == sorted(ex.target for ex in small)
+assert (sorted(t for b in got for t in b.targets.tolist())
+        == sorted(ex.target for ex in small))
 print("batch sizes", [len(b.targets) for b in got])

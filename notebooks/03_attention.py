@@ -170,7 +170,8 @@ NEG_INF = -1e9   # masked score: exp(NEG_INF - max) is exactly 0.0, and never na
 
 # %% tags=["export"]
 def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a key mask (B, T) to (B, 1, ..., 1, T) with ndim axes, like the scores."""
+    """Reshape a key mask (B, T) to (B, 1, ..., 1, T) with ndim axes, like the scores.
+    """
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
@@ -211,7 +212,8 @@ def scaled_dot_product_attention(
     if mask is not None:
         if K.ndim < 3 or np.shape(mask) != (K.shape[0], K.shape[-2]):
             raise ValueError(f"mask has shape {np.shape(mask)} but the keys have shape "
-                             f"{K.shape}; expected (B, T_k): the first and the key axis of K")
+                             f"{K.shape}; expected (B, T_k): "
+                             "the first and the key axis of K")
         scores = np.where(_key_mask(mask, scores.ndim), scores, NEG_INF)
     scores -= row_max(scores)       # softmax is shift-invariant; now exp(scores) <= 1
     weights = np.exp(scores)
@@ -306,7 +308,8 @@ for b in range(B):
     assert (weights[b][..., ~mask[b]] == 0.0).all()   # padding keys: exactly 0
     assert (weights[b][..., mask[b]] > 0).all()       # real keys: some weight
 
-# a row whose keys are all masked becomes uniform instead of nan; with -inf it would be nan
+# a row whose keys are all masked becomes uniform instead of nan;
+# with -inf it would be nan
 no_keys = np.zeros((B, T), dtype=bool)
 _, weights_all_masked = scaled_dot_product_attention(Q, K, V, no_keys)
 assert np.allclose(weights_all_masked, 1 / T)
@@ -318,7 +321,8 @@ assert (Q / np.sqrt(d_k).astype(Q.dtype)).dtype == np.float32
 
 show_error(lambda: scaled_dot_product_attention(Q, K, V, mask[:, :5]),
            ValueError, "mask has shape (2, 5) but the keys have shape (2, 2, 7, 4)")
-show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V), ValueError, "do not fit")
+show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V),
+           ValueError, "do not fit")
 
 # %% [markdown]
 # ## The backward pass, step by step
@@ -363,7 +367,8 @@ show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V), ValueError, "
 
 # %% tags=["export"]
 def scaled_dot_product_attention_backward(
-    grad_out: np.ndarray, Q: np.ndarray, K: np.ndarray, V: np.ndarray, weights: np.ndarray
+    grad_out: np.ndarray, Q: np.ndarray, K: np.ndarray, V: np.ndarray,
+    weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of ``scaled_dot_product_attention`` with respect to Q, K and V.
 
@@ -424,7 +429,8 @@ for name, analytic, x in (("Q", dQ, Q64), ("K", dK, K64), ("V", dV, V64)):
 assert (weights64[1, :, :, -1] == 0.0).all()
 assert (dK[1, :, -1] == 0).all() and (dV[1, :, -1] == 0).all()
 
-# the check can fail: forgetting the 1/sqrt(d_k) in the backward pass makes dQ twice too large
+# the check can fail: forgetting the 1/sqrt(d_k) in the backward pass
+# makes dQ twice too large
 wrong_error = relative_error(dQ * np.sqrt(d_k), numerical_gradient(loss, Q64))
 print(f"dQ without the 1/sqrt(d_k): relative error {wrong_error:.1e}")
 assert wrong_error > 0.1
@@ -589,22 +595,24 @@ class MultiHeadAttention(Module):
             raise ValueError(f"x has last dimension {D} but d_model is {self.d_model}")
         if mask is not None and np.shape(mask) != (B, T):
             raise ValueError(f"mask has shape {np.shape(mask)} but x has batch {B} and "
-                             f"length {T}; expected a (B, T) mask, True for real tokens")
+                             f"length {T}; expected a (B, T) mask, "
+                             "True for real tokens")
         H, d_k = self.num_heads, self.d_k
         # Q, K and V in one matmul: [W_q | W_k | W_v] is (D, 3D); the key bias is zero
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
         b_k = np.zeros_like(self.W_q.b.data)
-        b = np.concatenate([self.W_q.b.data, b_k, self.W_v.b.data])         # (3D,)
-        qkv = x.reshape(B * T, D) @ W + b                                   # (B*T, 3D)
+        b = np.concatenate([self.W_q.b.data, b_k, self.W_v.b.data])     # (3D,)
+        qkv = x.reshape(B * T, D) @ W + b                               # (B*T, 3D)
         # split into Q, K, V and heads; the transpose is a view, no copy
-        Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)     # (B, H, T, d_k)
+        # (B, H, T, d_k)
+        Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
         # one batched attention over all B*H (example, head) pairs
-        heads, weights = scaled_dot_product_attention(Q, K, V, mask)        # (B, H, T, d_k)
-        concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)               # (B, T, D)
-        self.attn_weights = weights                                         # (B, H, T, T)
+        heads, weights = scaled_dot_product_attention(Q, K, V, mask)    # (B, H, T, d_k)
+        concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)           # (B, T, D)
+        self.attn_weights = weights                                     # (B, H, T, T)
         if self.training:
             self._cache = (x, Q, K, V, weights)
-        return self.W_o(concat)                                             # (B, T, D)
+        return self.W_o(concat)                                         # (B, T, D)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         """Accumulate the projections' gradients; return dL/dx, (B, T, d_model)."""
@@ -667,7 +675,8 @@ def split_heads(t):
     return t.reshape(B, T, num_heads, d_model // num_heads).transpose(0, 2, 1, 3)
 
 
-projections = (("Q", Q_fused, mha.W_q), ("K", K_fused, mha.W_k), ("V", V_fused, mha.W_v))
+projections = (("Q", Q_fused, mha.W_q), ("K", K_fused, mha.W_k),
+               ("V", V_fused, mha.W_v))
 for name, fused, lin in projections:
     separate = split_heads(lin(x))                               # (B, H, T, d_k)
     difference = np.abs(fused - separate).max()
@@ -683,7 +692,8 @@ for name, fused, lin in projections:
 
 # %%
 def reference_attention(mha, x, mask=None, key_bias=None):
-    """Multi-head self-attention with Python loops: slow but obvious. (B, T, D) -> same."""
+    """Multi-head self-attention with Python loops: slow but obvious. (B, T, D) -> same.
+    """
     B, T, D = x.shape
     d_k = mha.d_k
     out = np.zeros((B, T, D))
@@ -757,13 +767,14 @@ assert np.abs(dK_c.sum(axis=-2)).max() < 1e-12 * (1 + np.abs(dK_c).max())
 
 # %%
 T_long = 10
-x_long = rng.normal(size=(B, T_long, d_model)).astype(np.float32)  # new random padding,
-x_long[:, :T] = x                                                   # same first 7 positions
+# new random padding, same first 7 positions
+x_long = rng.normal(size=(B, T_long, d_model)).astype(np.float32)
+x_long[:, :T] = x
 mask_long = np.zeros((B, T_long), dtype=bool)
 mask_long[:, :T] = mask
 y_long = mha(x_long, mask_long)
 
-real = mask                                                         # (B, T) real positions
+real = mask  # (B, T) real positions
 difference = np.abs(y_long[:, :T][real] - y[real]).max()
 print(f"outputs at the {real.sum()} real positions, padded to {T} vs {T_long}: "
       f"largest difference {difference:.1e}")
@@ -783,9 +794,11 @@ assert leak > 1e-2
 # mask from a different batch:
 
 # %%
-show_error(lambda: mha(x[0]), ValueError, "expects x of shape (B, T, d_model), got a 2-D array of "
-                              "shape (7, 16); for a single sequence add a batch axis, x[None]")
-show_error(lambda: mha(x[..., :8]), ValueError, "x has last dimension 8 but d_model is 16")
+show_error(lambda: mha(x[0]), ValueError,
+           "expects x of shape (B, T, d_model), got a 2-D array of shape (7, 16); "
+           "for a single sequence add a batch axis, x[None]")
+show_error(lambda: mha(x[..., :8]), ValueError,
+           "x has last dimension 8 but d_model is 16")
 show_error(lambda: mha(np.zeros((2, 6, d_model)), mask[:, :5]),
            ValueError, "mask has shape (2, 5) but x has batch 2 and length 6")
 show_error(lambda: MultiHeadAttention(16, 3),
@@ -870,7 +883,8 @@ for h, ax in enumerate(axes.flat):
     ax.set_ylabel("query (looking)")
     ax.set_title(f"head {h}")
 fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-fig.suptitle("UNTRAINED random layer: attention weights on 'Max ( 5 3 9 ) [EOS] [PAD]'\n"
+fig.suptitle("UNTRAINED random layer: attention weights on "
+             "'Max ( 5 3 9 ) [EOS] [PAD]'\n"
              "(the padding key column is exactly 0 in every head)")
 plt.show()
 

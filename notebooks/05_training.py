@@ -50,7 +50,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 import transformer_lib
-from transformer_lib.data import Batch, Example, create_batch, generate_dataset, split_dataset
+from transformer_lib.data import (Batch, Example, create_batch, generate_dataset,
+                                  split_dataset)
 from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
 
@@ -62,8 +63,8 @@ from transformer_lib.transformer import Transformer
 # %%
 import matplotlib.pyplot as plt
 
-from transformer_lib.data import (ID_TO_TOKEN, all_examples, create_batch, generate_dataset,
-                                  generate_example)
+from transformer_lib.data import (ID_TO_TOKEN, all_examples, create_batch,
+                                  generate_dataset, generate_example)
 from transformer_lib.data import show_error  # chapter 1: assert an error and print it
 from transformer_lib.layers import numerical_gradient, relative_error
 
@@ -113,10 +114,11 @@ from transformer_lib.layers import numerical_gradient, relative_error
 
 # %% tags=["export"]
 class CrossEntropyLoss:
-    """Mean cross-entropy of a batch: mean over b of -log softmax(logits[b])[targets[b]].
+    """Mean cross-entropy of a batch: mean over b of
+    -log softmax(logits[b])[targets[b]].
 
-    ``forward(logits, targets)`` takes logits (B, V) and integer targets (B,) and returns
-    the loss as a float; ``backward()`` returns dL/dlogits, shape (B, V).
+    ``forward(logits, targets)`` takes logits (B, V) and integer targets (B,) and
+    returns the loss as a float; ``backward()`` returns dL/dlogits, shape (B, V).
     """
 
     def __init__(self):
@@ -125,7 +127,8 @@ class CrossEntropyLoss:
     def forward(self, logits: np.ndarray, targets: np.ndarray) -> float:
         logits, targets = np.asarray(logits), np.asarray(targets)
         if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-            raise ValueError("expected logits of shape (B, V) and targets of shape (B,), "
+            raise ValueError("expected logits of shape (B, V) "
+                             "and targets of shape (B,), "
                              f"got {logits.shape} and {targets.shape}")
         if len(targets) == 0:
             raise ValueError("the batch is empty: the mean loss of no examples "
@@ -139,9 +142,10 @@ class CrossEntropyLoss:
             i = int(np.argmax(outside))
             raise ValueError(f"target {targets[i]} of example {i} is outside "
                              f"the {V} classes 0..{V - 1}")
-        shifted = logits - logits.max(axis=-1, keepdims=True)      # (B, V), row max is 0
-        log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))   # (B, 1), in [0, log V]
-        log_probs = shifted - log_sum                              # (B, V) log softmax
+        shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, V), row max is 0
+        # (B, 1), in [0, log V]
+        log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        log_probs = shifted - log_sum                          # (B, V) log softmax
         self._cache = (log_probs, targets)
         return float(-log_probs[np.arange(B), targets].mean())
 
@@ -309,7 +313,8 @@ assert flat_grad[:model.embedding.W.data.size].min() == 1.0
 
 # %% tags=["export"]
 class Optimizer:
-    """Base class: owns flat buffers of all parameters (``data``) and grads (``grad``)."""
+    """Base class: owns flat buffers of all parameters (``data``) and grads (``grad``).
+    """
 
     def __init__(self, params: Sequence[Parameter], lr: float):
         self.params = list(params)
@@ -445,11 +450,14 @@ class Adam(Optimizer):
         lr = float(self.lr)           # every scalar a Python float: see the note above
         self.t += 1
         g, m, v, tmp = self.grad, self.m, self.v, self._tmp
-        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp           # m = b1 m + (1-b1) g
-        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp  # v = b2 v + (1-b2) g^2
+        # m = b1 m + (1-b1) g
+        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp
+        # v = b2 v + (1-b2) g^2
+        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp
         if self.weight_decay:
             self.data *= 1 - lr * self.weight_decay                   # decoupled decay
-        # p -= lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+        # p -= lr m_hat / (sqrt(v_hat) + eps),
+        # m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
         np.sqrt(v, out=tmp); tmp *= 1 / math.sqrt(1 - b2 ** self.t)   # sqrt(v_hat)
         tmp += self.eps
         np.divide(m, tmp, out=tmp); tmp *= lr / (1 - b1 ** self.t)    # lr m_hat / (...)
@@ -575,7 +583,8 @@ def warmup_cosine(step: int, total_steps: int, warmup: int, peak_lr: float) -> f
 
 # %%
 total_steps, warmup, peak = 8 * 108, 50, 3e-3
-lrs = np.array([warmup_cosine(s, total_steps, warmup, peak) for s in range(total_steps)])
+lrs = np.array([warmup_cosine(s, total_steps, warmup, peak)
+                for s in range(total_steps)])
 
 fig, ax = plt.subplots(figsize=(8, 3))
 ax.plot(lrs * 1e3, color="tab:blue")
@@ -613,7 +622,8 @@ def _as_batch(data) -> Batch:
     return data if isinstance(data, Batch) else create_batch(list(data))
 
 
-def evaluate(model: Transformer, data: Batch | Sequence[Example], batch_size: int = 2048) -> dict:
+def evaluate(model: Transformer, data: Batch | Sequence[Example],
+             batch_size: int = 2048) -> dict:
     """Mean loss and accuracy of the model on data (a Batch or a list of Examples).
 
     Runs in eval mode (no layer caches activations for a backward pass) and restores the
@@ -679,9 +689,9 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
                     on_step: StepCallback | None = None) -> list[float]:
     """One pass over data in mini-batches shuffled by rng; returns every step's loss.
 
-    lr_at(step) sets the learning rate before each step (counted from `step`); clip is the
-    max global gradient norm (None: no clipping); on_step(step, loss, grad_norm) is called
-    after each update, with the gradient norm before clipping.
+    lr_at(step) sets the learning rate before each step (counted from `step`); clip is
+    the max global gradient norm (None: no clipping); on_step(step, loss, grad_norm) is
+    called after each update, with the gradient norm before clipping.
     """
     losses = []
     order = rng.permutation(len(data.ids))
@@ -731,29 +741,33 @@ class History:
     step_lr: list = field(default_factory=list)         # learning rate of every step
     step_grad_norm: list = field(default_factory=list)  # gradient norm, before clipping
     epoch: list = field(default_factory=list)           # 1, 2, ...
-    train_loss: list = field(default_factory=list)      # mean training loss of each epoch
+    # mean training loss of each epoch
+    train_loss: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
     val_accuracy: list = field(default_factory=list)
-    best_epoch: int = 0                                 # the epoch whose parameters were kept
+    # the epoch whose parameters were kept
+    best_epoch: int = 0
     seconds: float = 0.0                                # wall-clock time of fit
 
 
 OPTIMIZERS = ("adam", "sgd")
 
 
-def fit(model: Transformer, train: Batch | Sequence[Example], val: Batch | Sequence[Example], *, epochs: int = 10, batch_size: int = 32,
+def fit(model: Transformer, train: Batch | Sequence[Example],
+        val: Batch | Sequence[Example], *, epochs: int = 10, batch_size: int = 32,
         lr: float = 3e-3, warmup: int = 50, clip: float | None = 1.0,
         weight_decay: float = 0.0, seed: int = 0, optimizer: str = "adam",
         progress: bool = True, stop_at_accuracy: float | None = None,
         on_step: StepCallback | None = None) -> History:
-    """Train on `train`, select on `val`; restore the best epoch's parameters at the end.
+    """Train on `train`, select on `val`; restore the best epoch's parameters at the
+    end.
 
     train, val: lists of Examples or Batches. The learning rate warms up over `warmup`
-    steps to `lr`, then decays along a cosine to 0 over `epochs` epochs. optimizer: "adam"
-    (with `weight_decay`, decoupled) or "sgd" (momentum 0.9). progress prints one line per
-    epoch (no times, so it is reproducible). stop_at_accuracy stops after the first epoch
-    whose validation accuracy reaches it. on_step(step, loss, grad_norm) is called after
-    every update.
+    steps to `lr`, then decays along a cosine to 0 over `epochs` epochs. optimizer:
+    "adam" (with `weight_decay`, decoupled) or "sgd" (momentum 0.9). progress prints one
+    line per epoch (no times, so it is reproducible). stop_at_accuracy stops after the
+    first epoch whose validation accuracy reaches it. on_step(step, loss, grad_norm) is
+    called after every update.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
@@ -842,7 +856,8 @@ errors = {name: relative_error(p.grad, numerical_gradient(loss_of_small_model, p
           for name, p in small.named_parameters()}
 worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
 n_numbers = sum(p.data.size for p in small.parameters())
-print(f"{len(errors)} parameter arrays, {n_numbers:,} numbers; largest relative errors:")
+print(f"{len(errors)} parameter arrays, {n_numbers:,} numbers; "
+      "largest relative errors:")
 for name, error in worst:
     print(f"  {name:28} {error:.0e}")
 assert max(errors.values()) <= 1e-6
@@ -880,9 +895,11 @@ assert tiny_history.train_loss[-1] < tiny_history.train_loss[0] / 100
 
 # %% tags=["export"]
 _CHECKOUT = Path(transformer_lib.__file__).resolve().parent.parent
-_USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transformer_lib"
-ARTIFACTS = (_CHECKOUT / "artifacts" if (_CHECKOUT / "pyproject.toml").exists()   # the repository
-             else _USER_CACHE)                                                   # an installed copy
+_USER_CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+               / "transformer_lib")
+ARTIFACTS = (_CHECKOUT / "artifacts"                     # the repository
+             if (_CHECKOUT / "pyproject.toml").exists()
+             else _USER_CACHE)                           # an installed copy
 REFERENCE_PATH = ARTIFACTS / "reference_model.npz"
 REFERENCE_CONFIG = dict(vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256,
                         readout="eos")
@@ -890,7 +907,8 @@ REFERENCE_EPOCHS = 8
 
 
 def default_splits(seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
-    """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input."""
+    """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input.
+    """
     return split_dataset(generate_dataset(10_000, seed=seed), seed=seed)
 
 
@@ -1066,10 +1084,12 @@ def _to_json(value):
 
 
 def save_model(model: Transformer, path: str | Path, **metadata) -> Path:
-    """Write the model's config, metadata and every parameter to an .npz file, atomically.
+    """Write the model's config, metadata and every parameter to an .npz file,
+    atomically.
 
-    Writes a temporary file in the same directory, then renames it to `path`. metadata
-    must be JSON-serialisable (NumPy numbers and arrays are converted). Returns the path.
+    Writes a temporary file in the same directory, then renames it to `path`.
+    metadata must be JSON-serialisable (NumPy numbers and arrays are converted).
+    Returns the path.
     """
     path = Path(path)
     arrays = {f"param/{name}": p.data for name, p in model.named_parameters()}
@@ -1111,7 +1131,8 @@ def load_model(path: str | Path) -> Transformer:
         raise ValueError(f"{path} is not a model file written by save_model: "
                          f"no {e} array") from None
     except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a model file written by save_model: {e}") from None
+        raise ValueError(f"{path} is not a model file written by save_model: "
+                         f"{e}") from None
     expected = dict(model.named_parameters())
     stored = {k.removeprefix("param/"): v for k, v in arrays.items()}
     if set(stored) != set(expected):
@@ -1149,10 +1170,12 @@ loaded = load_model(REFERENCE_PATH)
 ALL = create_batch(all_examples())
 model.eval()
 loaded.eval()
-assert np.array_equal(model(ALL.ids, ALL.mask), loaded(ALL.ids, ALL.mask))   # same logits
+# same logits
+assert np.array_equal(model(ALL.ids, ALL.mask), loaded(ALL.ids, ALL.mask))
 assert loaded.config == model.config
 assert loaded.metadata["history"] == asdict(history) and loaded.metadata["seed"] == 0
-assert [p for p in os.listdir(ARTIFACTS) if p.endswith(".tmp")] == []   # no temp file left
+# no temp file left
+assert [p for p in os.listdir(ARTIFACTS) if p.endswith(".tmp")] == []
 print("reloaded: identical logits on all 5,000 inputs; history and seed kept")
 
 # %% [markdown]
@@ -1177,7 +1200,8 @@ show_error(lambda: load_model(Path(scratch, "cut.npz")), ValueError,
 
 np.savez(Path(scratch, "arrays.npz"), weights=np.zeros(3))       # an .npz, but not ours
 show_error(lambda: load_model(Path(scratch, "arrays.npz")), ValueError,
-           "<tmp>/arrays.npz is not a model file written by save_model: no 'config' array",
+           "<tmp>/arrays.npz is not a model file written by save_model: "
+           "no 'config' array",
            hide=scratch)
 
 def with_config(arrays, **changes):
@@ -1186,16 +1210,20 @@ def with_config(arrays, **changes):
     return {**arrays, "config": np.array(json.dumps(config))}
 
 
-with np.load(good) as f:                                     # the small model's arrays...
+with np.load(good) as f:                      # the small model's arrays...
     arrays = {k: f[k] for k in f.files}
-np.savez(Path(scratch, "mismatch.npz"), **with_config(arrays, d_model=32))   # ...d_model 32?
+np.savez(Path(scratch, "mismatch.npz"),
+         **with_config(arrays, d_model=32))   # ...d_model 32?
 show_error(lambda: load_model(Path(scratch, "mismatch.npz")), ValueError,
-           "<tmp>/mismatch.npz: embedding.W has shape (20, 16), but the config needs (20, 32)",
+           "<tmp>/mismatch.npz: embedding.W has shape (20, 16), "
+           "but the config needs (20, 32)",
            hide=scratch)
 
-np.savez(Path(scratch, "layers.npz"), **with_config(arrays, num_layers=2))  # two layers?
+np.savez(Path(scratch, "layers.npz"),
+         **with_config(arrays, num_layers=2))  # two layers?
 show_error(lambda: load_model(Path(scratch, "layers.npz")), ValueError,
-           "the parameters do not match the config (missing ['blocks.1.attention.W_k.W'",
+           "the parameters do not match the config "
+           "(missing ['blocks.1.attention.W_k.W'",
            hide=scratch)
 
 # %% [markdown]
@@ -1324,7 +1352,8 @@ print("SGD: ", sgd_1.tolist(), "->", sgd_1000.tolist())
 print("Adam:", adam_1.round(6).tolist(), "->", adam_1000.round(6).tolist())
 assert np.allclose(sgd_1000, 1000 * sgd_1)          # SGD: a step 1,000 times larger
 assert np.allclose(adam_1000, adam_1, rtol=1e-3)    # Adam: the same step, about lr each
-# SGD needs its learning rate retuned whenever the gradient scale changes; Adam does not.
+# SGD needs its learning rate retuned whenever the gradient scale changes;
+# Adam does not.
 
 # %% [markdown]
 # **3. Is 100% guaranteed?** The reference model learned all 5,000 puzzles from 3,450 of them,

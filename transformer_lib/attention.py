@@ -8,7 +8,8 @@ NEG_INF = -1e9   # masked score: exp(NEG_INF - max) is exactly 0.0, and never na
 
 
 def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a key mask (B, T) to (B, 1, ..., 1, T) with ndim axes, like the scores."""
+    """Reshape a key mask (B, T) to (B, 1, ..., 1, T) with ndim axes, like the scores.
+    """
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
@@ -49,7 +50,8 @@ def scaled_dot_product_attention(
     if mask is not None:
         if K.ndim < 3 or np.shape(mask) != (K.shape[0], K.shape[-2]):
             raise ValueError(f"mask has shape {np.shape(mask)} but the keys have shape "
-                             f"{K.shape}; expected (B, T_k): the first and the key axis of K")
+                             f"{K.shape}; expected (B, T_k): "
+                             "the first and the key axis of K")
         scores = np.where(_key_mask(mask, scores.ndim), scores, NEG_INF)
     scores -= row_max(scores)       # softmax is shift-invariant; now exp(scores) <= 1
     weights = np.exp(scores)
@@ -58,7 +60,8 @@ def scaled_dot_product_attention(
 
 
 def scaled_dot_product_attention_backward(
-    grad_out: np.ndarray, Q: np.ndarray, K: np.ndarray, V: np.ndarray, weights: np.ndarray
+    grad_out: np.ndarray, Q: np.ndarray, K: np.ndarray, V: np.ndarray,
+    weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of ``scaled_dot_product_attention`` with respect to Q, K and V.
 
@@ -155,22 +158,24 @@ class MultiHeadAttention(Module):
             raise ValueError(f"x has last dimension {D} but d_model is {self.d_model}")
         if mask is not None and np.shape(mask) != (B, T):
             raise ValueError(f"mask has shape {np.shape(mask)} but x has batch {B} and "
-                             f"length {T}; expected a (B, T) mask, True for real tokens")
+                             f"length {T}; expected a (B, T) mask, "
+                             "True for real tokens")
         H, d_k = self.num_heads, self.d_k
         # Q, K and V in one matmul: [W_q | W_k | W_v] is (D, 3D); the key bias is zero
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
         b_k = np.zeros_like(self.W_q.b.data)
-        b = np.concatenate([self.W_q.b.data, b_k, self.W_v.b.data])         # (3D,)
-        qkv = x.reshape(B * T, D) @ W + b                                   # (B*T, 3D)
+        b = np.concatenate([self.W_q.b.data, b_k, self.W_v.b.data])     # (3D,)
+        qkv = x.reshape(B * T, D) @ W + b                               # (B*T, 3D)
         # split into Q, K, V and heads; the transpose is a view, no copy
-        Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)     # (B, H, T, d_k)
+        # (B, H, T, d_k)
+        Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
         # one batched attention over all B*H (example, head) pairs
-        heads, weights = scaled_dot_product_attention(Q, K, V, mask)        # (B, H, T, d_k)
-        concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)               # (B, T, D)
-        self.attn_weights = weights                                         # (B, H, T, T)
+        heads, weights = scaled_dot_product_attention(Q, K, V, mask)    # (B, H, T, d_k)
+        concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)           # (B, T, D)
+        self.attn_weights = weights                                     # (B, H, T, T)
         if self.training:
             self._cache = (x, Q, K, V, weights)
-        return self.W_o(concat)                                             # (B, T, D)
+        return self.W_o(concat)                                         # (B, T, D)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         """Accumulate the projections' gradients; return dL/dx, (B, T, d_model)."""

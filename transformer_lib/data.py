@@ -25,7 +25,8 @@ def _unknown_token(piece: object, where: str) -> ValueError:
     """Build the error for a piece that is not in VOCAB, with a hint when one helps."""
     if not isinstance(piece, str):
         return ValueError(f"expected a token string at {where}, got {piece!r} "
-                          f"({type(piece).__name__}); to turn ids into text, use detokenize")
+                          f"({type(piece).__name__}); to turn ids into text, "
+                          "use detokenize")
     if piece.isdigit():
         return ValueError(f"unknown token {piece!r} at {where}: "
                           "only single digits 0–9 are tokens")
@@ -114,13 +115,14 @@ def detokenize(ids: Sequence[int] | np.ndarray, skip_pad: bool = True) -> str:
 from typing import Callable
 
 
-def show_error(call: Callable[[], object], error_type: type[Exception], expected_words: str,
-               hide: str | None = None) -> None:
-    """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its message.
+def show_error(call: Callable[[], object], error_type: type[Exception],
+               expected_words: str, hide: str | None = None) -> None:
+    """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its
+    message.
 
-    Prints the message, so the book shows the error a reader would see; fails (AssertionError)
-    if nothing is raised or the message is different. ``hide`` replaces a varying part of the
-    message (e.g. a temporary path) with ``<tmp>``.
+    Prints the message, so the book shows the error a reader would see; fails
+    (AssertionError) if nothing is raised or the message is different. ``hide`` replaces
+    a varying part of the message (e.g. a temporary path) with ``<tmp>``.
     """
     try:
         call()
@@ -129,7 +131,8 @@ def show_error(call: Callable[[], object], error_type: type[Exception], expected
         assert expected_words in message, f"unexpected message: {message}"
         print(f"{type(error).__name__}: {message}")
     else:
-        raise AssertionError(f"expected {error_type.__name__} mentioning {expected_words!r}")
+        raise AssertionError(
+            f"expected {error_type.__name__} mentioning {expected_words!r}")
 
 
 _DIGITS = set("0123456789")
@@ -246,9 +249,11 @@ def apply_operation(op: str, args: Sequence[int]) -> int:
     if len(args) == 0:
         raise ValueError(f"{op} needs at least one argument, got none")
     for position, a in enumerate(args):
-        is_int = isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+        is_int = (isinstance(a, (int, np.integer))
+                  and not isinstance(a, (bool, np.bool_)))
         if not is_int or not 0 <= a <= 9:
-            raise ValueError(f"argument {a!r} at position {position} is not a digit 0–9")
+            raise ValueError(f"argument {a!r} at position {position} "
+                             "is not a digit 0–9")
     if op == "Second" and len(args) < 2:
         raise ValueError(f"Second needs at least two arguments, got {len(args)}")
     return int(_APPLY[op](args))
@@ -266,7 +271,8 @@ def _check_generation(num_args: int, operations: Sequence[str]) -> None:
             raise ValueError(f"unknown operation {op!r}; "
                              f"expected one of {', '.join(OPERATIONS)}")
     if "Second" in operations and num_args < 2:
-        raise ValueError(f"Second needs at least two arguments, got num_args={num_args}")
+        raise ValueError("Second needs at least two arguments, "
+                         f"got num_args={num_args}")
 
 
 def generate_example(rng: np.random.Generator, num_args: int = 3,
@@ -309,7 +315,8 @@ def generate_dataset(n: int = 10_000, seed: int = 0, num_args: int = 3,
 
 def all_examples(num_args: int = 3,
                  operations: Sequence[str] = OPERATIONS) -> list[Example]:
-    """Every distinct puzzle, in a fixed order (operation, then digits in counting order).
+    """Every distinct puzzle, in a fixed order (operation, then digits in counting
+    order).
 
     With the defaults this is 5 operations x 10**3 digit triples = 5,000 examples.
     """
@@ -325,7 +332,8 @@ def split_dataset(examples: Sequence[Example],
     """Split examples into train, validation and test sets that share no input.
 
     Duplicates (same operation and digits) are removed first, keeping the first
-    occurrence; the distinct examples are shuffled with ``seed`` and cut by ``fractions``.
+    occurrence; the distinct examples are shuffled with ``seed`` and cut by
+    ``fractions``.
 
     Parameters
     ----------
@@ -346,8 +354,9 @@ def split_dataset(examples: Sequence[Example],
     """
     fractions = tuple(fractions)
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError("fractions must be three non-negative numbers (train, val, test) "
-                         f"summing to 1, got {fractions} (sum {sum(fractions):g})")
+        raise ValueError("fractions must be three non-negative numbers "
+                         "(train, val, test) summing to 1, "
+                         f"got {fractions} (sum {sum(fractions):g})")
     unique: dict[tuple[str, tuple[int, ...]], Example] = {}
     for ex in examples:
         unique.setdefault((ex.op, ex.args), ex)
@@ -406,7 +415,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
 
 
 def create_batch(examples: Sequence[Example]) -> Batch:
-    """Encode and pad examples into one ``Batch`` (ids and mask (B, T), targets (B,))."""
+    """Encode and pad examples into one ``Batch`` (ids and mask (B, T), targets (B,)).
+    """
     if len(examples) == 0:
         raise ValueError("cannot make a batch from no examples")
     ids, mask = pad_sequences([ex.ids for ex in examples])              # (B, T), (B, T)

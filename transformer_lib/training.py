@@ -14,16 +14,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 import transformer_lib
-from transformer_lib.data import Batch, Example, create_batch, generate_dataset, split_dataset
+from transformer_lib.data import (Batch, Example, create_batch, generate_dataset,
+                                  split_dataset)
 from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
 
 
 class CrossEntropyLoss:
-    """Mean cross-entropy of a batch: mean over b of -log softmax(logits[b])[targets[b]].
+    """Mean cross-entropy of a batch: mean over b of
+    -log softmax(logits[b])[targets[b]].
 
-    ``forward(logits, targets)`` takes logits (B, V) and integer targets (B,) and returns
-    the loss as a float; ``backward()`` returns dL/dlogits, shape (B, V).
+    ``forward(logits, targets)`` takes logits (B, V) and integer targets (B,) and
+    returns the loss as a float; ``backward()`` returns dL/dlogits, shape (B, V).
     """
 
     def __init__(self):
@@ -32,7 +34,8 @@ class CrossEntropyLoss:
     def forward(self, logits: np.ndarray, targets: np.ndarray) -> float:
         logits, targets = np.asarray(logits), np.asarray(targets)
         if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-            raise ValueError("expected logits of shape (B, V) and targets of shape (B,), "
+            raise ValueError("expected logits of shape (B, V) "
+                             "and targets of shape (B,), "
                              f"got {logits.shape} and {targets.shape}")
         if len(targets) == 0:
             raise ValueError("the batch is empty: the mean loss of no examples "
@@ -46,9 +49,10 @@ class CrossEntropyLoss:
             i = int(np.argmax(outside))
             raise ValueError(f"target {targets[i]} of example {i} is outside "
                              f"the {V} classes 0..{V - 1}")
-        shifted = logits - logits.max(axis=-1, keepdims=True)      # (B, V), row max is 0
-        log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))   # (B, 1), in [0, log V]
-        log_probs = shifted - log_sum                              # (B, V) log softmax
+        shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, V), row max is 0
+        # (B, 1), in [0, log V]
+        log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        log_probs = shifted - log_sum                          # (B, V) log softmax
         self._cache = (log_probs, targets)
         return float(-log_probs[np.arange(B), targets].mean())
 
@@ -98,7 +102,8 @@ def flatten_parameters(params: Sequence[Parameter]) -> tuple[np.ndarray, np.ndar
 
 
 class Optimizer:
-    """Base class: owns flat buffers of all parameters (``data``) and grads (``grad``)."""
+    """Base class: owns flat buffers of all parameters (``data``) and grads (``grad``).
+    """
 
     def __init__(self, params: Sequence[Parameter], lr: float):
         self.params = list(params)
@@ -163,11 +168,14 @@ class Adam(Optimizer):
         lr = float(self.lr)           # every scalar a Python float: see the note above
         self.t += 1
         g, m, v, tmp = self.grad, self.m, self.v, self._tmp
-        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp           # m = b1 m + (1-b1) g
-        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp  # v = b2 v + (1-b2) g^2
+        # m = b1 m + (1-b1) g
+        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp
+        # v = b2 v + (1-b2) g^2
+        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp
         if self.weight_decay:
             self.data *= 1 - lr * self.weight_decay                   # decoupled decay
-        # p -= lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+        # p -= lr m_hat / (sqrt(v_hat) + eps),
+        # m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
         np.sqrt(v, out=tmp); tmp *= 1 / math.sqrt(1 - b2 ** self.t)   # sqrt(v_hat)
         tmp += self.eps
         np.divide(m, tmp, out=tmp); tmp *= lr / (1 - b1 ** self.t)    # lr m_hat / (...)
@@ -200,7 +208,8 @@ def _as_batch(data) -> Batch:
     return data if isinstance(data, Batch) else create_batch(list(data))
 
 
-def evaluate(model: Transformer, data: Batch | Sequence[Example], batch_size: int = 2048) -> dict:
+def evaluate(model: Transformer, data: Batch | Sequence[Example],
+             batch_size: int = 2048) -> dict:
     """Mean loss and accuracy of the model on data (a Batch or a list of Examples).
 
     Runs in eval mode (no layer caches activations for a backward pass) and restores the
@@ -231,9 +240,9 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
                     on_step: StepCallback | None = None) -> list[float]:
     """One pass over data in mini-batches shuffled by rng; returns every step's loss.
 
-    lr_at(step) sets the learning rate before each step (counted from `step`); clip is the
-    max global gradient norm (None: no clipping); on_step(step, loss, grad_norm) is called
-    after each update, with the gradient norm before clipping.
+    lr_at(step) sets the learning rate before each step (counted from `step`); clip is
+    the max global gradient norm (None: no clipping); on_step(step, loss, grad_norm) is
+    called after each update, with the gradient norm before clipping.
     """
     losses = []
     order = rng.permutation(len(data.ids))
@@ -265,29 +274,33 @@ class History:
     step_lr: list = field(default_factory=list)         # learning rate of every step
     step_grad_norm: list = field(default_factory=list)  # gradient norm, before clipping
     epoch: list = field(default_factory=list)           # 1, 2, ...
-    train_loss: list = field(default_factory=list)      # mean training loss of each epoch
+    # mean training loss of each epoch
+    train_loss: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
     val_accuracy: list = field(default_factory=list)
-    best_epoch: int = 0                                 # the epoch whose parameters were kept
+    # the epoch whose parameters were kept
+    best_epoch: int = 0
     seconds: float = 0.0                                # wall-clock time of fit
 
 
 OPTIMIZERS = ("adam", "sgd")
 
 
-def fit(model: Transformer, train: Batch | Sequence[Example], val: Batch | Sequence[Example], *, epochs: int = 10, batch_size: int = 32,
+def fit(model: Transformer, train: Batch | Sequence[Example],
+        val: Batch | Sequence[Example], *, epochs: int = 10, batch_size: int = 32,
         lr: float = 3e-3, warmup: int = 50, clip: float | None = 1.0,
         weight_decay: float = 0.0, seed: int = 0, optimizer: str = "adam",
         progress: bool = True, stop_at_accuracy: float | None = None,
         on_step: StepCallback | None = None) -> History:
-    """Train on `train`, select on `val`; restore the best epoch's parameters at the end.
+    """Train on `train`, select on `val`; restore the best epoch's parameters at the
+    end.
 
     train, val: lists of Examples or Batches. The learning rate warms up over `warmup`
-    steps to `lr`, then decays along a cosine to 0 over `epochs` epochs. optimizer: "adam"
-    (with `weight_decay`, decoupled) or "sgd" (momentum 0.9). progress prints one line per
-    epoch (no times, so it is reproducible). stop_at_accuracy stops after the first epoch
-    whose validation accuracy reaches it. on_step(step, loss, grad_norm) is called after
-    every update.
+    steps to `lr`, then decays along a cosine to 0 over `epochs` epochs. optimizer:
+    "adam" (with `weight_decay`, decoupled) or "sgd" (momentum 0.9). progress prints one
+    line per epoch (no times, so it is reproducible). stop_at_accuracy stops after the
+    first epoch whose validation accuracy reaches it. on_step(step, loss, grad_norm) is
+    called after every update.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
@@ -343,9 +356,11 @@ def fit(model: Transformer, train: Batch | Sequence[Example], val: Batch | Seque
 
 
 _CHECKOUT = Path(transformer_lib.__file__).resolve().parent.parent
-_USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transformer_lib"
-ARTIFACTS = (_CHECKOUT / "artifacts" if (_CHECKOUT / "pyproject.toml").exists()   # the repository
-             else _USER_CACHE)                                                   # an installed copy
+_USER_CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+               / "transformer_lib")
+ARTIFACTS = (_CHECKOUT / "artifacts"                     # the repository
+             if (_CHECKOUT / "pyproject.toml").exists()
+             else _USER_CACHE)                           # an installed copy
 REFERENCE_PATH = ARTIFACTS / "reference_model.npz"
 REFERENCE_CONFIG = dict(vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256,
                         readout="eos")
@@ -353,7 +368,8 @@ REFERENCE_EPOCHS = 8
 
 
 def default_splits(seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
-    """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input."""
+    """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input.
+    """
     return split_dataset(generate_dataset(10_000, seed=seed), seed=seed)
 
 
@@ -379,10 +395,12 @@ def _to_json(value):
 
 
 def save_model(model: Transformer, path: str | Path, **metadata) -> Path:
-    """Write the model's config, metadata and every parameter to an .npz file, atomically.
+    """Write the model's config, metadata and every parameter to an .npz file,
+    atomically.
 
-    Writes a temporary file in the same directory, then renames it to `path`. metadata
-    must be JSON-serialisable (NumPy numbers and arrays are converted). Returns the path.
+    Writes a temporary file in the same directory, then renames it to `path`.
+    metadata must be JSON-serialisable (NumPy numbers and arrays are converted).
+    Returns the path.
     """
     path = Path(path)
     arrays = {f"param/{name}": p.data for name, p in model.named_parameters()}
@@ -424,7 +442,8 @@ def load_model(path: str | Path) -> Transformer:
         raise ValueError(f"{path} is not a model file written by save_model: "
                          f"no {e} array") from None
     except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a model file written by save_model: {e}") from None
+        raise ValueError(f"{path} is not a model file written by save_model: "
+                         f"{e}") from None
     expected = dict(model.named_parameters())
     stored = {k.removeprefix("param/"): v for k, v in arrays.items()}
     if set(stored) != set(expected):
