@@ -48,8 +48,9 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-from transformer_lib.data import (EOS_ID, ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, all_examples,
-                                  create_batch, detokenize, encode, generate_dataset, pad_sequences)
+from transformer_lib.data import (EOS_ID, ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID,
+                                  all_examples, create_batch, detokenize, encode,
+                                  generate_dataset, pad_sequences)
 from transformer_lib.training import default_splits, evaluate, load_or_train_reference
 from transformer_lib.transformer import Transformer
 
@@ -58,7 +59,8 @@ history = model.metadata["history"]
 train, val, test = default_splits(seed=0)
 everything = all_examples()
 print(model.config)
-print(f"train {len(train):,}   val {len(val):,}   test {len(test):,}   all inputs {len(everything):,}")
+print(f"train {len(train):,}   val {len(val):,}   test {len(test):,}   "
+      f"all inputs {len(everything):,}")
 assert model.config["readout"] == "eos" and len(model.blocks) == 2
 assert model.blocks[0].attention.num_heads == 4
 
@@ -79,8 +81,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, Example, encode,
-                                  pad_sequences)
+from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, Example,
+                                  encode, pad_sequences)
 from transformer_lib.attention import NEG_INF
 from transformer_lib.transformer import Transformer
 
@@ -88,7 +90,8 @@ _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
 
 
 def _pyplot():
-    """matplotlib is needed for plots only; predict() and the metrics work without it."""
+    """matplotlib is needed for plots only; predict() and the metrics work without it.
+    """
     import matplotlib.pyplot as plt
     return plt
 
@@ -107,7 +110,8 @@ def plot_training_curves(history: dict) -> "plt.Figure":
     matplotlib.figure.Figure
     """
     plt = _pyplot()
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6),
+                                        constrained_layout=True)
     steps = np.arange(1, len(history["step_loss"]) + 1)
     ax1.plot(steps, history["step_loss"], lw=0.8, color="tab:blue")
     steps_per_epoch = len(steps) / len(history["epoch"])
@@ -115,15 +119,20 @@ def plot_training_curves(history: dict) -> "plt.Figure":
         ax1.axvline(e * steps_per_epoch, color="grey", lw=0.5, ls=":")
     ax1.set(yscale="log", xlabel="optimisation step (dotted lines: epoch ends)",
             ylabel="cross-entropy loss", title="Loss of every training step")
-    ax2.plot(history["epoch"], history["train_loss"], "o-", label="training (mean over the epoch)")
-    ax2.plot(history["epoch"], history["val_loss"], "s-", label="validation (end of the epoch)")
-    ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
+    ax2.plot(history["epoch"], history["train_loss"], "o-",
+             label="training (mean over the epoch)")
+    ax2.plot(history["epoch"], history["val_loss"], "s-",
+             label="validation (end of the epoch)")
+    ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss",
+            title="Loss per epoch")
     ax2.legend()
-    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-", color="tab:green")
+    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-",
+             color="tab:green")
     best = history["best_epoch"]
-    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16, color="tab:red",
-             label=f"best epoch ({best}): the model we use")
-    ax3.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16,
+             color="tab:red", label=f"best epoch ({best}): the model we use")
+    ax3.set(xlabel="epoch", ylabel="validation accuracy (%)",
+            title="Validation accuracy")
     ax3.legend(loc="lower right")
     for ax in (ax2, ax3):
         ax.set_xticks(history["epoch"])
@@ -151,7 +160,8 @@ ev = evaluate(model, val)
 print(f"best epoch {best}: recorded val loss {history['val_loss'][best - 1]:.6f}, "
       f"accuracy {history['val_accuracy'][best - 1]:.2%}")
 print(f"loaded model:  val loss {ev['loss']:.6f}, accuracy {ev['accuracy']:.2%}")
-assert ev["accuracy"] == max(history["val_accuracy"]) == history["val_accuracy"][best - 1]
+assert (ev["accuracy"] == max(history["val_accuracy"])
+        == history["val_accuracy"][best - 1])
 assert np.isclose(ev["loss"], history["val_loss"][best - 1], rtol=1e-5)
 assert history["step_loss"][-1] < history["step_loss"][0] / 100
 
@@ -177,7 +187,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def forward_with_attention(model: Transformer, ids: np.ndarray,
-                           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           mask: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Run the model in evaluation mode and keep every layer's attention weights.
 
     Parameters
@@ -200,7 +211,8 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
 
 
 def readout_positions(mask: np.ndarray) -> np.ndarray:
-    """Position of the last real token of each row, where the model reads its answer: (B,)."""
+    """Position of the last real token of each row, where the model reads its
+    answer: (B,)."""
     return np.asarray(mask).sum(axis=1) - 1
 
 
@@ -229,16 +241,18 @@ def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.n
 batch = create_batch(everything)
 logits, attention = forward_with_attention(model, batch.ids, batch.mask)
 probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-probs /= probs.sum(axis=1, keepdims=True)                             # (5000, 20)
-predicted = logits.argmax(axis=1)                                     # (5000,) token ids
-readout = readout_attention(attention, batch.mask)                    # (2, 5000, 4, 7)
-ops = np.array([ex.op for ex in everything])                          # (5000,)
-args = np.array([ex.args for ex in everything])                       # (5000, 3)
+probs /= probs.sum(axis=1, keepdims=True)                   # (5000, 20)
+predicted = logits.argmax(axis=1)                           # (5000,) token ids
+readout = readout_attention(attention, batch.mask)          # (2, 5000, 4, 7)
+ops = np.array([ex.op for ex in everything])                # (5000,)
+args = np.array([ex.args for ex in everything])             # (5000, 3)
 
-print("logits", logits.shape, " attention per layer", attention[0].shape, " readout", readout.shape)
+print("logits", logits.shape, " attention per layer", attention[0].shape,
+      " readout", readout.shape)
 assert len(attention) == 2 and attention[1].shape == (5000, 4, 7, 7)
-assert np.allclose(attention[0].sum(axis=-1), 1, atol=1e-5)           # every row is a distribution
-assert (readout_positions(batch.mask) == 6).all()                      # [EOS] is token 6 of 7
+# every row is a distribution
+assert np.allclose(attention[0].sum(axis=-1), 1, atol=1e-5)
+assert (readout_positions(batch.mask) == 6).all()           # [EOS] is token 6 of 7
 assert np.array_equal(readout[1], attention[1][:, :, 6, :])
 
 # %% [markdown]
@@ -250,7 +264,8 @@ assert np.array_equal(readout[1], attention[1][:, :, 6, :])
 # any split. They are the most honest test there is.
 
 # %% tags=["export"]
-def accuracy_per_operation(examples: Sequence[Example], predicted_ids: np.ndarray) -> dict:
+def accuracy_per_operation(examples: Sequence[Example],
+                           predicted_ids: np.ndarray) -> dict:
     """Fraction of correct answers for each operation present in ``examples``.
 
     Parameters
@@ -268,13 +283,15 @@ def accuracy_per_operation(examples: Sequence[Example], predicted_ids: np.ndarra
                          f"got shape {predicted_ids.shape}")
     correct = predicted_ids == np.array([ex.target for ex in examples])
     ops = np.array([ex.op for ex in examples])
-    result = {op: float(correct[ops == op].mean()) for op in OPERATIONS if (ops == op).any()}
+    result = {op: float(correct[ops == op].mean())
+              for op in OPERATIONS if (ops == op).any()}
     result["all"] = float(correct.mean())
     return result
 
 
 # %%
-index = {(ex.op, ex.args): i for i, ex in enumerate(everything)}   # input -> row of the big batch
+# input -> row of the big batch
+index = {(ex.op, ex.args): i for i, ex in enumerate(everything)}
 drawn = {(ex.op, ex.args) for part in (train, val, test) for ex in part}
 never_drawn = [ex for ex in everything if (ex.op, ex.args) not in drawn]
 sets = {"test split": test, "never drawn": never_drawn, "all 5,000": everything}
@@ -283,7 +300,8 @@ print(f"{'':12} {'inputs':>6}  " + "  ".join(f"{op:>6}" for op in (*OPERATIONS, 
 for name, subset in sets.items():
     rows = [index[(ex.op, ex.args)] for ex in subset]
     results[name] = accuracy_per_operation(subset, predicted[rows])
-    print(f"{name:12} {len(subset):6,}  " + "  ".join(f"{a:6.1%}" for a in results[name].values()))
+    print(f"{name:12} {len(subset):6,}  "
+          + "  ".join(f"{a:6.1%}" for a in results[name].values()))
 
 assert all(acc == 1.0 for r in results.values() for acc in r.values())
 assert evaluate(model, test)["accuracy"] == 1.0 and len(never_drawn) == 688
@@ -308,21 +326,24 @@ def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
 
     Returns
     -------
-    (C, C + 1) int array: row = true class, column = predicted class; the last column counts
-    predictions outside ``classes``.
+    (C, C + 1) int array: row = true class, column = predicted class; the last column
+    counts predictions outside ``classes``.
     """
     true_ids, predicted_ids = np.asarray(true_ids), np.asarray(predicted_ids)
     lookup = {int(c): i for i, c in enumerate(classes)}
     C = len(classes)
     rows = np.array([lookup.get(int(t), -1) for t in true_ids])
     if (rows < 0).any():
-        raise ValueError(f"true id {true_ids[rows < 0][0]} is not one of the classes {list(classes)}")
+        raise ValueError(f"true id {true_ids[rows < 0][0]} is not one of the classes "
+                         f"{list(classes)}")
     cols = np.array([lookup.get(int(p), C) for p in predicted_ids])
     return np.bincount(rows * (C + 1) + cols, minlength=C * (C + 1)).reshape(C, C + 1)
 
 
-def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], ax: "plt.Axes | None" = None,
-                 title: str | None = None, xlabel: str = "", ylabel: str = "", cmap: str = "viridis",
+def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
+                 col_labels: Sequence[str], ax: "plt.Axes | None" = None,
+                 title: str | None = None, xlabel: str = "", ylabel: str = "",
+                 cmap: str = "viridis",
                  vmin: float | None = None, vmax: float | None = None,
                  colorbar_label: str | None = None, fmt: str | None = None,
                  hide_below: float | None = None, fontsize: int = 8) -> "plt.Axes":
@@ -344,10 +365,11 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
     plt = _pyplot()
     values = np.asarray(values)
     if values.shape != (len(row_labels), len(col_labels)):
-        raise ValueError(f"values {values.shape} do not match {len(row_labels)} row labels and "
-                         f"{len(col_labels)} column labels")
+        raise ValueError(f"values {values.shape} do not match {len(row_labels)} row "
+                         f"labels and {len(col_labels)} column labels")
     if ax is None:
-        _, ax = plt.subplots(figsize=(0.45 * len(col_labels) + 2.5, 0.4 * len(row_labels) + 1.8),
+        _, ax = plt.subplots(figsize=(0.45 * len(col_labels) + 2.5,
+                                      0.4 * len(row_labels) + 1.8),
                              constrained_layout=True)
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=fontsize)
@@ -361,24 +383,27 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
             if hide_below is not None and v < hide_below:
                 continue
             r, g, b, _ = im.cmap(im.norm(v))
-            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5                # text must contrast
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize - 1,
-                    color="white" if dark else "black")
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # text must contrast
+            ax.text(j, i, fmt.format(v), ha="center", va="center",
+                    fontsize=fontsize - 1, color="white" if dark else "black")
     if colorbar_label is not None:
         ax.figure.colorbar(im, ax=ax, shrink=0.85, label=colorbar_label)
     return ax
 
 
-def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"), ax: "plt.Axes | None" = None,
-                   title: str = "Confusion matrix", extra_label: str = "other") -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a colour bar.
+def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"),
+                   ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
+                   extra_label: str = "other") -> "plt.Axes":
+    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a
+    colour bar.
 
     Returns the matplotlib Axes (a new figure if ``ax`` is None).
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
-    return plot_heatmap(matrix, labels, columns, ax=ax, title=title, xlabel="predicted answer",
-                        ylabel="true answer", cmap="Blues", vmin=0, colorbar_label="inputs",
-                        fmt="{:d}", hide_below=1, fontsize=7)
+    return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
+                        xlabel="predicted answer", ylabel="true answer", cmap="Blues",
+                        vmin=0, colorbar_label="inputs", fmt="{:d}", hide_below=1,
+                        fontsize=7)
 
 
 # %% tags=["full-width"]
@@ -393,7 +418,8 @@ plt.show()
 
 for op, m in matrices.items():
     assert m.sum() == 1000 and np.trace(m) == 1000 and m[:, -1].sum() == 0, op
-assert matrices["Max"][0, 0] == 1 and matrices["Max"][9, 9] == 271   # only Max(0,0,0) has answer 0
+# only Max(0,0,0) has answer 0
+assert matrices["Max"][0, 0] == 1 and matrices["Max"][9, 9] == 271
 
 # %% [markdown]
 # The diagonals differ because the answers do (chapter 1): `First`, `Second` and `Last`
@@ -423,8 +449,8 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
     return_probs : bool
         Also return the probability the model gives its answer (a float in 0..1).
     strict : bool
-        Passed to ``encode``: check the grammar first (default). ``False`` lets malformed
-        puzzles through, to see what the model makes of them.
+        Passed to ``encode``: check the grammar first (default). ``False`` lets
+        malformed puzzles through, to see what the model makes of them.
 
     Returns
     -------
@@ -433,11 +459,13 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
     Raises
     ------
     ValueError
-        The tokenizer's error for bad input (for a list, prefixed with the bad text's index).
+        The tokenizer's error for bad input (for a list, prefixed with the bad text's
+        index).
     """
     single = isinstance(text, str)
     if not single and not isinstance(text, (list, tuple)):
-        raise ValueError(f"predict expects a text or a list of texts, got {type(text).__name__}")
+        raise ValueError("predict expects a text or a list of texts, "
+                         f"got {type(text).__name__}")
     texts = [text] if single else list(text)
     if not texts:
         return []
@@ -465,7 +493,8 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
 
 # %%
 print(predict(model, "Max(5, 3, 9)"))
-print(predict(model, ["First(5, 3, 9)", "Second(5, 3, 9)", "Last(5, 3, 9)", "Min ( 5 3 9 )"]))
+print(predict(model, ["First(5, 3, 9)", "Second(5, 3, 9)", "Last(5, 3, 9)",
+                      "Min ( 5 3 9 )"]))
 answer, p = predict(model, "Min(8, 8, 9)", return_probs=True)
 print(f"Min(8, 8, 9) -> {answer} with probability {p:.4f}")
 
@@ -486,11 +515,14 @@ assert predict(model, [ex.text for ex in sample]) == [str(ex.answer) for ex in s
 # %%
 from transformer_lib.data import show_error
 
-show_error(lambda: predict(model, "max(5, 3, 9)"), ValueError, "unknown token 'max' at position 0")
-show_error(lambda: predict(model, "Max(5, 12, 9)"), ValueError, "only single digits 0–9 are tokens")
-show_error(lambda: predict(model, ["Max(1, 2, 3)", "Max(1, 2, 3"]),
-           ValueError, "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
-show_error(lambda: predict(model, 42), ValueError, "predict expects a text or a list of texts, got int")
+show_error(lambda: predict(model, "max(5, 3, 9)"), ValueError,
+           "unknown token 'max' at position 0")
+show_error(lambda: predict(model, "Max(5, 12, 9)"), ValueError,
+           "only single digits 0–9 are tokens")
+show_error(lambda: predict(model, ["Max(1, 2, 3)", "Max(1, 2, 3"]), ValueError,
+           "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
+show_error(lambda: predict(model, 42), ValueError,
+           "predict expects a text or a list of texts, got int")
 
 # %% [markdown]
 # ## Attention, one puzzle at a time
@@ -506,11 +538,12 @@ show_error(lambda: predict(model, 42), ValueError, "predict expects a text or a 
 # `Last` and `Min` → 1 (argument 3).
 
 # %% tags=["export"]
-def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | None" = None,
-                   title: str | None = None,
+def plot_attention(weights: np.ndarray, tokens: Sequence[str],
+                   ax: "plt.Axes | None" = None, title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
-                   ylabel: str = "query (attending from)", fontsize: int = 9) -> "plt.Axes":
+                   ylabel: str = "query (attending from)",
+                   fontsize: int = 9) -> "plt.Axes":
     """Heatmap of one attention matrix, colour scale 0..1.
 
     Parameters
@@ -526,8 +559,9 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | N
     """
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
-    ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel, ylabel=ylabel,
-                      vmin=0, vmax=1, colorbar_label="attention weight" if colorbar else None,
+    ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel,
+                      ylabel=ylabel, vmin=0, vmax=1,
+                      colorbar_label="attention weight" if colorbar else None,
                       fontsize=fontsize)
     if highlight_row is not None:
         ax.add_patch(plt.Rectangle((-0.5, highlight_row - 0.5), len(tokens), 1,
@@ -536,13 +570,16 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | N
 
 
 def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str = "",
-                        row_labels: Sequence[str] | None = None, highlight_row: int | None = None,
-                        xlabel: str = "key (attended to)", ylabel: str = "query") -> "plt.Figure":
+                        row_labels: Sequence[str] | None = None,
+                        highlight_row: int | None = None,
+                        xlabel: str = "key (attended to)",
+                        ylabel: str = "query") -> "plt.Figure":
     """Every head of every layer, plus the mean over heads, with one shared colour bar.
 
     Parameters
     ----------
-    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])`` for example i
+    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])``
+        for example i
     tokens, row_labels, highlight_row : as in ``plot_attention``
 
     Returns
@@ -559,9 +596,11 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
         names = [f"head {h + 1}" for h in range(H)] + ["mean of the heads"]
         for h, (w, name) in enumerate(zip(panels, names)):
             ax = axes[l, h]
-            plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}", row_labels=row_labels,
-                           colorbar=False, highlight_row=highlight_row, fontsize=10,
-                           xlabel=xlabel if l == L - 1 else "", ylabel=ylabel if h == 0 else "")
+            plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}",
+                           row_labels=row_labels, colorbar=False,
+                           highlight_row=highlight_row, fontsize=10,
+                           xlabel=xlabel if l == L - 1 else "",
+                           ylabel=ylabel if h == 0 else "")
     fig.colorbar(axes[0, 0].images[0], ax=axes, shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title, fontsize=13)
@@ -570,16 +609,19 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
 
 # %% tags=["full-width"]
 def tokens_of(text: str) -> list[str]:
-    """The model's input tokens, as labels: 'Max(4, 9, 1)' -> ['Max', '(', '4', ..., '[EOS]']."""
+    """The model's input tokens, as labels:
+    'Max(4, 9, 1)' -> ['Max', '(', '4', ..., '[EOS]']."""
     return detokenize(encode(text)).split()
 
 
 for op in OPERATIONS:
     text = f"{op}(4, 9, 1)"
     i = index[(op, (4, 9, 1))]
-    fig = plot_attention_grid(np.stack([a[i] for a in attention]), tokens_of(text), highlight_row=6,
-                              title=f"Attention of the trained model on {text} → answer "
-                                    f"{predict(model, text)}   (red: the [EOS] row, where the answer is read)")
+    fig = plot_attention_grid(np.stack([a[i] for a in attention]), tokens_of(text),
+                              highlight_row=6,
+                              title=f"Attention of the trained model on {text} → "
+                                    f"answer {predict(model, text)}   (red: the [EOS] "
+                                    "row, where the answer is read)")
     plt.show()
 
 # %% [markdown]
@@ -598,11 +640,14 @@ for op in OPERATIONS:
 # %%
 for op, answer_pos in [("First", 2), ("Second", 3), ("Last", 4), ("Min", 4)]:
     i = index[(op, (4, 9, 1))]
-    on_answer = readout[1, i, :, answer_pos]            # layer 2, every head, the answer's position
-    print(f"{op:6}  layer 2, [EOS]'s attention on the answer, per head: {on_answer.round(2)}")
+    # layer 2, every head, the answer's position
+    on_answer = readout[1, i, :, answer_pos]
+    print(f"{op:6}  layer 2, [EOS]'s attention on the answer, per head: "
+          f"{on_answer.round(2)}")
     assert (on_answer > 0.9).sum() >= 2
 i = index[("Max", (4, 9, 1))]
-print(f"Max     layer 1, [EOS]'s attention on the 9, per head:      {readout[0, i, :, 3].round(2)}")
+print(f"Max     layer 1, [EOS]'s attention on the 9, per head:      "
+      f"{readout[0, i, :, 3].round(2)}")
 assert readout[0, i, :, 3].max() > 0.9
 
 # %% [markdown]
@@ -614,10 +659,12 @@ assert readout[0, i, :, 3].max() > 0.9
 
 # %% tags=["full-width"]
 POSITIONS = ["operation", "(", "argument 1", "argument 2", "argument 3", ")", "[EOS]"]
-mean_readout = np.stack([readout[:, ops == op].mean(axis=1) for op in OPERATIONS], axis=2)  # (L, H, O, T)
-fig = plot_attention_grid(mean_readout, POSITIONS, row_labels=OPERATIONS, ylabel="operation",
-                          xlabel="position attended to",
-                          title="Where [EOS] attends, averaged over the 1,000 inputs of each operation")
+mean_readout = np.stack([readout[:, ops == op].mean(axis=1) for op in OPERATIONS],
+                        axis=2)                                         # (L, H, O, T)
+fig = plot_attention_grid(mean_readout, POSITIONS, row_labels=OPERATIONS,
+                          ylabel="operation", xlabel="position attended to",
+                          title="Where [EOS] attends, averaged over the 1,000 inputs "
+                                "of each operation")
 plt.show()
 
 # %% [markdown]
@@ -640,13 +687,14 @@ plt.show()
 # %%
 op_index = {op: o for o, op in enumerate(OPERATIONS)}
 for op, pos in [("First", 2), ("Second", 3), ("Last", 4)]:
-    assert (mean_readout[1, :, op_index[op], pos] > 0.9).sum() >= 2, op        # pattern 1
-to_op = mean_readout[0, :, :, 0]                                            # (H, O): layer 1
+    assert (mean_readout[1, :, op_index[op], pos] > 0.9).sum() >= 2, op    # pattern 1
+to_op = mean_readout[0, :, :, 0]   # (H, O): layer 1
 max_detector = int(to_op[:, op_index["Max"]].argmax())
 others = np.delete(to_op[max_detector], op_index["Max"])
 print(f"layer 1, head {max_detector + 1} -> operation token:",
-      {op: round(float(share), 2) for op, share in zip(OPERATIONS, to_op[max_detector])})
-assert to_op[max_detector, op_index["Max"]] > 0.9 and others.max() < 0.45     # pattern 2
+      {op: round(float(share), 2)
+       for op, share in zip(OPERATIONS, to_op[max_detector])})
+assert to_op[max_detector, op_index["Max"]] > 0.9 and others.max() < 0.45  # pattern 2
 
 # %% [markdown]
 # ## What each head does: hypotheses, measured
@@ -669,7 +717,8 @@ assert to_op[max_detector, op_index["Max"]] > 0.9 and others.max() < 0.45     # 
 
 # %% tags=["export"]
 class HeadScores(NamedTuple):
-    """Scores of every head against every hypothesis, per operation (see ``head_scores``)."""
+    """Scores of every head against every hypothesis, per operation (see
+    ``head_scores``)."""
 
     scores: np.ndarray          # (L, H, O, K)
     chance: np.ndarray          # (O, K): attention spread evenly over the arguments
@@ -684,8 +733,8 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
     ----------
     readout : (L, B, H, T) array from ``readout_attention``
     examples : the B Examples, all with the same number n of arguments
-        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0, argument k
-        at position k + 1)
+        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0,
+        argument k at position k + 1)
 
     Returns
     -------
@@ -697,7 +746,8 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
         raise ValueError("head_scores needs examples with the same number of arguments "
                          "(their positions must line up)")
     if readout.shape[1] != len(examples):
-        raise ValueError(f"readout holds {readout.shape[1]} examples, got {len(examples)}")
+        raise ValueError(f"readout holds {readout.shape[1]} examples, "
+                         f"got {len(examples)}")
     args = np.array([ex.args for ex in examples])                      # (B, n)
     is_max = (args == args.max(axis=1, keepdims=True)).astype(float)    # (B, n)
     is_min = (args == args.min(axis=1, keepdims=True)).astype(float)
@@ -707,8 +757,8 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
         np.einsum("lbhn,bn->lbh", on_args, is_min),
         readout[..., 0]]
     per_input = np.stack(per_input, axis=-1)                            # (L, B, H, K)
-    uniform = [np.full(len(examples), 1 / n)] * n + [is_max.sum(1) / n, is_min.sum(1) / n,
-                                                     np.zeros(len(examples))]
+    uniform = [np.full(len(examples), 1 / n)] * n + [
+        is_max.sum(1) / n, is_min.sum(1) / n, np.zeros(len(examples))]
     uniform = np.stack(uniform, axis=-1)                                # (B, K)
     ops = np.array([ex.op for ex in examples])
     present = tuple(op for op in OPERATIONS if (ops == op).any())
@@ -731,21 +781,25 @@ def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
     axes = np.atleast_1d(axes)
     heads = [f"layer {l + 1} head {h + 1}" for l in range(L) for h in range(H)]
     for o, ax in enumerate(axes):
-        plot_heatmap(hs.scores[:, :, o, :].reshape(L * H, K), heads, hs.hypotheses, ax=ax,
-                     title=hs.operations[o], xlabel="[EOS] attends to ...",
-                     ylabel="head" if o == 0 else "", cmap="magma", vmin=0, vmax=1, fmt="{:.2f}")
+        plot_heatmap(hs.scores[:, :, o, :].reshape(L * H, K), heads, hs.hypotheses,
+                     ax=ax, title=hs.operations[o], xlabel="[EOS] attends to ...",
+                     ylabel="head" if o == 0 else "", cmap="magma", vmin=0, vmax=1,
+                     fmt="{:.2f}")
         ax.axhline(H - 0.5, color="white", lw=2)                    # between the layers
-    fig.colorbar(axes[0].images[0], ax=axes, shrink=0.8, label="mean attention where the hypothesis says")
+    fig.colorbar(axes[0].images[0], ax=axes, shrink=0.8,
+                 label="mean attention where the hypothesis says")
     if title:
         fig.suptitle(title)
     return fig
 
 
 # %% tags=["full-width"]
-THRESHOLD = 0.9       # "the head does this": at least 90% of its read-out attention, on average
+# "the head does this": at least 90% of its read-out attention, on average
+THRESHOLD = 0.9
 hs = head_scores(readout, everything)
-fig = plot_head_scores(hs, title="Head detector: the share of [EOS]'s attention that lands where "
-                                 "each hypothesis says, per operation, all 5,000 inputs")
+fig = plot_head_scores(hs, title="Head detector: the share of [EOS]'s attention that "
+                                 "lands where each hypothesis says, per operation, "
+                                 "all 5,000 inputs")
 plt.show()
 
 # %% [markdown]
@@ -753,8 +807,9 @@ plt.show()
 # and its score (chance for comparison in the last line).
 
 # %%
-short = {"argument 1": "arg 1", "argument 2": "arg 2", "argument 3": "arg 3", "largest digit": "largest",
-         "smallest digit": "smallest", "operation token": "op token"}
+short = {"argument 1": "arg 1", "argument 2": "arg 2", "argument 3": "arg 3",
+         "largest digit": "largest", "smallest digit": "smallest",
+         "operation token": "op token"}
 print(f"{'':16}" + "".join(f"{op:>17}" for op in hs.operations))
 for l in range(2):
     for h in range(4):
@@ -782,15 +837,17 @@ print("chance (args/largest/smallest):", hs.chance[0, :5].round(3))
 #   (the last column of each panel).
 
 # %%
-S = hs.scores                                             # (layer, head, operation, hypothesis)
+S = hs.scores   # (layer, head, operation, hypothesis)
 hyp = {name: k for k, name in enumerate(hs.hypotheses)}
 positional = [h for h in range(4)
               if all(S[1, h, hs.operations.index(op), hyp[arg]] >= THRESHOLD
-                     for op, arg in [("First", "argument 1"), ("Second", "argument 2"), ("Last", "argument 3")])]
+                     for op, arg in [("First", "argument 1"), ("Second", "argument 2"),
+                                     ("Last", "argument 3")])]
 print("positional heads of layer 2:", [f"head {h + 1}" for h in positional])
 assert len(positional) >= 2
 for op in ("First", "Second", "Last"):
-    assert S[0, :, hs.operations.index(op), :3].max() < 0.5, f"no layer-1 head selects an argument for {op}"
+    assert S[0, :, hs.operations.index(op), :3].max() < 0.5, \
+        f"no layer-1 head selects an argument for {op}"
 o_min, o_max = hs.operations.index("Min"), hs.operations.index("Max")
 smallest = S[1, positional, o_min, hyp["smallest digit"]]
 assert (smallest >= 0.85).all() and smallest.max() >= THRESHOLD
@@ -816,7 +873,8 @@ print(f"best layer-2 'largest digit' score for Max: {best_max:.2f} "
 # exactly, which we check first.
 
 # %% tags=["export"]
-def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray | None = None,
+def forward_with_knockout(model: Transformer, ids: np.ndarray,
+                          mask: np.ndarray | None = None,
                           blocked: dict | None = None) -> np.ndarray:
     """The model's forward pass (evaluation mode) with chosen attention edges removed.
 
@@ -824,8 +882,8 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray 
     ----------
     ids : (B, T) token ids;  mask : (B, T) bool, True for real tokens
     blocked : {layer index (from 0): bool array broadcastable to (B, T, T)}
-        True at ``[b, t, s]``: in that layer, query ``t`` of input ``b`` may not attend to key
-        ``s`` (in every head). The softmax renormalises over the allowed keys.
+        True at ``[b, t, s]``: in that layer, query ``t`` of input ``b`` may not attend
+        to key ``s`` (in every head). The softmax renormalises over the allowed keys.
 
     Returns
     -------
@@ -835,7 +893,8 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray 
     Raises
     ------
     ValueError
-        For a layer index the model does not have, or a real query left with no key at all.
+        For a layer index the model does not have, or a real query left with no key
+        at all.
     """
     ids = np.asarray(ids)
     mask = ids != PAD_ID if mask is None else np.asarray(mask, dtype=bool)
@@ -856,23 +915,28 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray 
             att = block.attention
             H, d_k = att.num_heads, att.d_k
 
-            def split_heads(linear):                                    # (B, T, D) -> (B, H, T, d_k)
+            # (B, T, D) -> (B, H, T, d_k)
+            def split_heads(linear):
                 return linear(x).reshape(B, T, H, d_k).transpose(0, 2, 1, 3)
 
             Q, K, V = split_heads(att.W_q), split_heads(att.W_k), split_heads(att.W_v)
-            allowed = np.broadcast_to(mask[:, None, :], (B, T, T))      # keys must be real
+            allowed = np.broadcast_to(mask[:, None, :], (B, T, T))  # keys must be real
             if l in blocked:
-                allowed = allowed & ~np.broadcast_to(np.asarray(blocked[l], dtype=bool), (B, T, T))
-            stranded = ~allowed.any(axis=-1) & mask                      # (B, T)
+                allowed = allowed & ~np.broadcast_to(np.asarray(blocked[l], dtype=bool),
+                                                     (B, T, T))
+            stranded = ~allowed.any(axis=-1) & mask                 # (B, T)
             if stranded.any():
                 b, t = np.argwhere(stranded)[0]
-                raise ValueError(f"layer {l}: query {t} of input {b} may attend to no key at all")
-            scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)   # (B, H, T, T)
+                raise ValueError(f"layer {l}: query {t} of input {b} "
+                                 "may attend to no key at all")
+            # (B, H, T, T)
+            scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)
             scores = np.where(allowed[:, None], scores, NEG_INF)
             weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
             weights /= weights.sum(axis=-1, keepdims=True)
             attention.append(weights)
-            a = att.W_o((weights @ V).transpose(0, 2, 1, 3).reshape(B, T, H * d_k))   # (B, T, D)
+            # (B, T, D)
+            a = att.W_o((weights @ V).transpose(0, 2, 1, 3).reshape(B, T, H * d_k))
             x = x + a if block.residual else a
             if block.norm1 is not None:
                 x = block.norm1(x)
@@ -896,7 +960,8 @@ difference = np.abs(plain_logits - logits).max()
 print(f"largest difference to the model's own forward pass: {difference:.1e} (float32)")
 assert difference < 1e-4 and (plain_logits.argmax(1) == predicted).all()
 assert np.allclose(plain_attention[1], attention[1], atol=1e-5)
-show_error(lambda: forward_with_knockout(model, batch.ids, batch.mask, {2: np.zeros((7, 7), bool)}),
+show_error(lambda: forward_with_knockout(model, batch.ids, batch.mask,
+                                         {2: np.zeros((7, 7), bool)}),
            ValueError, "blocked names layer 2, but the model has layers 0..1")
 
 # %% [markdown]
@@ -921,9 +986,9 @@ def answer_positions(examples) -> np.ndarray:
     out = np.zeros((len(examples), 7), dtype=bool)
     for b, ex in enumerate(examples):
         a = np.array(ex.args)
-        if ex.op in FSL:                                  # one position, even if digits repeat
+        if ex.op in FSL:                          # one position, even if digits repeat
             out[b, 2:5] = np.arange(3) == FSL.index(ex.op)
-        else:                                             # every copy of the largest/smallest
+        else:                                     # every copy of the largest/smallest
             out[b, 2:5] = a == (a.max() if ex.op == "Max" else a.min())
     return out
 
@@ -980,18 +1045,26 @@ for name, blocked in experiments.items():
 # 60%, under B below 70%, in line with the `Max` detector of layer 1. The checks:
 
 # %%
-assert all(knockout["A"][op] < 0.35 for op in FSL)                 # the answer is copied in layer 2
-assert all(knockout["B"][op] > 0.99 for op in FSL)                 # [EOS] need not read the operation...
-assert all(knockout["C"][op] > 0.9 for op in FSL)                  # ...nor anything in layer 1
-assert knockout["D"]["First"] < 0.3 and knockout["D"]["Second"] < 0.3   # the arguments carry it
+# the answer is copied in layer 2
+assert all(knockout["A"][op] < 0.35 for op in FSL)
+# [EOS] need not read the operation...
+assert all(knockout["B"][op] > 0.99 for op in FSL)
+# ...nor anything in layer 1
+assert all(knockout["C"][op] > 0.9 for op in FSL)
+# the arguments carry it
+assert knockout["D"]["First"] < 0.3 and knockout["D"]["Second"] < 0.3
 assert 0.7 < knockout["D"]["Last"] < 0.95
-assert all(knockout["E"][op] >= 0.99 for op in FSL)                # digits travel on the residual path
+# digits travel on the residual path
+assert all(knockout["E"][op] >= 0.99 for op in FSL)
 assert all(acc > 0.95 for acc in knockout["E"].values())
-assert knockout["B"]["Max"] < 0.7 and knockout["C"]["Max"] < 0.6   # Max needs [EOS] in layer 1
-args_to_op = {op: float(attention[0][ops == op][:, :, 2:5, 0].mean()) for op in OPERATIONS}
+# Max needs [EOS] in layer 1
+assert knockout["B"]["Max"] < 0.7 and knockout["C"]["Max"] < 0.6
+args_to_op = {op: float(attention[0][ops == op][:, :, 2:5, 0].mean())
+              for op in OPERATIONS}
 print("layer 1, arguments -> operation token (mean over heads and arguments):",
       {op: round(share, 2) for op, share in args_to_op.items()})
-assert all(share > 1 / 7 + 0.05 for share in args_to_op.values())  # well above an even spread
+# well above an even spread
+assert all(share > 1 / 7 + 0.05 for share in args_to_op.values())
 
 # %% [markdown]
 # ### What `[EOS]` looks for in layer 1
@@ -1006,22 +1079,29 @@ assert all(share > 1 / 7 + 0.05 for share in args_to_op.values())  # well above 
 
 # %% tags=["full-width"]
 att1 = model.blocks[0].attention
-E_all, pe = model.embedding.W.data, model.pos_encoding.pe                 # (V, D), (max_len, D)
+E_all, pe = model.embedding.W.data, model.pos_encoding.pe   # (V, D), (max_len, D)
 H, d_k = att1.num_heads, att1.d_k
-q = (E_all[EOS_ID] + pe[EOS]) @ att1.W_q.W.data + att1.W_q.b.data       # (D,): the same for every input
+# (D,): the same for every input
+q = (E_all[EOS_ID] + pe[EOS]) @ att1.W_q.W.data + att1.W_q.b.data
 
 
 def layer1_scores(tokens, position) -> np.ndarray:
-    """(H, n) pre-softmax score of [EOS]'s layer-1 query on each token placed at position."""
-    k = (E_all[[TOKEN_TO_ID[t] for t in tokens]] + pe[position]) @ att1.W_k.W.data   # (n, D)
-    return np.einsum("nhd,hd->hn", k.reshape(len(tokens), H, d_k), q.reshape(H, d_k)) / np.sqrt(d_k)
+    """(H, n) pre-softmax score of [EOS]'s layer-1 query on each token placed at
+    position."""
+    # (n, D)
+    k = (E_all[[TOKEN_TO_ID[t] for t in tokens]] + pe[position]) @ att1.W_k.W.data
+    return np.einsum("nhd,hd->hn", k.reshape(len(tokens), H, d_k),
+                     q.reshape(H, d_k)) / np.sqrt(d_k)
 
 
 digits = [str(d) for d in range(10)]
-pref = np.concatenate([layer1_scores(digits, 3), layer1_scores(OPERATIONS, 0)], axis=1)   # (H, 15)
+# (H, 15)
+pref = np.concatenate([layer1_scores(digits, 3), layer1_scores(OPERATIONS, 0)], axis=1)
 ax = plot_heatmap(pref, [f"head {h + 1}" for h in range(H)], digits + list(OPERATIONS),
-                  title="Layer 1: what the query of [EOS] matches (score before the softmax)",
-                  xlabel="token (digits at argument 2's position, operations at position 0)",
+                  title="Layer 1: what the query of [EOS] matches "
+                        "(score before the softmax)",
+                  xlabel="token (digits at argument 2's position, "
+                         "operations at position 0)",
                   ylabel="layer 1", cmap="coolwarm", vmin=-10, vmax=10, fmt="{:.0f}",
                   colorbar_label="score $q \\cdot k / \\sqrt{d_k}$")
 ax.figure.set_size_inches(10, 3.2)
@@ -1042,9 +1122,11 @@ max_head = int(pref[:, 10 + OPERATIONS.index("Max")].argmax())
 nine_head = int(pref[:, 9].argmax())
 nine_gap = pref[nine_head, 9] - np.sort(pref[nine_head, :10])[-2]
 print(f"the Max-token head: head {max_head + 1};  the 9 head: head {nine_head + 1} "
-      f"(9 beats the next digit by {nine_gap:.1f});  position changes a score by at most {spread:.2f}")
-assert spread < 1.5                                                         # position barely matters
-assert pref[max_head].argmax() == 10 + OPERATIONS.index("Max") and max_head == max_detector
+      f"(9 beats the next digit by {nine_gap:.1f});  "
+      f"position changes a score by at most {spread:.2f}")
+assert spread < 1.5   # position barely matters
+assert (pref[max_head].argmax() == 10 + OPERATIONS.index("Max")
+        and max_head == max_detector)
 assert pref[nine_head, :10].argmax() == 9 and nine_gap > 5
 assert 0.4 < knockout["A"]["Max"] < 0.6
 
@@ -1098,14 +1180,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the ranks (ties averaged)."""
+    """Spearman's rank correlation: the Pearson correlation of the ranks (ties
+    averaged)."""
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"need two sequences of the same length >= 2, got {len(x)} and {len(y)}")
+        raise ValueError("need two sequences of the same length >= 2, "
+                         f"got {len(x)} and {len(y)}")
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
-def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndarray | None = None,
-                      ax: "plt.Axes | None" = None, title: str | None = None, explained: np.ndarray | None = None,
+def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
+                      values: np.ndarray | None = None, ax: "plt.Axes | None" = None,
+                      title: str | None = None, explained: np.ndarray | None = None,
                       colorbar_label: str = "digit value") -> "plt.Axes":
     """Scatter 2-D points, each written with its label and coloured by ``values``.
 
@@ -1118,12 +1203,13 @@ def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndar
     sc = ax.scatter(coords[:, 0], coords[:, 1], c=values, cmap="viridis", s=170)
     for (x, y), label, v in zip(coords, labels, values):
         r, g, b, _ = sc.cmap(sc.norm(v))
-        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5                    # text must contrast
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # text must contrast
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, weight="bold",
                     color="white" if dark else "black")
     pc = ["principal component 1", "principal component 2"]
     if explained is not None:
-        pc = [f"{name} ({share:.0%} of the variance)" for name, share in zip(pc, explained)]
+        pc = [f"{name} ({share:.0%} of the variance)"
+              for name, share in zip(pc, explained)]
     ax.set(xlabel=pc[0], ylabel=pc[1])
     if title:
         ax.set_title(title, fontsize=10)
@@ -1145,16 +1231,19 @@ def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndar
 #    position, so the position averages out).
 
 # %% tags=["full-width"]
-model.eval()                                                      # direct calls below: no caches
-E = model.embedding.W.data.astype(np.float64)                     # (V, D)
+model.eval()                                    # direct calls below: no caches
+E = model.embedding.W.data.astype(np.float64)   # (V, D)
 E_init = Transformer(**model.config).embedding.W.data.astype(np.float64)
 for unused in ("[PAD]", ","):
     assert np.array_equal(E[TOKEN_TO_ID[unused]], E_init[TOKEN_TO_ID[unused]])
 digit_ids = [TOKEN_TO_ID[d] for d in digits]
-moved = np.linalg.norm(E[digit_ids] - E_init[digit_ids]) / np.linalg.norm(E_init[digit_ids])
+moved = (np.linalg.norm(E[digit_ids] - E_init[digit_ids])
+         / np.linalg.norm(E_init[digit_ids]))
 
-h1 = model.blocks[0](model.pos_encoding(model.embedding(batch.ids)), batch.mask)   # (5000, 7, D)
-after_layer1 = np.stack([h1[:, 2:5][args == d].mean(axis=0) for d in range(10)])     # (10, D)
+# (5000, 7, D)
+h1 = model.blocks[0](model.pos_encoding(model.embedding(batch.ids)), batch.mask)
+# (10, D)
+after_layer1 = np.stack([h1[:, 2:5][args == d].mean(axis=0) for d in range(10)])
 
 views = {"trained embeddings": E[digit_ids],
          "learned change (trained − initial)": E[digit_ids] - E_init[digit_ids],
@@ -1165,7 +1254,8 @@ for ax, (name, X) in zip(axes, views.items()):
     coords, explained = principal_components(X)
     rho[name] = rank_correlation(coords[:, 0], np.arange(10))
     plot_embedding_2d(coords, digits, ax=ax, explained=explained,
-                      title=f"{name}\nrank correlation of component 1 with the digit: ρ = {rho[name]:+.2f}")
+                      title=f"{name}\nrank correlation of component 1 with the digit: "
+                            f"ρ = {rho[name]:+.2f}")
 fig.suptitle("The ten digits projected on their first two principal components")
 plt.show()
 print(f"training moved the digit embeddings by {moved:.1%} of their length")
@@ -1186,20 +1276,24 @@ print(f"training moved the digit embeddings by {moved:.1%} of their length")
 
 # %%
 rng = np.random.default_rng(0)
-perms = rng.permuted(np.tile(np.arange(10), (100_000, 1)), axis=1)      # (100000, 10) random orders
+# (100000, 10) random orders
+perms = rng.permuted(np.tile(np.arange(10), (100_000, 1)), axis=1)
 rho_random = 1 - 6 * ((perms - np.arange(10)) ** 2).sum(axis=1) / (10 * (10 ** 2 - 1))
 p_change = np.mean(np.abs(rho_random) >= abs(rho["learned change (trained − initial)"]))
 print({name: round(r, 2) for name, r in rho.items()})
-print(f"share of random orders with |ρ| at least as large as the learned change's: {p_change:.4f}")
-print(f"share of random orders with |ρ| >= 0.8: {np.mean(np.abs(rho_random) >= 0.8):.4f}")
+print(f"share of random orders with |ρ| at least as large as the learned change's: "
+      f"{p_change:.4f}")
+print(f"share of random orders with |ρ| >= 0.8: "
+      f"{np.mean(np.abs(rho_random) >= 0.8):.4f}")
 
 assert abs(rho["trained embeddings"]) < 0.5
 assert abs(rho["learned change (trained − initial)"]) >= 0.6 and p_change < 0.05
 assert abs(rho["after layer 1 (argument positions)"]) >= 0.9
 assert 0.01 < moved < 0.1
-assert 7 < np.linalg.norm(E_init[digit_ids], axis=1).mean() < 9          # "length about 8"
-assert np.mean(np.abs(rho_random) >= 0.8) < 0.01                          # "rarely above 0.8"
-assert np.isclose(rank_correlation(np.arange(10), np.arange(10)[::-1]), -1)   # the measure itself
+assert 7 < np.linalg.norm(E_init[digit_ids], axis=1).mean() < 9   # "length about 8"
+assert np.mean(np.abs(rho_random) >= 0.8) < 0.01                  # "rarely above 0.8"
+# the measure itself
+assert np.isclose(rank_correlation(np.arange(10), np.arange(10)[::-1]), -1)
 
 # %% [markdown]
 # ## Testing the model
@@ -1234,7 +1328,7 @@ def confidence_margins(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
 # %%
 margins = confidence_margins(probs, batch.targets)                       # (5000,)
 train_inputs = {(ex.op, ex.args) for ex in train}
-in_train = np.array([(ex.op, ex.args) in train_inputs for ex in everything])       # (5000,)
+in_train = np.array([(ex.op, ex.args) in train_inputs for ex in everything])   # (5000,)
 
 
 def unique_at(op: str, k: int):
@@ -1247,18 +1341,22 @@ def unique_at(op: str, k: int):
 
 edge_cases = {
     "all digits equal": lambda ex: len(set(ex.args)) == 1,
-    "Max, tie for the largest": lambda ex: ex.op == "Max" and ex.args.count(max(ex.args)) == 2,
-    "Min, tie for the smallest": lambda ex: ex.op == "Min" and ex.args.count(min(ex.args)) == 2,
+    "Max, tie for the largest":
+        lambda ex: ex.op == "Max" and ex.args.count(max(ex.args)) == 2,
+    "Min, tie for the smallest":
+        lambda ex: ex.op == "Min" and ex.args.count(min(ex.args)) == 2,
     "a 0 and a 9 together": lambda ex: 0 in ex.args and 9 in ex.args,
-    **{f"{op}, answer only at argument {k + 1}": unique_at(op, k) for op in ("Max", "Min") for k in range(3)},
+    **{f"{op}, answer only at argument {k + 1}": unique_at(op, k)
+       for op in ("Max", "Min") for k in range(3)},
 }
-print(f"{'group':32} {'inputs':>6} {'in train':>8} {'accuracy':>9} {'min margin':>10}  least sure input")
+print(f"{'group':32} {'inputs':>6} {'in train':>8} {'accuracy':>9} {'min margin':>10}  "
+      "least sure input")
 for name, test_fn in edge_cases.items():
     rows = np.array([i for i, ex in enumerate(everything) if test_fn(ex)])
     acc = np.mean(predicted[rows] == batch.targets[rows])
     worst = rows[margins[rows].argmin()]
-    print(f"{name:32} {len(rows):6} {in_train[rows].sum():8} {acc:9.1%} {margins[worst]:10.3f}  "
-          f"{everything[worst].text}")
+    print(f"{name:32} {len(rows):6} {in_train[rows].sum():8} {acc:9.1%} "
+          f"{margins[worst]:10.3f}  {everything[worst].text}")
     assert len(rows) >= 50 and acc == 1.0 and margins[rows].min() > 0.25, name
 
 # %% [markdown]
@@ -1268,15 +1366,18 @@ for name, test_fn in edge_cases.items():
 
 # %%
 least_sure = np.argsort(margins)[:10]
-answer_share = {op: np.bincount([ex.answer for ex in everything if ex.op == op], minlength=10) / 1000
+answer_share = {op: np.bincount([ex.answer for ex in everything if ex.op == op],
+                                minlength=10) / 1000
                 for op in OPERATIONS}
-print(f"{'input':18} {'answer':>6} {'p(answer)':>9} {'margin':>7} {'runner-up':>9} {'answer share':>12}")
+print(f"{'input':18} {'answer':>6} {'p(answer)':>9} {'margin':>7} {'runner-up':>9} "
+      f"{'answer share':>12}")
 for i in least_sure:
     ex = everything[i]
     runner_up = np.argsort(probs[i])[-2]
     print(f"{ex.text:18} {ex.answer:6} {probs[i, ex.target]:9.3f} {margins[i]:7.3f} "
           f"{ID_TO_TOKEN[int(runner_up)]:>9} {answer_share[ex.op][ex.answer]:12.1%}")
-rare = [everything[i].op in ("Max", "Min") and answer_share[everything[i].op][everything[i].answer] < 0.05
+rare = [everything[i].op in ("Max", "Min")
+        and answer_share[everything[i].op][everything[i].answer] < 0.05
         for i in least_sure]
 p_answer = probs[np.arange(len(everything)), batch.targets]
 print(f"{sum(rare)} of the 10 are Max or Min puzzles whose answer is rare (under 5%); "
@@ -1299,11 +1400,16 @@ assert (margins > 0).all() and p_answer.min() > 0.7
 # the model ever sees it:
 
 # %%
-show_error(lambda: predict(model, "Mean(1, 2, 3)"), ValueError, "unknown token 'Mean' at position 0")
-show_error(lambda: predict(model, "Max(5; 3; 9)"), ValueError, "unknown token ';' at position 3")
-show_error(lambda: predict(model, "Max()"), ValueError, "expected a digit 0–9 at position 2, got ')'")
-show_error(lambda: predict(model, "Max(5, 3, 9"), ValueError, "expected ')' at position 7, got end of input")
-show_error(lambda: predict(model, "Max(5, 3, 9) 4"), ValueError, "expected '[EOS]' or end of input at position 8")
+show_error(lambda: predict(model, "Mean(1, 2, 3)"), ValueError,
+           "unknown token 'Mean' at position 0")
+show_error(lambda: predict(model, "Max(5; 3; 9)"), ValueError,
+           "unknown token ';' at position 3")
+show_error(lambda: predict(model, "Max()"), ValueError,
+           "expected a digit 0–9 at position 2, got ')'")
+show_error(lambda: predict(model, "Max(5, 3, 9"), ValueError,
+           "expected ')' at position 7, got end of input")
+show_error(lambda: predict(model, "Max(5, 3, 9) 4"), ValueError,
+           "expected '[EOS]' or end of input at position 8")
 
 # %% [markdown]
 # The grammar allows any number of digits, so `Max(1, 2, 3, 4)` is a valid puzzle, only
@@ -1311,8 +1417,9 @@ show_error(lambda: predict(model, "Max(5, 3, 9) 4"), ValueError, "expected '[EOS
 # what the model answers:
 
 # %%
-for text in ["Max(1, 8, 3, 4)", "Min(6, 2, 7, 5)", "First(4, 5, 6, 7)", "Second(4, 5, 6, 7)",
-             "Last(4, 5, 6, 7)", "Last(4, 5, 6, 2)", "Max(1, 2)", "Last(1, 2)"]:
+for text in ["Max(1, 8, 3, 4)", "Min(6, 2, 7, 5)", "First(4, 5, 6, 7)",
+             "Second(4, 5, 6, 7)", "Last(4, 5, 6, 7)", "Last(4, 5, 6, 2)",
+             "Max(1, 2)", "Last(1, 2)"]:
     answer, p = predict(model, text, return_probs=True)
     print(f"{text:20} -> {answer}  (p = {p:.2f})")
 for text in ["Max ( 5 3 9", "Max 5 3 9 )", "Max 5 3 9", "First 5 3 9 )", "5 3 9"]:
@@ -1328,12 +1435,14 @@ for text in ["Max ( 5 3 9", "Max 5 3 9 )", "Max 5 3 9", "First 5 3 9 )", "5 3 9"
 # %%
 four = generate_dataset(2000, seed=6, num_args=4)
 four_batch = create_batch(four)
-four_logits, four_attention = forward_with_attention(model, four_batch.ids, four_batch.mask)
+four_logits, four_attention = forward_with_attention(model, four_batch.ids,
+                                                     four_batch.mask)
 four_acc = accuracy_per_operation(four, four_logits.argmax(axis=1))
 
 broken = {}
 for name, drop in [("no ')'", ")"), ("no '('", "(")]:
-    ids, mask = pad_sequences([encode(ex.text.replace(drop, ""), strict=False) for ex in test])
+    ids, mask = pad_sequences([encode(ex.text.replace(drop, ""), strict=False)
+                               for ex in test])
     out, _ = forward_with_attention(model, ids, mask)
     broken[name] = accuracy_per_operation(test, out.argmax(axis=1))
 
@@ -1363,19 +1472,25 @@ last4 = [i for i, ex in enumerate(four) if ex.op == "Last"]
 wrong = [i for i in last4 if four_logits[i].argmax() != four[i].target]
 i = wrong[0]
 text = four[i].text
-fig = plot_attention_grid(np.stack([a[i] for a in four_attention]), tokens_of(text), highlight_row=7,
-                          title=f"{text} → the model answers {ID_TO_TOKEN[int(four_logits[i].argmax())]}, "
+fig = plot_attention_grid(np.stack([a[i] for a in four_attention]), tokens_of(text),
+                          highlight_row=7,
+                          title=f"{text} → the model answers "
+                                f"{ID_TO_TOKEN[int(four_logits[i].argmax())]}, "
                                 f"the right answer is {four[i].answer}")
 plt.show()
 
-last4_readout = readout_attention(four_attention, four_batch.mask)[1, last4]   # (n, H, T), layer 2
-share_arg3 = last4_readout[:, positional, 4].mean()                           # the positional heads
+# (n, H, T), layer 2
+last4_readout = readout_attention(four_attention, four_batch.mask)[1, last4]
+share_arg3 = last4_readout[:, positional, 4].mean()   # the positional heads
 share_arg4 = last4_readout[:, positional, 5].mean()
 pred4 = four_logits[last4].argmax(axis=1)
-arg = np.array([[TOKEN_TO_ID[str(a)] for a in four[j].args] for j in last4])  # (n, 4) token ids
+# (n, 4) token ids
+arg = np.array([[TOKEN_TO_ID[str(a)] for a in four[j].args] for j in last4])
 copies_3_or_4 = np.mean((pred4 == arg[:, 2]) | (pred4 == arg[:, 3]))
-print(f"layer 2, positional heads of [EOS]: {share_arg3:.2f} on argument 3, {share_arg4:.2f} on argument 4")
-print(f"the answer is argument 3 or argument 4 in {copies_3_or_4:.1%} of the {len(last4)} puzzles")
+print(f"layer 2, positional heads of [EOS]: {share_arg3:.2f} on argument 3, "
+      f"{share_arg4:.2f} on argument 4")
+print(f"the answer is argument 3 or argument 4 in {copies_3_or_4:.1%} of the "
+      f"{len(last4)} puzzles")
 
 # %% [markdown]
 # In the positional heads, `[EOS]` splits its attention between argument 3 (the old "last"
@@ -1386,7 +1501,8 @@ print(f"the answer is argument 3 or argument 4 in {copies_3_or_4:.1%} of the {le
 
 # %%
 last4_matrix = confusion_matrix(four_batch.targets[last4], pred4)
-ax = plot_confusion(last4_matrix, title=f"Last with four arguments: {len(last4)} random puzzles")
+ax = plot_confusion(last4_matrix,
+                    title=f"Last with four arguments: {len(last4)} random puzzles")
 ax.figure.set_size_inches(5.5, 4.6)
 plt.show()
 
@@ -1394,9 +1510,11 @@ assert all(four_acc[op] >= 0.98 for op in ("First", "Second", "Max", "Min"))
 assert 0.5 < four_acc["Last"] < 0.8
 assert share_arg3 > 0.3 and share_arg4 > 0.3 and share_arg3 + share_arg4 > 0.9
 assert copies_3_or_4 > 0.95
-assert (last4_matrix.argmax(axis=1) == np.arange(10)).sum() >= 8 and last4_matrix[:, -1].sum() == 0
+assert ((last4_matrix.argmax(axis=1) == np.arange(10)).sum() >= 8
+        and last4_matrix[:, -1].sum() == 0)
 assert all(acc > 0.95 for acc in broken["no ')'"].values())
-assert broken["no '('"]["First"] < 0.5 and broken["no '('"]["Second"] < 0.5 and broken["no '('"]["Last"] < 0.9
+assert (broken["no '('"]["First"] < 0.5 and broken["no '('"]["Second"] < 0.5
+        and broken["no '('"]["Last"] < 0.9)
 assert broken["no '('"]["Max"] > 0.95 and broken["no '('"]["Min"] > 0.95
 
 # %% [markdown]
@@ -1468,11 +1586,13 @@ two_logits, two_attention = forward_with_attention(model, two_batch.ids, two_bat
 two_acc = accuracy_per_operation(two, two_logits.argmax(axis=1))
 print({op: f"{acc:.0%}" for op, acc in two_acc.items()})
 is_last = np.array([ex.op == "Last" for ex in two])
-where = readout_attention(two_attention, two_batch.mask)[1, is_last][:, positional].mean(axis=(0, 1))
-print("layer 2, positional heads, Last:",                     # (T,) = 6 positions: Op ( a b ) [EOS]
+where = (readout_attention(two_attention, two_batch.mask)[1, is_last][:, positional]
+         .mean(axis=(0, 1)))
+print("layer 2, positional heads, Last:",   # (T,) = 6 positions: Op ( a b ) [EOS]
       {token: round(float(w), 2) for token, w in zip(tokens_of("Last(1, 2)"), where)})
-assert two_acc["Last"] < 0.9 and all(two_acc[op] == 1.0 for op in ("First", "Second", "Max", "Min"))
-assert where[3] < 0.5                       # less than half goes to the real last argument
+assert two_acc["Last"] < 0.9 and all(two_acc[op] == 1.0
+                                     for op in ("First", "Second", "Max", "Min"))
+assert where[3] < 0.5   # less than half goes to the real last argument
 
 # %% [markdown]
 # Yes: `Last` drops below 90%. Less than half of `[EOS]`'s attention in the positional
@@ -1486,13 +1606,17 @@ assert where[3] < 0.5                       # less than half goes to the real la
 # with exactly two copies of the minimum.
 
 # %% tags=["hide-cell"]
-tied = [i for i, ex in enumerate(everything) if ex.op == "Min" and ex.args.count(min(ex.args)) == 2]
+tied = [i for i, ex in enumerate(everything)
+        if ex.op == "Min" and ex.args.count(min(ex.args)) == 2]
 shares = []
 for i in tied:
-    first, second = [2 + k for k, a in enumerate(everything[i].args) if a == min(everything[i].args)]
-    shares.append([readout[1, i, positional, first].mean(), readout[1, i, positional, second].mean()])
+    first, second = [2 + k for k, a in enumerate(everything[i].args)
+                     if a == min(everything[i].args)]
+    shares.append([readout[1, i, positional, first].mean(),
+                   readout[1, i, positional, second].mean()])
 shares = np.array(shares)                                                   # (135, 2)
-print(f"{len(tied)} puzzles: earlier copy {shares[:, 0].mean():.2f}, later copy {shares[:, 1].mean():.2f}, "
+print(f"{len(tied)} puzzles: earlier copy {shares[:, 0].mean():.2f}, "
+      f"later copy {shares[:, 1].mean():.2f}, "
       f"both together {shares.sum(axis=1).mean():.2f}")
 assert shares[:, 0].mean() > 0.3 and shares[:, 1].mean() > 0.3
 assert shares.sum(axis=1).mean() > 0.9
@@ -1514,7 +1638,8 @@ sample_batch = create_batch(sample)
 
 
 def ablated_accuracy(heads) -> dict:
-    """Accuracy per operation with the given (layer, head) outputs zeroed; weights restored."""
+    """Accuracy per operation with the given (layer, head) outputs zeroed; weights
+    restored."""
     saved = []
     for layer, head in heads:
         W_o = model.blocks[layer].attention.W_o.W.data
@@ -1530,11 +1655,13 @@ def ablated_accuracy(heads) -> dict:
 
 
 ablations = {f"layer 2 head {h + 1}": ablated_accuracy([(1, h)]) for h in range(4)}
-strongest = sorted(positional, key=lambda h: -np.trace(S[1, h, :3, :3]))[:2]   # First/Second/Last on their argument
+# First/Second/Last on their argument
+strongest = sorted(positional, key=lambda h: -np.trace(S[1, h, :3, :3]))[:2]
 ablations["two positional heads"] = ablated_accuracy([(1, h) for h in strongest])
 for name, acc in ablations.items():
     print(f"{name:18}" + "".join(f"{op} {a:5.1%}  " for op, a in acc.items()))
-assert ablated_accuracy([]) == accuracy_per_operation(sample, predicted[sample_rows])   # restored
+# restored
+assert ablated_accuracy([]) == accuracy_per_operation(sample, predicted[sample_rows])
 print("the two strongest positional heads:", [f"head {h + 1}" for h in strongest])
 singles = [ablations[f"layer 2 head {h + 1}"]["all"] for h in range(4)]
 assert min(singles) > 0.9

@@ -5,8 +5,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, Example, encode,
-                                  pad_sequences)
+from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, Example,
+                                  encode, pad_sequences)
 from transformer_lib.attention import NEG_INF
 from transformer_lib.transformer import Transformer
 
@@ -14,7 +14,8 @@ _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
 
 
 def _pyplot():
-    """matplotlib is needed for plots only; predict() and the metrics work without it."""
+    """matplotlib is needed for plots only; predict() and the metrics work without it.
+    """
     import matplotlib.pyplot as plt
     return plt
 
@@ -33,7 +34,8 @@ def plot_training_curves(history: dict) -> "plt.Figure":
     matplotlib.figure.Figure
     """
     plt = _pyplot()
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6),
+                                        constrained_layout=True)
     steps = np.arange(1, len(history["step_loss"]) + 1)
     ax1.plot(steps, history["step_loss"], lw=0.8, color="tab:blue")
     steps_per_epoch = len(steps) / len(history["epoch"])
@@ -41,15 +43,20 @@ def plot_training_curves(history: dict) -> "plt.Figure":
         ax1.axvline(e * steps_per_epoch, color="grey", lw=0.5, ls=":")
     ax1.set(yscale="log", xlabel="optimisation step (dotted lines: epoch ends)",
             ylabel="cross-entropy loss", title="Loss of every training step")
-    ax2.plot(history["epoch"], history["train_loss"], "o-", label="training (mean over the epoch)")
-    ax2.plot(history["epoch"], history["val_loss"], "s-", label="validation (end of the epoch)")
-    ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
+    ax2.plot(history["epoch"], history["train_loss"], "o-",
+             label="training (mean over the epoch)")
+    ax2.plot(history["epoch"], history["val_loss"], "s-",
+             label="validation (end of the epoch)")
+    ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss",
+            title="Loss per epoch")
     ax2.legend()
-    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-", color="tab:green")
+    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-",
+             color="tab:green")
     best = history["best_epoch"]
-    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16, color="tab:red",
-             label=f"best epoch ({best}): the model we use")
-    ax3.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16,
+             color="tab:red", label=f"best epoch ({best}): the model we use")
+    ax3.set(xlabel="epoch", ylabel="validation accuracy (%)",
+            title="Validation accuracy")
     ax3.legend(loc="lower right")
     for ax in (ax2, ax3):
         ax.set_xticks(history["epoch"])
@@ -63,7 +70,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def forward_with_attention(model: Transformer, ids: np.ndarray,
-                           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           mask: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Run the model in evaluation mode and keep every layer's attention weights.
 
     Parameters
@@ -86,7 +94,8 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
 
 
 def readout_positions(mask: np.ndarray) -> np.ndarray:
-    """Position of the last real token of each row, where the model reads its answer: (B,)."""
+    """Position of the last real token of each row, where the model reads its
+    answer: (B,)."""
     return np.asarray(mask).sum(axis=1) - 1
 
 
@@ -107,7 +116,8 @@ def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.n
     return np.stack([a[rows, :, last, :] for a in attention])         # (L, B, H, T)
 
 
-def accuracy_per_operation(examples: Sequence[Example], predicted_ids: np.ndarray) -> dict:
+def accuracy_per_operation(examples: Sequence[Example],
+                           predicted_ids: np.ndarray) -> dict:
     """Fraction of correct answers for each operation present in ``examples``.
 
     Parameters
@@ -125,7 +135,8 @@ def accuracy_per_operation(examples: Sequence[Example], predicted_ids: np.ndarra
                          f"got shape {predicted_ids.shape}")
     correct = predicted_ids == np.array([ex.target for ex in examples])
     ops = np.array([ex.op for ex in examples])
-    result = {op: float(correct[ops == op].mean()) for op in OPERATIONS if (ops == op).any()}
+    result = {op: float(correct[ops == op].mean())
+              for op in OPERATIONS if (ops == op).any()}
     result["all"] = float(correct.mean())
     return result
 
@@ -141,21 +152,24 @@ def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
 
     Returns
     -------
-    (C, C + 1) int array: row = true class, column = predicted class; the last column counts
-    predictions outside ``classes``.
+    (C, C + 1) int array: row = true class, column = predicted class; the last column
+    counts predictions outside ``classes``.
     """
     true_ids, predicted_ids = np.asarray(true_ids), np.asarray(predicted_ids)
     lookup = {int(c): i for i, c in enumerate(classes)}
     C = len(classes)
     rows = np.array([lookup.get(int(t), -1) for t in true_ids])
     if (rows < 0).any():
-        raise ValueError(f"true id {true_ids[rows < 0][0]} is not one of the classes {list(classes)}")
+        raise ValueError(f"true id {true_ids[rows < 0][0]} is not one of the classes "
+                         f"{list(classes)}")
     cols = np.array([lookup.get(int(p), C) for p in predicted_ids])
     return np.bincount(rows * (C + 1) + cols, minlength=C * (C + 1)).reshape(C, C + 1)
 
 
-def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], ax: "plt.Axes | None" = None,
-                 title: str | None = None, xlabel: str = "", ylabel: str = "", cmap: str = "viridis",
+def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
+                 col_labels: Sequence[str], ax: "plt.Axes | None" = None,
+                 title: str | None = None, xlabel: str = "", ylabel: str = "",
+                 cmap: str = "viridis",
                  vmin: float | None = None, vmax: float | None = None,
                  colorbar_label: str | None = None, fmt: str | None = None,
                  hide_below: float | None = None, fontsize: int = 8) -> "plt.Axes":
@@ -177,10 +191,11 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
     plt = _pyplot()
     values = np.asarray(values)
     if values.shape != (len(row_labels), len(col_labels)):
-        raise ValueError(f"values {values.shape} do not match {len(row_labels)} row labels and "
-                         f"{len(col_labels)} column labels")
+        raise ValueError(f"values {values.shape} do not match {len(row_labels)} row "
+                         f"labels and {len(col_labels)} column labels")
     if ax is None:
-        _, ax = plt.subplots(figsize=(0.45 * len(col_labels) + 2.5, 0.4 * len(row_labels) + 1.8),
+        _, ax = plt.subplots(figsize=(0.45 * len(col_labels) + 2.5,
+                                      0.4 * len(row_labels) + 1.8),
                              constrained_layout=True)
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=fontsize)
@@ -194,24 +209,27 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
             if hide_below is not None and v < hide_below:
                 continue
             r, g, b, _ = im.cmap(im.norm(v))
-            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5                # text must contrast
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize - 1,
-                    color="white" if dark else "black")
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # text must contrast
+            ax.text(j, i, fmt.format(v), ha="center", va="center",
+                    fontsize=fontsize - 1, color="white" if dark else "black")
     if colorbar_label is not None:
         ax.figure.colorbar(im, ax=ax, shrink=0.85, label=colorbar_label)
     return ax
 
 
-def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"), ax: "plt.Axes | None" = None,
-                   title: str = "Confusion matrix", extra_label: str = "other") -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a colour bar.
+def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"),
+                   ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
+                   extra_label: str = "other") -> "plt.Axes":
+    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a
+    colour bar.
 
     Returns the matplotlib Axes (a new figure if ``ax`` is None).
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
-    return plot_heatmap(matrix, labels, columns, ax=ax, title=title, xlabel="predicted answer",
-                        ylabel="true answer", cmap="Blues", vmin=0, colorbar_label="inputs",
-                        fmt="{:d}", hide_below=1, fontsize=7)
+    return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
+                        xlabel="predicted answer", ylabel="true answer", cmap="Blues",
+                        vmin=0, colorbar_label="inputs", fmt="{:d}", hide_below=1,
+                        fontsize=7)
 
 
 def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = False,
@@ -227,8 +245,8 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
     return_probs : bool
         Also return the probability the model gives its answer (a float in 0..1).
     strict : bool
-        Passed to ``encode``: check the grammar first (default). ``False`` lets malformed
-        puzzles through, to see what the model makes of them.
+        Passed to ``encode``: check the grammar first (default). ``False`` lets
+        malformed puzzles through, to see what the model makes of them.
 
     Returns
     -------
@@ -237,11 +255,13 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
     Raises
     ------
     ValueError
-        The tokenizer's error for bad input (for a list, prefixed with the bad text's index).
+        The tokenizer's error for bad input (for a list, prefixed with the bad text's
+        index).
     """
     single = isinstance(text, str)
     if not single and not isinstance(text, (list, tuple)):
-        raise ValueError(f"predict expects a text or a list of texts, got {type(text).__name__}")
+        raise ValueError("predict expects a text or a list of texts, "
+                         f"got {type(text).__name__}")
     texts = [text] if single else list(text)
     if not texts:
         return []
@@ -267,11 +287,12 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
     return answers[0] if single else answers
 
 
-def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | None" = None,
-                   title: str | None = None,
+def plot_attention(weights: np.ndarray, tokens: Sequence[str],
+                   ax: "plt.Axes | None" = None, title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
-                   ylabel: str = "query (attending from)", fontsize: int = 9) -> "plt.Axes":
+                   ylabel: str = "query (attending from)",
+                   fontsize: int = 9) -> "plt.Axes":
     """Heatmap of one attention matrix, colour scale 0..1.
 
     Parameters
@@ -287,8 +308,9 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | N
     """
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
-    ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel, ylabel=ylabel,
-                      vmin=0, vmax=1, colorbar_label="attention weight" if colorbar else None,
+    ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel,
+                      ylabel=ylabel, vmin=0, vmax=1,
+                      colorbar_label="attention weight" if colorbar else None,
                       fontsize=fontsize)
     if highlight_row is not None:
         ax.add_patch(plt.Rectangle((-0.5, highlight_row - 0.5), len(tokens), 1,
@@ -297,13 +319,16 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], ax: "plt.Axes | N
 
 
 def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str = "",
-                        row_labels: Sequence[str] | None = None, highlight_row: int | None = None,
-                        xlabel: str = "key (attended to)", ylabel: str = "query") -> "plt.Figure":
+                        row_labels: Sequence[str] | None = None,
+                        highlight_row: int | None = None,
+                        xlabel: str = "key (attended to)",
+                        ylabel: str = "query") -> "plt.Figure":
     """Every head of every layer, plus the mean over heads, with one shared colour bar.
 
     Parameters
     ----------
-    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])`` for example i
+    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])``
+        for example i
     tokens, row_labels, highlight_row : as in ``plot_attention``
 
     Returns
@@ -320,9 +345,11 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
         names = [f"head {h + 1}" for h in range(H)] + ["mean of the heads"]
         for h, (w, name) in enumerate(zip(panels, names)):
             ax = axes[l, h]
-            plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}", row_labels=row_labels,
-                           colorbar=False, highlight_row=highlight_row, fontsize=10,
-                           xlabel=xlabel if l == L - 1 else "", ylabel=ylabel if h == 0 else "")
+            plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}",
+                           row_labels=row_labels, colorbar=False,
+                           highlight_row=highlight_row, fontsize=10,
+                           xlabel=xlabel if l == L - 1 else "",
+                           ylabel=ylabel if h == 0 else "")
     fig.colorbar(axes[0, 0].images[0], ax=axes, shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title, fontsize=13)
@@ -330,7 +357,8 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
 
 
 class HeadScores(NamedTuple):
-    """Scores of every head against every hypothesis, per operation (see ``head_scores``)."""
+    """Scores of every head against every hypothesis, per operation (see
+    ``head_scores``)."""
 
     scores: np.ndarray          # (L, H, O, K)
     chance: np.ndarray          # (O, K): attention spread evenly over the arguments
@@ -345,8 +373,8 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
     ----------
     readout : (L, B, H, T) array from ``readout_attention``
     examples : the B Examples, all with the same number n of arguments
-        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0, argument k
-        at position k + 1)
+        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0,
+        argument k at position k + 1)
 
     Returns
     -------
@@ -358,7 +386,8 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
         raise ValueError("head_scores needs examples with the same number of arguments "
                          "(their positions must line up)")
     if readout.shape[1] != len(examples):
-        raise ValueError(f"readout holds {readout.shape[1]} examples, got {len(examples)}")
+        raise ValueError(f"readout holds {readout.shape[1]} examples, "
+                         f"got {len(examples)}")
     args = np.array([ex.args for ex in examples])                      # (B, n)
     is_max = (args == args.max(axis=1, keepdims=True)).astype(float)    # (B, n)
     is_min = (args == args.min(axis=1, keepdims=True)).astype(float)
@@ -368,8 +397,8 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
         np.einsum("lbhn,bn->lbh", on_args, is_min),
         readout[..., 0]]
     per_input = np.stack(per_input, axis=-1)                            # (L, B, H, K)
-    uniform = [np.full(len(examples), 1 / n)] * n + [is_max.sum(1) / n, is_min.sum(1) / n,
-                                                     np.zeros(len(examples))]
+    uniform = [np.full(len(examples), 1 / n)] * n + [
+        is_max.sum(1) / n, is_min.sum(1) / n, np.zeros(len(examples))]
     uniform = np.stack(uniform, axis=-1)                                # (B, K)
     ops = np.array([ex.op for ex in examples])
     present = tuple(op for op in OPERATIONS if (ops == op).any())
@@ -392,17 +421,20 @@ def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
     axes = np.atleast_1d(axes)
     heads = [f"layer {l + 1} head {h + 1}" for l in range(L) for h in range(H)]
     for o, ax in enumerate(axes):
-        plot_heatmap(hs.scores[:, :, o, :].reshape(L * H, K), heads, hs.hypotheses, ax=ax,
-                     title=hs.operations[o], xlabel="[EOS] attends to ...",
-                     ylabel="head" if o == 0 else "", cmap="magma", vmin=0, vmax=1, fmt="{:.2f}")
+        plot_heatmap(hs.scores[:, :, o, :].reshape(L * H, K), heads, hs.hypotheses,
+                     ax=ax, title=hs.operations[o], xlabel="[EOS] attends to ...",
+                     ylabel="head" if o == 0 else "", cmap="magma", vmin=0, vmax=1,
+                     fmt="{:.2f}")
         ax.axhline(H - 0.5, color="white", lw=2)                    # between the layers
-    fig.colorbar(axes[0].images[0], ax=axes, shrink=0.8, label="mean attention where the hypothesis says")
+    fig.colorbar(axes[0].images[0], ax=axes, shrink=0.8,
+                 label="mean attention where the hypothesis says")
     if title:
         fig.suptitle(title)
     return fig
 
 
-def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray | None = None,
+def forward_with_knockout(model: Transformer, ids: np.ndarray,
+                          mask: np.ndarray | None = None,
                           blocked: dict | None = None) -> np.ndarray:
     """The model's forward pass (evaluation mode) with chosen attention edges removed.
 
@@ -410,8 +442,8 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray 
     ----------
     ids : (B, T) token ids;  mask : (B, T) bool, True for real tokens
     blocked : {layer index (from 0): bool array broadcastable to (B, T, T)}
-        True at ``[b, t, s]``: in that layer, query ``t`` of input ``b`` may not attend to key
-        ``s`` (in every head). The softmax renormalises over the allowed keys.
+        True at ``[b, t, s]``: in that layer, query ``t`` of input ``b`` may not attend
+        to key ``s`` (in every head). The softmax renormalises over the allowed keys.
 
     Returns
     -------
@@ -421,7 +453,8 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray 
     Raises
     ------
     ValueError
-        For a layer index the model does not have, or a real query left with no key at all.
+        For a layer index the model does not have, or a real query left with no key
+        at all.
     """
     ids = np.asarray(ids)
     mask = ids != PAD_ID if mask is None else np.asarray(mask, dtype=bool)
@@ -442,23 +475,28 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray, mask: np.ndarray 
             att = block.attention
             H, d_k = att.num_heads, att.d_k
 
-            def split_heads(linear):                                    # (B, T, D) -> (B, H, T, d_k)
+            # (B, T, D) -> (B, H, T, d_k)
+            def split_heads(linear):
                 return linear(x).reshape(B, T, H, d_k).transpose(0, 2, 1, 3)
 
             Q, K, V = split_heads(att.W_q), split_heads(att.W_k), split_heads(att.W_v)
-            allowed = np.broadcast_to(mask[:, None, :], (B, T, T))      # keys must be real
+            allowed = np.broadcast_to(mask[:, None, :], (B, T, T))  # keys must be real
             if l in blocked:
-                allowed = allowed & ~np.broadcast_to(np.asarray(blocked[l], dtype=bool), (B, T, T))
-            stranded = ~allowed.any(axis=-1) & mask                      # (B, T)
+                allowed = allowed & ~np.broadcast_to(np.asarray(blocked[l], dtype=bool),
+                                                     (B, T, T))
+            stranded = ~allowed.any(axis=-1) & mask                 # (B, T)
             if stranded.any():
                 b, t = np.argwhere(stranded)[0]
-                raise ValueError(f"layer {l}: query {t} of input {b} may attend to no key at all")
-            scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)   # (B, H, T, T)
+                raise ValueError(f"layer {l}: query {t} of input {b} "
+                                 "may attend to no key at all")
+            # (B, H, T, T)
+            scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)
             scores = np.where(allowed[:, None], scores, NEG_INF)
             weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
             weights /= weights.sum(axis=-1, keepdims=True)
             attention.append(weights)
-            a = att.W_o((weights @ V).transpose(0, 2, 1, 3).reshape(B, T, H * d_k))   # (B, T, D)
+            # (B, T, D)
+            a = att.W_o((weights @ V).transpose(0, 2, 1, 3).reshape(B, T, H * d_k))
             x = x + a if block.residual else a
             if block.norm1 is not None:
                 x = block.norm1(x)
@@ -506,14 +544,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the ranks (ties averaged)."""
+    """Spearman's rank correlation: the Pearson correlation of the ranks (ties
+    averaged)."""
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"need two sequences of the same length >= 2, got {len(x)} and {len(y)}")
+        raise ValueError("need two sequences of the same length >= 2, "
+                         f"got {len(x)} and {len(y)}")
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
-def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndarray | None = None,
-                      ax: "plt.Axes | None" = None, title: str | None = None, explained: np.ndarray | None = None,
+def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
+                      values: np.ndarray | None = None, ax: "plt.Axes | None" = None,
+                      title: str | None = None, explained: np.ndarray | None = None,
                       colorbar_label: str = "digit value") -> "plt.Axes":
     """Scatter 2-D points, each written with its label and coloured by ``values``.
 
@@ -526,12 +567,13 @@ def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str], values: np.ndar
     sc = ax.scatter(coords[:, 0], coords[:, 1], c=values, cmap="viridis", s=170)
     for (x, y), label, v in zip(coords, labels, values):
         r, g, b, _ = sc.cmap(sc.norm(v))
-        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5                    # text must contrast
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # text must contrast
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, weight="bold",
                     color="white" if dark else "black")
     pc = ["principal component 1", "principal component 2"]
     if explained is not None:
-        pc = [f"{name} ({share:.0%} of the variance)" for name, share in zip(pc, explained)]
+        pc = [f"{name} ({share:.0%} of the variance)"
+              for name, share in zip(pc, explained)]
     ax.set(xlabel=pc[0], ylabel=pc[1])
     if title:
         ax.set_title(title, fontsize=10)
