@@ -50,7 +50,8 @@ from typing import NamedTuple
 import numpy as np
 
 from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, Batch, Example,
-                                  all_examples, create_batch, generate_dataset, split_dataset)
+                                  all_examples, create_batch, generate_dataset,
+                                  split_dataset)
 from transformer_lib.layers import Linear
 from transformer_lib.training import (Adam, CrossEntropyLoss, default_splits, evaluate,
                                       train_one_epoch, warmup_cosine)
@@ -60,11 +61,13 @@ from transformer_lib.transformer import Transformer
 # %% tags=["export"]
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything that defines one training run: model shape, ablation switches, recipe, seed.
+    """Everything that defines one training run: model shape, ablation switches,
+    recipe, seed.
 
     The defaults are the book's reference model and training recipe (chapters 4 and 5).
     ``seed`` sets both the initial weights and the order of the mini-batches; the data
-    split is the same for every run (``default_splits(0)``), so seeds differ only in training.
+    split is the same for every run (``default_splits(0)``), so seeds differ only in
+    training.
     """
 
     # model (chapter 4)
@@ -85,9 +88,11 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("d_model", "num_heads", "num_layers", "d_ff", "batch_size", "epochs"):
+        for name in ("d_model", "num_heads", "num_layers", "d_ff", "batch_size",
+                     "epochs"):
             value = getattr(self, name)
-            is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            is_int = (isinstance(value, (int, np.integer))
+                      and not isinstance(value, bool))
             if not is_int or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
@@ -107,10 +112,10 @@ class ExperimentConfig:
 
     def model(self) -> Transformer:
         """A fresh, untrained Transformer with this config's shape and seed."""
-        return Transformer(d_model=self.d_model, num_heads=self.num_heads,
-                           num_layers=self.num_layers, d_ff=self.d_ff, readout=self.readout,
-                           positional=self.positional, residual=self.residual,
-                           layer_norm=self.layer_norm, seed=self.seed)
+        return Transformer(
+            d_model=self.d_model, num_heads=self.num_heads, num_layers=self.num_layers,
+            d_ff=self.d_ff, readout=self.readout, positional=self.positional,
+            residual=self.residual, layer_norm=self.layer_norm, seed=self.seed)
 
 
 def parameter_count(model) -> int:
@@ -148,7 +153,8 @@ def predictions(model, batch: Batch, chunk: int = 4096) -> np.ndarray:
 
 def accuracy_by(model, examples: Sequence[Example],
                 key: Callable[[Example], Hashable] = lambda ex: ex.op) -> dict:
-    """Accuracy per group of examples: per operation by default, or any ``key(example)``.
+    """Accuracy per group of examples: per operation by default, or any
+    ``key(example)``.
 
     Groups appear in the order they first occur in ``examples``.
     """
@@ -167,11 +173,12 @@ def accuracy_by(model, examples: Sequence[Example],
 class ExperimentResult:
     """What one run measured. Accuracies are fractions in [0, 1].
 
-    ``accuracy`` and ``accuracy_by_op`` are on the evaluation inputs (by default all 5,000
-    possible inputs) at the end of training; ``heldout_accuracy`` on those of them that are
-    not in the training set. ``steps_to_100``, ``epochs_to_100`` and ``seconds_to_100`` are
-    taken at the first epoch end at which every evaluation input was right (``None`` if that
-    never happened). ``curve`` has one entry per epoch: step, train loss, validation accuracy.
+    ``accuracy`` and ``accuracy_by_op`` are on the evaluation inputs (by default all
+    5,000 possible inputs) at the end of training; ``heldout_accuracy`` on those of them
+    that are not in the training set. ``steps_to_100``, ``epochs_to_100`` and
+    ``seconds_to_100`` are taken at the first epoch end at which every evaluation input
+    was right (``None`` if that never happened). ``curve`` has one entry per epoch:
+    step, train loss, validation accuracy.
     """
 
     config: ExperimentConfig
@@ -195,7 +202,8 @@ class ExperimentResult:
 
 @functools.cache
 def _standard_data() -> tuple[list[Example], list[Example], list[Example]]:
-    """The book's train and validation split, and all 5,000 inputs (made once, shared)."""
+    """The book's train and validation split, and all 5,000 inputs (made once, shared).
+    """
     train, val, _ = default_splits(0)
     return train, val, all_examples()
 
@@ -206,8 +214,10 @@ def _batch_of(examples: tuple[Example, ...]) -> Batch:
 
 
 def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
-                   data: tuple | None = None, evaluate_on: Sequence[Example] | None = None,
-                   stop_at_100: bool = True, progress: bool = False) -> ExperimentResult:
+                   data: tuple | None = None,
+                   evaluate_on: Sequence[Example] | None = None,
+                   stop_at_100: bool = True,
+                   progress: bool = False) -> ExperimentResult:
     """Train one model from scratch and measure it: config in, metrics out.
 
     Parameters
@@ -216,20 +226,24 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     data : (train, val), two lists of Examples, optional
         Default: the book's split, ``default_splits(0)``.
     evaluate_on : list of Examples, optional
-        The inputs the model is judged on. Default: all 5,000 inputs; required with ``data``.
+        The inputs the model is judged on. Default: all 5,000 inputs; required with
+        ``data``.
     stop_at_100 : bool
-        Stop at the first epoch end at which every evaluation input is answered correctly.
+        Stop at the first epoch end at which every evaluation input is answered
+        correctly.
     progress : bool
         Print one line per epoch.
 
     Returns
     -------
     ExperimentResult
-        Including the trained model (``.model``) and the wrongly answered inputs (``.wrong``).
+        Including the trained model (``.model``) and the wrongly answered inputs
+        (``.wrong``).
 
-    The recipe is chapter 5's ``fit`` (Adam, warm-up then cosine decay over ``config.epochs``,
-    gradient clipping, the same ``train_one_epoch``), except that the model is measured as it
-    is when training stops rather than at its best validation epoch.
+    The recipe is chapter 5's ``fit`` (Adam, warm-up then cosine decay over
+    ``config.epochs``, gradient clipping, the same ``train_one_epoch``), except that the
+    model is measured as it is when training stops rather than at its best validation
+    epoch.
     """
     if data is None:
         train, val, default_eval = _standard_data()
@@ -253,8 +267,9 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     suspects = None             # inputs found wrong by the last full check
 
     def all_right() -> bool:
-        """Is every evaluation input answered correctly? The inputs that were wrong at the
-        last full check are tried first; if one is still wrong, the full check is skipped."""
+        """Is every evaluation input answered correctly? The inputs that were wrong at
+        the last full check are tried first; if one is still wrong, the full check is
+        skipped."""
         nonlocal suspects
         if suspects is not None:
             rows = Batch(eval_batch.ids[suspects], eval_batch.mask[suspects],
@@ -268,11 +283,12 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     model.train()
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        losses = train_one_epoch(model, loss_fn, optimizer, train_batch, config.batch_size,
-                                 rng, schedule, step, config.clip)
+        losses = train_one_epoch(model, loss_fn, optimizer, train_batch,
+                                 config.batch_size, rng, schedule, step, config.clip)
         step += len(losses)
         val_accuracy = evaluate(model, val_batch)["accuracy"]
-        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+        curve.append({"epoch": epoch, "step": step,
+                      "train_loss": float(np.mean(losses)),
                       "val_accuracy": val_accuracy})
         if progress:
             print(f"epoch {epoch}  step {step:4d}  train loss {np.mean(losses):.4f}  "
@@ -293,7 +309,8 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
         accuracy=float(correct.mean()),
         accuracy_by_op={op: float(correct[ops == op].mean())
                         for op in OPERATIONS if (ops == op).any()},
-        heldout_accuracy=float(correct[unseen].mean()) if unseen.any() else float("nan"),
+        heldout_accuracy=(float(correct[unseen].mean()) if unseen.any()
+                          else float("nan")),
         steps=step, steps_to_100=step_100, epochs_to_100=epoch_100, seconds=seconds,
         seconds_to_100=seconds_100,
         wrong=[ex for ex, ok in zip(evaluate_on, correct) if not ok],
@@ -329,7 +346,8 @@ assert reference.num_parameters == 102_420 and reference.steps_to_100 <= 8 * 108
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(f"trained in {reference.seconds:.1f} s; 100% after {reference.seconds_to_100:.1f} s")
+print(f"trained in {reference.seconds:.1f} s; "
+      f"100% after {reference.seconds_to_100:.1f} s")
 
 
 # %% [markdown]
@@ -342,7 +360,8 @@ show_error(lambda: ExperimentConfig().but(learning_rate=1e-3),
            ValueError, "unknown config field(s) learning_rate")
 show_error(lambda: ExperimentConfig(d_model=64, num_heads=3),
            ValueError, "d_model=64 is not divisible by num_heads=3")
-show_error(lambda: ExperimentConfig(epochs=0), ValueError, "epochs must be a positive integer, got 0")
+show_error(lambda: ExperimentConfig(epochs=0),
+           ValueError, "epochs must be a positive integer, got 0")
 
 # %% [markdown]
 # ## How much does one run tell you? Seeds
@@ -369,7 +388,8 @@ def run_grid(base: ExperimentConfig, variants: dict[str, dict],
     cache : dict, optional
         ``{config: result}``; results found there are reused, new ones are added.
     **kwargs
-        Passed to ``run_experiment`` (not ``data``: cached results assume the book's data).
+        Passed to ``run_experiment`` (not ``data``: cached results assume the book's
+        data).
     """
     if "data" in kwargs and cache is not None:
         raise ValueError("run_grid: the cache assumes the book's data; "
@@ -391,7 +411,8 @@ def run_grid(base: ExperimentConfig, variants: dict[str, dict],
 
 
 def summarize(runs: Sequence[ExperimentResult]) -> dict:
-    """Mean, min and max accuracy over seeds, per operation too; how many runs reached 100%."""
+    """Mean, min and max accuracy over seeds, per operation too; how many runs reached
+    100%."""
     accuracy = [r.accuracy for r in runs]
     reached = [r for r in runs if r.reached_100]
     return {
@@ -430,9 +451,11 @@ def print_grid(grid: dict) -> None:
     for name, runs in grid.items():
         s = summarize(runs)
         accs = " ".join(f"{r.accuracy:7.2%}" for r in runs)
-        steps = " ".join("-" if r.steps_to_100 is None else str(r.steps_to_100) for r in runs)
-        print(f"{name:<22}{s['parameters']:>8,}  {accs:<26}{s['reached_100']:>5}/{s['runs']}  "
-              f"{steps:<18}" + "".join(f"{s['by_op_mean'][op]:7.1%}" for op in OPERATIONS))
+        steps = " ".join("-" if r.steps_to_100 is None else str(r.steps_to_100)
+                         for r in runs)
+        print(f"{name:<22}{s['parameters']:>8,}  {accs:<26}"
+              f"{s['reached_100']:>5}/{s['runs']}  {steps:<18}"
+              + "".join(f"{s['by_op_mean'][op]:7.1%}" for op in OPERATIONS))
 
 
 seed_grid = run_grid(REFERENCE, {"reference": {}}, SEEDS, cache)
@@ -446,8 +469,9 @@ for r in reference_runs:
         for ex in r.wrong))
 errors = [len(r.wrong) for r in reference_runs]
 assert errors[0] == 0 and reference_runs[0].steps_to_100 == 540   # seed 0: all right
-assert all(1 <= n <= 3 for n in errors[1:])            # seeds 1 and 2: one to a few wrong
-assert not any((ex.op, ex.args) in train_inputs for r in reference_runs for ex in r.wrong)
+assert all(1 <= n <= 3 for n in errors[1:])  # seeds 1 and 2: one to a few wrong
+assert not any((ex.op, ex.args) in train_inputs
+               for r in reference_runs for ex in r.wrong)
 
 # %% [markdown]
 # With the eight-epoch budget, seed 0 (chapter 5's model) gets all 5,000 inputs right from
@@ -491,8 +515,10 @@ def plot_grid(grid: dict, title: str, epochs: int = 8) -> None:
     for i, name in enumerate(names):
         runs = grid[name]
         jitter = np.linspace(-0.12, 0.12, len(runs))
-        left.scatter(i + jitter, [100 * r.accuracy for r in runs], color="tab:blue", zorder=3)
-        left.hlines(100 * np.mean([r.accuracy for r in runs]), i - 0.25, i + 0.25, color="k")
+        left.scatter(i + jitter, [100 * r.accuracy for r in runs], color="tab:blue",
+                     zorder=3)
+        left.hlines(100 * np.mean([r.accuracy for r in runs]), i - 0.25, i + 0.25,
+                    color="k")
         done = [(j, r.epochs_to_100) for j, r in zip(jitter, runs) if r.reached_100]
         never = [j for j, r in zip(jitter, runs) if not r.reached_100]
         right.scatter([i + j for j, _ in done], [e for _, e in done], color="tab:green",
@@ -568,7 +594,8 @@ SIZES = {
 for name, changes in SIZES.items():
     config = REFERENCE.but(**changes)
     n = parameter_count(config.model())
-    assert n == expected_parameters(config.d_model, config.num_layers, config.d_ff), name
+    assert n == expected_parameters(config.d_model, config.num_layers,
+                                    config.d_ff), name
     print(f"{name:<22} {n:>8,} parameters")
 
 # %% [markdown]
@@ -624,16 +651,20 @@ plt.show()
 # %%
 ss = {name: summarize(runs) for name, runs in size_grid.items()}
 one_layer = size_grid["d 64, 1 layer"]
-assert max(r.accuracy_by_op[op] for r in one_layer for op in ("First", "Second", "Last")) < 0.5
+assert max(r.accuracy_by_op[op] for r in one_layer
+           for op in ("First", "Second", "Last")) < 0.5
 assert min(r.accuracy_by_op[op] for r in one_layer for op in ("Max", "Min")) > 0.99
 assert ss["d 16, 2 layers"]["parameters"] == 7_188
 assert ss["d 16, 2 layers"]["accuracy_min"] > 0.99
-assert ss["d 64, 2 layers (ref.)"]["parameters"] / ss["d 16, 2 layers"]["parameters"] > 14
+assert (ss["d 64, 2 layers (ref.)"]["parameters"]
+        / ss["d 16, 2 layers"]["parameters"] > 14)
 assert ss["d 8, 2 layers"]["accuracy_max"] < 0.95
 assert ss["d 64, 2 layers (ref.)"]["reached_100"] >= 1
-assert all(ss[name]["reached_100"] == 0 for name in SIZES if name != "d 64, 2 layers (ref.)")
+assert all(ss[name]["reached_100"] == 0
+           for name in SIZES if name != "d 64, 2 layers (ref.)")
 for name in ("d 32, 2 layers", "d 16, 2 layers"):
-    assert ss[name]["accuracy_mean"] < ss["d 64, 2 layers (ref.)"]["accuracy_mean"], name
+    assert (ss[name]["accuracy_mean"]
+            < ss["d 64, 2 layers (ref.)"]["accuracy_mean"]), name
 
 # %% [markdown]
 # ## Ablations: what each part is for
@@ -669,11 +700,13 @@ from collections import Counter
 
 triples = list(itertools.product(range(10), repeat=3))
 ceiling = np.mean([Counter(t).most_common(1)[0][1] / 3 for t in triples])
-print(f"best possible accuracy of an order-blind model on First/Second/Last: {ceiling:.2%}")
+print("best possible accuracy of an order-blind model on First/Second/Last: "
+      f"{ceiling:.2%}")
 assert abs(ceiling - (0.72 * 1 + 0.27 * 2 + 0.01 * 3) / 3) < 1e-12
 
 NO_POSITIONS = {"positional": False, "epochs": 4}
-ablation_grid = run_grid(REFERENCE, {"reference": {}, "no positional encoding": NO_POSITIONS},
+ablation_grid = run_grid(REFERENCE,
+                         {"reference": {}, "no positional encoding": NO_POSITIONS},
                          SEEDS, cache)
 print_grid(ablation_grid)
 
@@ -696,10 +729,12 @@ for run in no_pos:
         ids[:, 2:5] = batch.ids[:, 2:5][:, perm]             # reorder the three digits
         assert np.allclose(run.model(ids, batch.mask), logits, atol=1e-4)
     for op in ("First", "Second", "Last"):
-        assert 0.3 < run.accuracy_by_op[op] <= ceiling + 1e-12, (op, run.accuracy_by_op[op])
+        assert 0.3 < run.accuracy_by_op[op] <= ceiling + 1e-12, (
+            op, run.accuracy_by_op[op])
     assert min(run.accuracy_by_op["Max"], run.accuracy_by_op["Min"]) > 0.99
 print("permuting the digits never changes the logits; First/Second/Last:",
-      [[f"{r.accuracy_by_op[op]:.1%}" for op in ("First", "Second", "Last")] for r in no_pos])
+      [[f"{r.accuracy_by_op[op]:.1%}" for op in ("First", "Second", "Last")]
+       for r in no_pos])
 
 # %% [markdown]
 # ### No residual connections
@@ -723,7 +758,8 @@ print_grid({k: ablation_grid[k] for k in ("reference", "no residual")})
 # much either: prediction, still close to 100%.
 
 # %%
-ablation_grid |= run_grid(REFERENCE, {"no LayerNorm": {"layer_norm": False}}, SEEDS, cache)
+ablation_grid |= run_grid(REFERENCE, {"no LayerNorm": {"layer_norm": False}},
+                          SEEDS, cache)
 print_grid({k: ablation_grid[k] for k in ("reference", "no LayerNorm")})
 
 # %% [markdown]
@@ -748,7 +784,8 @@ print_grid({k: ablation_grid[k] for k in ("reference", "one head")})
 # about as well.
 
 # %%
-ablation_grid |= run_grid(REFERENCE, {"mean read-out": {"readout": "mean"}}, SEEDS, cache)
+ablation_grid |= run_grid(REFERENCE, {"mean read-out": {"readout": "mean"}},
+                          SEEDS, cache)
 print_grid({k: ablation_grid[k] for k in ("reference", "mean read-out")})
 
 # %% [markdown]
@@ -756,16 +793,19 @@ print_grid({k: ablation_grid[k] for k in ("reference", "mean read-out")})
 
 # %%
 def plot_by_operation(grid: dict, title: str) -> None:
-    """Grouped bars: mean accuracy per operation and variant; whiskers: min..max over seeds."""
+    """Grouped bars: mean accuracy per operation and variant; whiskers: min..max over
+    seeds."""
     fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(grid)
     for k, (name, runs) in enumerate(grid.items()):
-        acc = np.array([[r.accuracy_by_op[op] for op in OPERATIONS] for r in runs]) * 100
+        acc = np.array([[r.accuracy_by_op[op] for op in OPERATIONS]
+                        for r in runs]) * 100
         mean = acc.mean(axis=0)
         x = np.arange(len(OPERATIONS)) + (k - (len(grid) - 1) / 2) * width
         ax.bar(x, mean, width, label=name,
                yerr=[mean - acc.min(axis=0), acc.max(axis=0) - mean], capsize=2)
-    ax.axhline(100 * ceiling, color="gray", ls="--", lw=1, label="order-blind ceiling (43%)")
+    ax.axhline(100 * ceiling, color="gray", ls="--", lw=1,
+               label="order-blind ceiling (43%)")
     ax.axhline(10, color="gray", ls=":", lw=1, label="random guess (10%)")
     ax.set_xticks(range(len(OPERATIONS)), OPERATIONS)
     ax.set_ylabel("accuracy on all inputs (%)")
@@ -776,8 +816,8 @@ def plot_by_operation(grid: dict, title: str) -> None:
     plt.show()
 
 
-plot_by_operation(ablation_grid, "Ablations: mean accuracy per operation over three seeds "
-                                 "(whiskers: min to max)")
+plot_by_operation(ablation_grid, "Ablations: mean accuracy per operation over three "
+                                 "seeds (whiskers: min to max)")
 print_grid(ablation_grid)
 
 # %% [markdown]
@@ -795,10 +835,11 @@ mild = [r for name in ("no residual", "no LayerNorm", "one head", "mean read-out
 print(f"the four mild ablations: lowest accuracy {min(r.accuracy for r in mild):.2%}, "
       f"{sum(r.accuracy >= 0.999 for r in mild)} of {len(mild)} runs at 99.9% or more, "
       f"{sum(r.reached_100 for r in mild)} of {len(mild)} reached 100%")
-assert min(r.accuracy for r in mild) > 0.95                      # nothing breaks at depth 2
+assert min(r.accuracy for r in mild) > 0.95                # nothing breaks at depth 2
 assert sum(r.accuracy >= 0.999 for r in mild) > len(mild) / 2
 assert sum(r.reached_100 for r in mild) <= len(mild) / 2   # 100% is not reliable ...
-assert 1 <= ab["reference"]["reached_100"] <= len(SEEDS) / 2      # ... for the reference either
+# ... for the reference either
+assert 1 <= ab["reference"]["reached_100"] <= len(SEEDS) / 2
 
 # %% [markdown]
 # ### Depth: where residual connections and LayerNorm earn their keep
@@ -813,8 +854,10 @@ assert 1 <= ab["reference"]["reached_100"] <= len(SEEDS) / 2      # ... for the 
 
 # %%
 DEEP = REFERENCE.but(d_model=32, d_ff=64, num_layers=6, epochs=4)
-deep_grid = run_grid(DEEP, {"6 blocks": {}, "6 blocks, no residual": {"residual": False},
-                            "6 blocks, no LayerNorm": {"layer_norm": False}}, (0, 1), cache)
+deep_grid = run_grid(DEEP, {"6 blocks": {},
+                            "6 blocks, no residual": {"residual": False},
+                            "6 blocks, no LayerNorm": {"layer_norm": False}},
+                     (0, 1), cache)
 print_grid(deep_grid)
 ds = {name: summarize(runs) for name, runs in deep_grid.items()}
 assert ds["6 blocks"]["accuracy_min"] > 0.95
@@ -852,7 +895,8 @@ for ex in max_answer_1:
           "the training set")
 
 # %%
-untrained_max_1 = {ex.text for ex in max_answer_1 if (ex.op, ex.args) not in train_inputs}
+untrained_max_1 = {ex.text for ex in max_answer_1
+                   if (ex.op, ex.args) not in train_inputs}
 on_max_1 = sum(count for text, count in misses.items() if text in untrained_max_1)
 print(f"{on_max_1} of the {sum(misses.values())} wrong answers are on the 6 Max inputs "
       "with answer 1 that are not in the training set")
@@ -896,8 +940,9 @@ def length_experiment(config: ExperimentConfig = ExperimentConfig(),
                       seeds: Sequence[int] = (0,)) -> list[dict]:
     """Train on inputs with ``train_lengths`` arguments, test on longer ones.
 
-    Returns one dict per seed: ``result`` (the ExperimentResult on the in-distribution test
-    split) and ``accuracy``: {(num_args, op): accuracy} over all lengths, plus the examples.
+    Returns one dict per seed: ``result`` (the ExperimentResult on the in-distribution
+    test split) and ``accuracy``: {(num_args, op): accuracy} over all lengths, plus the
+    examples.
     """
     examples = []
     for k in train_lengths:
@@ -908,27 +953,31 @@ def length_experiment(config: ExperimentConfig = ExperimentConfig(),
         longer += generate_dataset(per_test_length, seed=200 + k, num_args=k)
     out = []
     for seed in seeds:
-        result = run_experiment(config.but(seed=seed), data=(train, val), evaluate_on=test)
+        result = run_experiment(config.but(seed=seed), data=(train, val),
+                                evaluate_on=test)
         accuracy = accuracy_by(result.model, test + longer,
                                key=lambda ex: (len(ex.args), ex.op))
-        out.append({"result": result, "accuracy": accuracy, "test": test, "longer": longer})
+        out.append({"result": result, "accuracy": accuracy, "test": test,
+                    "longer": longer})
     return out
 
 
 # %%
 from transformer_lib.experiments import length_experiment
 
-length_runs = length_experiment(seeds=(0,))         # bigger: seeds=range(5), per_length=10_000
+length_runs = length_experiment(seeds=(0,))  # bigger: seeds=range(5), per_length=10_000
 lengths = range(2, 9)
 for run in length_runs:
     r = run["result"]
     print(f"seed {r.config.seed}: in-distribution test accuracy {r.accuracy:.2%} "
-          f"({len(run['test'])} inputs, 2-5 arguments), wrong: {[ex.text for ex in r.wrong]}")
+          f"({len(run['test'])} inputs, 2-5 arguments), "
+          f"wrong: {[ex.text for ex in r.wrong]}")
 table = np.array([[[run["accuracy"][(k, op)] for k in lengths] for op in OPERATIONS]
                   for run in length_runs])                       # (seeds, ops, lengths)
 
 fig, ax = plt.subplots(figsize=(7, 3.4))
-image = ax.imshow(100 * table.mean(axis=0), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+image = ax.imshow(100 * table.mean(axis=0), cmap="viridis", vmin=0, vmax=100,
+                  aspect="auto")
 for i in range(len(OPERATIONS)):
     for j in range(len(lengths)):
         value = 100 * table[:, i, j].mean()
@@ -962,7 +1011,8 @@ assert table[:, OP["Last"], 5:].max() < 0.3                    # 7 and 8 argumen
 
 for run in length_runs:
     last_long = [ex for ex in run["longer"] if ex.op == "Last" and len(ex.args) >= 7]
-    answers = predictions(run["result"].model, create_batch(last_long)) - 2  # id -> digit
+    # id -> digit
+    answers = predictions(run["result"].model, create_batch(last_long)) - 2
     is_fifth = np.mean([a == ex.args[4] for a, ex in zip(answers, last_long)])
     is_last = np.mean([a == ex.args[-1] for a, ex in zip(answers, last_long)])
     print(f"seed {run['result'].config.seed}: Last with 7-8 arguments answers the 5th "
@@ -1005,12 +1055,15 @@ for run in length_runs:
 
 # %% tags=["export"]
 class TwoDigitTransformer(Transformer):
-    """The transformer with two output heads: the answer's tens digit and its units digit.
+    """The transformer with two output heads: the answer's tens digit and its units
+    digit.
 
     Takes the same arguments as ``Transformer``. Both heads read the final vector at the
-    read-out position; together they are one Linear layer of shape (d_model, 2 * vocab_size).
+    read-out position; together they are one Linear layer of shape
+    (d_model, 2 * vocab_size).
 
-    forward: ids (B, T) [, mask (B, T)] -> logits (B, 2, V); row 0 = tens, row 1 = units.
+    forward: ids (B, T) [, mask (B, T)] -> logits (B, 2, V);
+    row 0 = tens, row 1 = units.
     """
 
     def __init__(self, **kwargs):
@@ -1018,7 +1071,8 @@ class TwoDigitTransformer(Transformer):
         c = self.config
         dtype = self.embedding.W.data.dtype
         rng = np.random.default_rng(c["seed"] + 1)
-        self.output = Linear(c["d_model"], 2 * c["vocab_size"], rng, dtype=dtype)   # (D, 2V)
+        # (D, 2V)
+        self.output = Linear(c["d_model"], 2 * c["vocab_size"], rng, dtype=dtype)
 
     def forward(self, ids, mask=None):
         logits = super().forward(ids, mask)                   # (B, 2V)
@@ -1028,7 +1082,8 @@ class TwoDigitTransformer(Transformer):
         """Chapter 4's backward, for logits (B, 2, V); returns None like it."""
         grad_logits = np.asarray(grad_logits)                 # (B, 2, V)
         if grad_logits.ndim != 3 or grad_logits.shape[1] != 2:
-            raise ValueError(f"grad_logits must have shape (B, 2, V), got {grad_logits.shape}")
+            raise ValueError("grad_logits must have shape (B, 2, V), "
+                             f"got {grad_logits.shape}")
         return super().backward(grad_logits.reshape(len(grad_logits), -1))   # (B, 2V)
 
 
@@ -1041,7 +1096,8 @@ class TwoTokenLoss(CrossEntropyLoss):
             raise ValueError(f"expected logits (B, K, V) and targets (B, K), "
                              f"got {logits.shape} and {targets.shape}")
         self._shape = logits.shape
-        return super().forward(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return super().forward(logits.reshape(-1, logits.shape[-1]),
+                               targets.reshape(-1))
 
     __call__ = forward
 
@@ -1056,14 +1112,16 @@ class TwoTokenLoss(CrossEntropyLoss):
 
 # %% tags=["export"]
 _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
-_ANSWER = {"First": lambda n: n[:, 0], "Second": lambda n: n[:, 1], "Last": lambda n: n[:, -1],
-           "Max": lambda n: n.max(axis=1), "Min": lambda n: n.min(axis=1)}
+_ANSWER = {"First": lambda n: n[:, 0], "Second": lambda n: n[:, 1],
+           "Last": lambda n: n[:, -1], "Max": lambda n: n.max(axis=1),
+           "Min": lambda n: n.min(axis=1)}
 TWO_DIGIT_OP_WEIGHTS = (0.1, 0.1, 0.1, 0.35, 0.35)
 
 
 class TwoDigitData(NamedTuple):
     """Puzzles on numbers 0-99: ops (N,) str, numbers (N, k) int, answers (N,) int,
-    batch with ids (N, 2k + 4) and targets (N, 2) = token ids of the answer's two digits."""
+    batch with ids (N, 2k + 4) and targets (N, 2) = token ids of the answer's two
+    digits."""
 
     ops: np.ndarray
     numbers: np.ndarray
@@ -1076,20 +1134,23 @@ class TwoDigitData(NamedTuple):
 
 
 def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
-    """Encode puzzles on numbers 0-99, each number as two digit tokens (leading zero)."""
+    """Encode puzzles on numbers 0-99, each number as two digit tokens (leading zero).
+    """
     ops, numbers = np.asarray(ops), np.asarray(numbers)
     if numbers.ndim != 2 or len(numbers) != len(ops) or numbers.shape[1] < 2:
         raise ValueError(f"expected numbers of shape (N, k >= 2) for N = {len(ops)} "
                          f"operations, got {numbers.shape}")
-    if not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 0 or numbers.max() > 99:
-        raise ValueError(f"numbers must be integers 0-99, got values from {numbers.min()} "
-                         f"to {numbers.max()}")
+    if (not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 0
+            or numbers.max() > 99):
+        raise ValueError("numbers must be integers 0-99, got values from "
+                         f"{numbers.min()} to {numbers.max()}")
     unknown = sorted(set(ops.tolist()) - set(OPERATIONS))
     if unknown:
         raise ValueError(f"unknown operation(s) {unknown}; "
                          f"expected one of {', '.join(OPERATIONS)}")
     n, k = numbers.shape
-    ids = np.empty((n, 2 * k + 4), dtype=np.int64)                 # Op ( t u t u ... ) [EOS]
+    # Op ( t u t u ... ) [EOS]
+    ids = np.empty((n, 2 * k + 4), dtype=np.int64)
     ids[:, 0] = [TOKEN_TO_ID[op] for op in ops]
     ids[:, 1] = TOKEN_TO_ID["("]
     ids[:, 2:2 + 2 * k:2] = _DIGIT_IDS[numbers // 10]              # tens digits
@@ -1100,7 +1161,8 @@ def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
         answers[ops == op] = answer(numbers[ops == op])
     tens, units = _DIGIT_IDS[answers // 10], _DIGIT_IDS[answers % 10]
     targets = np.stack([tens, units], axis=1)                      # (N, 2)
-    return TwoDigitData(ops, numbers, answers, Batch(ids, np.ones(ids.shape, bool), targets))
+    return TwoDigitData(ops, numbers, answers,
+                        Batch(ids, np.ones(ids.shape, bool), targets))
 
 
 def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
@@ -1129,7 +1191,8 @@ def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
 
 def two_digit_keys(data: TwoDigitData) -> set:
     """The set of (op, numbers tuple) of a data set, to exclude it from another."""
-    return {(op, tuple(nums)) for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
+    return {(op, tuple(nums))
+            for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
 
 
 # %% [markdown]
@@ -1143,7 +1206,8 @@ def two_digit_keys(data: TwoDigitData) -> set:
 # %% tags=["export"]
 @dataclass
 class TwoDigitResult:
-    """Held-out accuracy (both digits right), overall and per operation; curve per epoch."""
+    """Held-out accuracy (both digits right), overall and per operation; curve per
+    epoch."""
 
     heldout_accuracy: float
     heldout_by_op: dict
@@ -1161,9 +1225,10 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
                          progress: bool = False, **model_kwargs) -> TwoDigitResult:
     """Train a TwoDigitTransformer on ``n_train`` random puzzles on numbers 0-99.
 
-    The test set is ``n_test`` puzzles with uniformly drawn operations that are not in the
-    training set; it is evaluated after every epoch. ``model_kwargs`` go to the model (default:
-    the reference shape). ``seed`` sets the weights and batch order; the data are fixed.
+    The test set is ``n_test`` puzzles with uniformly drawn operations that are not in
+    the training set; it is evaluated after every epoch. ``model_kwargs`` go to the
+    model (default: the reference shape). ``seed`` sets the weights and batch order; the
+    data are fixed.
     """
     train = generate_two_digit(n_train, seed=1, op_weights=op_weights)
     test = generate_two_digit(n_test, seed=2, exclude=two_digit_keys(train))
@@ -1176,7 +1241,8 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
                                  peak_lr=lr)
 
     def heldout():
-        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)  # (N,)
+        # (N,)
+        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)
         by_op = {op: float(correct[test.ops == op].mean()) for op in OPERATIONS}
         return float(correct.mean()), by_op
 
@@ -1184,11 +1250,12 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
     model.train()
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        losses = train_one_epoch(model, loss_fn, optimizer, train.batch, batch_size, rng,
-                                 schedule, step, clip=1.0)
+        losses = train_one_epoch(model, loss_fn, optimizer, train.batch, batch_size,
+                                 rng, schedule, step, clip=1.0)
         step += len(losses)
         accuracy, by_op = heldout()
-        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+        curve.append({"epoch": epoch, "step": step,
+                      "train_loss": float(np.mean(losses)),
                       "heldout_accuracy": accuracy, "heldout_by_op": by_op})
         if progress:
             print(f"epoch {epoch}  step {step}  train loss {np.mean(losses):.4f}  "
@@ -1203,33 +1270,40 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
 # own check against the numerical derivative with respect to the logits.
 
 # %%
-from transformer_lib.experiments import (TwoDigitTransformer, TwoTokenLoss, generate_two_digit,
-                                         two_digit_data, two_digit_experiment)
+from transformer_lib.experiments import (TwoDigitTransformer, TwoTokenLoss,
+                                         generate_two_digit, two_digit_data,
+                                         two_digit_experiment)
 from transformer_lib.layers import gradient_check, numerical_gradient, relative_error
 
-sample = two_digit_data(["Max", "First", "Min"], [[57, 3, 99], [12, 40, 8], [65, 61, 7]])
+sample = two_digit_data(["Max", "First", "Min"],
+                        [[57, 3, 99], [12, 40, 8], [65, 61, 7]])
 for i in range(3):
     print(f"{sample.text(i):34} answer {sample.answers[i]:2d}  "
           f"targets {sample.batch.targets[i]}")
-assert sample.text(0) == "Max ( 5 7 0 3 9 9 ) [EOS]" and sample.answers.tolist() == [99, 12, 7]
+assert (sample.text(0) == "Max ( 5 7 0 3 9 9 ) [EOS]"
+        and sample.answers.tolist() == [99, 12, 7])
 
 small = TwoDigitTransformer(d_model=8, num_heads=2, num_layers=2, d_ff=16, seed=0)
 small.to(np.float64)
 errors = gradient_check(small, sample.batch.ids, sample.batch.mask)
-print(f"largest relative error over {len(errors)} parameters: {max(errors.values()):.1e}")
+print(f"largest relative error over {len(errors)} parameters: "
+      f"{max(errors.values()):.1e}")
 assert max(errors.values()) < 1e-6
 
 logits = np.random.default_rng(0).normal(size=(3, 2, 20))
 loss_fn = TwoTokenLoss()
 loss_fn(logits, sample.batch.targets)
-numeric = numerical_gradient(lambda: loss_fn.forward(logits, sample.batch.targets), logits)
+numeric = numerical_gradient(lambda: loss_fn.forward(logits, sample.batch.targets),
+                             logits)
 loss_fn(logits, sample.batch.targets)
 loss_error = relative_error(loss_fn.backward(), numeric)
 print(f"TwoTokenLoss backward: relative error {loss_error:.1e}")
 assert loss_error < 1e-6
 
-show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]), ValueError, "numbers must be integers 0-99")
-show_error(lambda: small.backward(np.zeros((3, 20))), ValueError, "grad_logits must have shape (B, 2, V)")
+show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]),
+           ValueError, "numbers must be integers 0-99")
+show_error(lambda: small.backward(np.zeros((3, 20))),
+           ValueError, "grad_logits must have shape (B, 2, V)")
 show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
            ValueError, "expected logits (B, K, V) and targets (B, K)")
 
@@ -1241,7 +1315,8 @@ show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
 
 # %%
 two_digit = two_digit_experiment(progress=True)
-print(f"held-out accuracy: {two_digit.heldout_accuracy:.2%} (the original project: 83.7%)")
+print(f"held-out accuracy: {two_digit.heldout_accuracy:.2%} "
+      "(the original project: 83.7%)")
 for op, acc in two_digit.heldout_by_op.items():
     print(f"  {op:7} {acc:.2%}")
 assert two_digit.heldout_accuracy >= 0.99
@@ -1259,9 +1334,11 @@ print(f"{two_digit.num_parameters:,} parameters, {two_digit.steps} steps "
 fig, ax = plt.subplots(figsize=(7, 3.5))
 for op in OPERATIONS:
     ax.plot([c["step"] for c in two_digit.curve],
-            [100 * c["heldout_by_op"][op] for c in two_digit.curve], marker="o", label=op)
+            [100 * c["heldout_by_op"][op] for c in two_digit.curve],
+            marker="o", label=op)
 ax.axhline(83.7, color="gray", ls="--", lw=1)
-ax.text(two_digit.curve[0]["step"], 85, "original project (83.7%)", color="gray", fontsize=8)
+ax.text(two_digit.curve[0]["step"], 85, "original project (83.7%)", color="gray",
+        fontsize=8)
 ax.set_xlabel("training step")
 ax.set_ylabel("held-out accuracy (%)")
 ax.set_title("Numbers 0-99: held-out accuracy per operation after each epoch")
@@ -1282,12 +1359,13 @@ pred = predictions(two_digit.model, test.batch)                          # (N, 2
 wrong = ~(pred == test.batch.targets).all(axis=1)
 compare = np.isin(test.ops, ["Max", "Min"])
 ordered = np.sort(test.numbers, axis=1)
-gap = np.where(test.ops == "Max", ordered[:, -1] - ordered[:, -2],   # best minus runner-up
+gap = np.where(test.ops == "Max",
+               ordered[:, -1] - ordered[:, -2],   # best minus runner-up
                ordered[:, 1] - ordered[:, 0])
 close = compare & (gap <= 2)
-print(f"Max/Min puzzles whose two best candidates differ by at most 2: {close.sum()} of "
-      f"{compare.sum()}, error rate {wrong[close].mean():.1%}; the other Max/Min puzzles: "
-      f"{wrong[compare & ~close].mean():.2%}")
+print("Max/Min puzzles whose two best candidates differ by at most 2: "
+      f"{close.sum()} of {compare.sum()}, error rate {wrong[close].mean():.1%}; "
+      f"the other Max/Min puzzles: {wrong[compare & ~close].mean():.2%}")
 assert wrong[close].mean() > wrong[compare & ~close].mean()
 for i in np.flatnonzero(wrong)[:4]:
     print(f"  {test.text(i):32} answer {test.answers[i]:2d}, model "
@@ -1308,7 +1386,8 @@ rows = []
 def add_rows(section, grid):
     for name, runs in grid.items():
         s = summarize(runs)
-        steps = "—" if s["steps_to_100_mean"] is None else f"{s['steps_to_100_mean']:.0f}"
+        steps = ("—" if s["steps_to_100_mean"] is None
+                 else f"{s['steps_to_100_mean']:.0f}")
         accuracy = (f"{100 * s['accuracy_mean']:.2f} "
                     f"({100 * s['accuracy_min']:.2f}–{100 * s['accuracy_max']:.2f})")
         rows.append([section, name, f"{s['parameters']:,}", accuracy,
@@ -1316,20 +1395,23 @@ def add_rows(section, grid):
 
 
 add_rows("seeds", seed_grid)
-add_rows("hyperparameters", {k: v for k, v in hyper_grid.items() if "reference" not in k})
+add_rows("hyperparameters",
+         {k: v for k, v in hyper_grid.items() if "reference" not in k})
 add_rows("size", {k: v for k, v in size_grid.items() if "ref." not in k})
 add_rows("ablation", {k: v for k, v in ablation_grid.items() if k != "reference"})
 add_rows("depth (4 epochs, 2 seeds)", deep_grid)
-long_acc = table[:, :, 4:].mean(axis=(0, 2))                   # per operation, lengths 6-8
+long_acc = table[:, :, 4:].mean(axis=(0, 2))  # per operation, lengths 6-8
 per_op = ", ".join(f"{op} {100 * a:.0f}" for op, a in zip(OPERATIONS, long_acc))
 rows.append(["length (1 seed)", "train on 2–5 arguments, test on 6–8",
              f"{length_runs[0]['result'].num_parameters:,}", per_op, "—", "—"])
-rows.append(["numbers 0–99 (1 seed)", "two output heads", f"{two_digit.num_parameters:,}",
+rows.append(["numbers 0–99 (1 seed)", "two output heads",
+             f"{two_digit.num_parameters:,}",
              f"{100 * two_digit.heldout_accuracy:.2f} (held-out)", "—", "—"])
 header = ["experiment", "variant", "parameters", "accuracy %, mean (min–max)",
           "reached 100%", "mean steps to 100%"]
 HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
-     + "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+     + "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                 for row in rows)
      + "\n</table>")
 
 # %% [markdown]
@@ -1364,8 +1446,9 @@ trained = (sum(r.seconds for r in cache.values())
 print(f"{len(cache)} runs in the cache; this notebook ran for {total:.0f} s "
       f"({time.process_time():.0f} s of CPU time), {trained:.0f} s of it training:")
 counted = set()
-for name, grid in [("seeds", seed_grid), ("hyperparameters", hyper_grid), ("sizes", size_grid),
-                   ("ablations", ablation_grid), ("depth", deep_grid)]:
+for name, grid in [("seeds", seed_grid), ("hyperparameters", hyper_grid),
+                   ("sizes", size_grid), ("ablations", ablation_grid),
+                   ("depth", deep_grid)]:
     new = [r for runs in grid.values() for r in runs if id(r) not in counted]
     counted |= {id(r) for r in new}
     print(f"  {name:16} {sum(r.seconds for r in new):5.1f} s  ({len(new)} runs)")
@@ -1395,7 +1478,8 @@ print(f"  {'numbers 0-99':16} {two_digit.seconds:5.1f} s")
 # against $\mathbb{E}[\text{copies of the most common digit}]/4$ computed another way.
 
 # %% tags=["hide-cell"]
-# Solution: enumerate all 10**4 quadruples; the best order-blind guess is a most common digit.
+# Solution: enumerate all 10**4 quadruples; the best order-blind guess is a most
+# common digit.
 quads = np.array(list(itertools.product(range(10), repeat=4)))            # (10000, 4)
 counts = np.stack([(quads == d).sum(axis=1) for d in range(10)], axis=1)  # (10000, 10)
 cap4 = counts.max(axis=1).mean() / 4
@@ -1431,9 +1515,11 @@ for run in no_pos:
 # test set?
 
 # %% tags=["hide-cell"]
-# Solution: 5 operations x 100**3 number triples; the training set is 50,000 distinct puzzles.
+# Solution: 5 operations x 100**3 number triples; the training set is 50,000
+# distinct puzzles.
 space = 5 * 100**3
 fraction = 50_000 / space
-print(f"{space:,} inputs; the model trained on {fraction:.1%} of them, and the test puzzles "
-      "were drawn from the other 99%: it has to generalise, memorising cannot help")
+print(f"{space:,} inputs; the model trained on {fraction:.1%} of them, "
+      "and the test puzzles were drawn from the other 99%: "
+      "it has to generalise, memorising cannot help")
 assert space == 5_000_000 and fraction == 0.01

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, Batch, Example,
-                                  all_examples, create_batch, generate_dataset, split_dataset)
+                                  all_examples, create_batch, generate_dataset,
+                                  split_dataset)
 from transformer_lib.layers import Linear
 from transformer_lib.training import (Adam, CrossEntropyLoss, default_splits, evaluate,
                                       train_one_epoch, warmup_cosine)
@@ -20,11 +21,13 @@ from transformer_lib.transformer import Transformer
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything that defines one training run: model shape, ablation switches, recipe, seed.
+    """Everything that defines one training run: model shape, ablation switches,
+    recipe, seed.
 
     The defaults are the book's reference model and training recipe (chapters 4 and 5).
     ``seed`` sets both the initial weights and the order of the mini-batches; the data
-    split is the same for every run (``default_splits(0)``), so seeds differ only in training.
+    split is the same for every run (``default_splits(0)``), so seeds differ only in
+    training.
     """
 
     # model (chapter 4)
@@ -45,9 +48,11 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("d_model", "num_heads", "num_layers", "d_ff", "batch_size", "epochs"):
+        for name in ("d_model", "num_heads", "num_layers", "d_ff", "batch_size",
+                     "epochs"):
             value = getattr(self, name)
-            is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            is_int = (isinstance(value, (int, np.integer))
+                      and not isinstance(value, bool))
             if not is_int or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
@@ -67,10 +72,10 @@ class ExperimentConfig:
 
     def model(self) -> Transformer:
         """A fresh, untrained Transformer with this config's shape and seed."""
-        return Transformer(d_model=self.d_model, num_heads=self.num_heads,
-                           num_layers=self.num_layers, d_ff=self.d_ff, readout=self.readout,
-                           positional=self.positional, residual=self.residual,
-                           layer_norm=self.layer_norm, seed=self.seed)
+        return Transformer(
+            d_model=self.d_model, num_heads=self.num_heads, num_layers=self.num_layers,
+            d_ff=self.d_ff, readout=self.readout, positional=self.positional,
+            residual=self.residual, layer_norm=self.layer_norm, seed=self.seed)
 
 
 def parameter_count(model) -> int:
@@ -94,7 +99,8 @@ def predictions(model, batch: Batch, chunk: int = 4096) -> np.ndarray:
 
 def accuracy_by(model, examples: Sequence[Example],
                 key: Callable[[Example], Hashable] = lambda ex: ex.op) -> dict:
-    """Accuracy per group of examples: per operation by default, or any ``key(example)``.
+    """Accuracy per group of examples: per operation by default, or any
+    ``key(example)``.
 
     Groups appear in the order they first occur in ``examples``.
     """
@@ -112,11 +118,12 @@ def accuracy_by(model, examples: Sequence[Example],
 class ExperimentResult:
     """What one run measured. Accuracies are fractions in [0, 1].
 
-    ``accuracy`` and ``accuracy_by_op`` are on the evaluation inputs (by default all 5,000
-    possible inputs) at the end of training; ``heldout_accuracy`` on those of them that are
-    not in the training set. ``steps_to_100``, ``epochs_to_100`` and ``seconds_to_100`` are
-    taken at the first epoch end at which every evaluation input was right (``None`` if that
-    never happened). ``curve`` has one entry per epoch: step, train loss, validation accuracy.
+    ``accuracy`` and ``accuracy_by_op`` are on the evaluation inputs (by default all
+    5,000 possible inputs) at the end of training; ``heldout_accuracy`` on those of them
+    that are not in the training set. ``steps_to_100``, ``epochs_to_100`` and
+    ``seconds_to_100`` are taken at the first epoch end at which every evaluation input
+    was right (``None`` if that never happened). ``curve`` has one entry per epoch:
+    step, train loss, validation accuracy.
     """
 
     config: ExperimentConfig
@@ -140,7 +147,8 @@ class ExperimentResult:
 
 @functools.cache
 def _standard_data() -> tuple[list[Example], list[Example], list[Example]]:
-    """The book's train and validation split, and all 5,000 inputs (made once, shared)."""
+    """The book's train and validation split, and all 5,000 inputs (made once, shared).
+    """
     train, val, _ = default_splits(0)
     return train, val, all_examples()
 
@@ -151,8 +159,10 @@ def _batch_of(examples: tuple[Example, ...]) -> Batch:
 
 
 def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
-                   data: tuple | None = None, evaluate_on: Sequence[Example] | None = None,
-                   stop_at_100: bool = True, progress: bool = False) -> ExperimentResult:
+                   data: tuple | None = None,
+                   evaluate_on: Sequence[Example] | None = None,
+                   stop_at_100: bool = True,
+                   progress: bool = False) -> ExperimentResult:
     """Train one model from scratch and measure it: config in, metrics out.
 
     Parameters
@@ -161,20 +171,24 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     data : (train, val), two lists of Examples, optional
         Default: the book's split, ``default_splits(0)``.
     evaluate_on : list of Examples, optional
-        The inputs the model is judged on. Default: all 5,000 inputs; required with ``data``.
+        The inputs the model is judged on. Default: all 5,000 inputs; required with
+        ``data``.
     stop_at_100 : bool
-        Stop at the first epoch end at which every evaluation input is answered correctly.
+        Stop at the first epoch end at which every evaluation input is answered
+        correctly.
     progress : bool
         Print one line per epoch.
 
     Returns
     -------
     ExperimentResult
-        Including the trained model (``.model``) and the wrongly answered inputs (``.wrong``).
+        Including the trained model (``.model``) and the wrongly answered inputs
+        (``.wrong``).
 
-    The recipe is chapter 5's ``fit`` (Adam, warm-up then cosine decay over ``config.epochs``,
-    gradient clipping, the same ``train_one_epoch``), except that the model is measured as it
-    is when training stops rather than at its best validation epoch.
+    The recipe is chapter 5's ``fit`` (Adam, warm-up then cosine decay over
+    ``config.epochs``, gradient clipping, the same ``train_one_epoch``), except that the
+    model is measured as it is when training stops rather than at its best validation
+    epoch.
     """
     if data is None:
         train, val, default_eval = _standard_data()
@@ -198,8 +212,9 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     suspects = None             # inputs found wrong by the last full check
 
     def all_right() -> bool:
-        """Is every evaluation input answered correctly? The inputs that were wrong at the
-        last full check are tried first; if one is still wrong, the full check is skipped."""
+        """Is every evaluation input answered correctly? The inputs that were wrong at
+        the last full check are tried first; if one is still wrong, the full check is
+        skipped."""
         nonlocal suspects
         if suspects is not None:
             rows = Batch(eval_batch.ids[suspects], eval_batch.mask[suspects],
@@ -213,11 +228,12 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     model.train()
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        losses = train_one_epoch(model, loss_fn, optimizer, train_batch, config.batch_size,
-                                 rng, schedule, step, config.clip)
+        losses = train_one_epoch(model, loss_fn, optimizer, train_batch,
+                                 config.batch_size, rng, schedule, step, config.clip)
         step += len(losses)
         val_accuracy = evaluate(model, val_batch)["accuracy"]
-        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+        curve.append({"epoch": epoch, "step": step,
+                      "train_loss": float(np.mean(losses)),
                       "val_accuracy": val_accuracy})
         if progress:
             print(f"epoch {epoch}  step {step:4d}  train loss {np.mean(losses):.4f}  "
@@ -238,7 +254,8 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
         accuracy=float(correct.mean()),
         accuracy_by_op={op: float(correct[ops == op].mean())
                         for op in OPERATIONS if (ops == op).any()},
-        heldout_accuracy=float(correct[unseen].mean()) if unseen.any() else float("nan"),
+        heldout_accuracy=(float(correct[unseen].mean()) if unseen.any()
+                          else float("nan")),
         steps=step, steps_to_100=step_100, epochs_to_100=epoch_100, seconds=seconds,
         seconds_to_100=seconds_100,
         wrong=[ex for ex, ok in zip(evaluate_on, correct) if not ok],
@@ -260,7 +277,8 @@ def run_grid(base: ExperimentConfig, variants: dict[str, dict],
     cache : dict, optional
         ``{config: result}``; results found there are reused, new ones are added.
     **kwargs
-        Passed to ``run_experiment`` (not ``data``: cached results assume the book's data).
+        Passed to ``run_experiment`` (not ``data``: cached results assume the book's
+        data).
     """
     if "data" in kwargs and cache is not None:
         raise ValueError("run_grid: the cache assumes the book's data; "
@@ -282,7 +300,8 @@ def run_grid(base: ExperimentConfig, variants: dict[str, dict],
 
 
 def summarize(runs: Sequence[ExperimentResult]) -> dict:
-    """Mean, min and max accuracy over seeds, per operation too; how many runs reached 100%."""
+    """Mean, min and max accuracy over seeds, per operation too; how many runs reached
+    100%."""
     accuracy = [r.accuracy for r in runs]
     reached = [r for r in runs if r.reached_100]
     return {
@@ -310,8 +329,9 @@ def length_experiment(config: ExperimentConfig = ExperimentConfig(),
                       seeds: Sequence[int] = (0,)) -> list[dict]:
     """Train on inputs with ``train_lengths`` arguments, test on longer ones.
 
-    Returns one dict per seed: ``result`` (the ExperimentResult on the in-distribution test
-    split) and ``accuracy``: {(num_args, op): accuracy} over all lengths, plus the examples.
+    Returns one dict per seed: ``result`` (the ExperimentResult on the in-distribution
+    test split) and ``accuracy``: {(num_args, op): accuracy} over all lengths, plus the
+    examples.
     """
     examples = []
     for k in train_lengths:
@@ -322,20 +342,25 @@ def length_experiment(config: ExperimentConfig = ExperimentConfig(),
         longer += generate_dataset(per_test_length, seed=200 + k, num_args=k)
     out = []
     for seed in seeds:
-        result = run_experiment(config.but(seed=seed), data=(train, val), evaluate_on=test)
+        result = run_experiment(config.but(seed=seed), data=(train, val),
+                                evaluate_on=test)
         accuracy = accuracy_by(result.model, test + longer,
                                key=lambda ex: (len(ex.args), ex.op))
-        out.append({"result": result, "accuracy": accuracy, "test": test, "longer": longer})
+        out.append({"result": result, "accuracy": accuracy, "test": test,
+                    "longer": longer})
     return out
 
 
 class TwoDigitTransformer(Transformer):
-    """The transformer with two output heads: the answer's tens digit and its units digit.
+    """The transformer with two output heads: the answer's tens digit and its units
+    digit.
 
     Takes the same arguments as ``Transformer``. Both heads read the final vector at the
-    read-out position; together they are one Linear layer of shape (d_model, 2 * vocab_size).
+    read-out position; together they are one Linear layer of shape
+    (d_model, 2 * vocab_size).
 
-    forward: ids (B, T) [, mask (B, T)] -> logits (B, 2, V); row 0 = tens, row 1 = units.
+    forward: ids (B, T) [, mask (B, T)] -> logits (B, 2, V);
+    row 0 = tens, row 1 = units.
     """
 
     def __init__(self, **kwargs):
@@ -343,7 +368,8 @@ class TwoDigitTransformer(Transformer):
         c = self.config
         dtype = self.embedding.W.data.dtype
         rng = np.random.default_rng(c["seed"] + 1)
-        self.output = Linear(c["d_model"], 2 * c["vocab_size"], rng, dtype=dtype)   # (D, 2V)
+        # (D, 2V)
+        self.output = Linear(c["d_model"], 2 * c["vocab_size"], rng, dtype=dtype)
 
     def forward(self, ids, mask=None):
         logits = super().forward(ids, mask)                   # (B, 2V)
@@ -353,7 +379,8 @@ class TwoDigitTransformer(Transformer):
         """Chapter 4's backward, for logits (B, 2, V); returns None like it."""
         grad_logits = np.asarray(grad_logits)                 # (B, 2, V)
         if grad_logits.ndim != 3 or grad_logits.shape[1] != 2:
-            raise ValueError(f"grad_logits must have shape (B, 2, V), got {grad_logits.shape}")
+            raise ValueError("grad_logits must have shape (B, 2, V), "
+                             f"got {grad_logits.shape}")
         return super().backward(grad_logits.reshape(len(grad_logits), -1))   # (B, 2V)
 
 
@@ -366,7 +393,8 @@ class TwoTokenLoss(CrossEntropyLoss):
             raise ValueError(f"expected logits (B, K, V) and targets (B, K), "
                              f"got {logits.shape} and {targets.shape}")
         self._shape = logits.shape
-        return super().forward(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return super().forward(logits.reshape(-1, logits.shape[-1]),
+                               targets.reshape(-1))
 
     __call__ = forward
 
@@ -375,14 +403,16 @@ class TwoTokenLoss(CrossEntropyLoss):
 
 
 _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
-_ANSWER = {"First": lambda n: n[:, 0], "Second": lambda n: n[:, 1], "Last": lambda n: n[:, -1],
-           "Max": lambda n: n.max(axis=1), "Min": lambda n: n.min(axis=1)}
+_ANSWER = {"First": lambda n: n[:, 0], "Second": lambda n: n[:, 1],
+           "Last": lambda n: n[:, -1], "Max": lambda n: n.max(axis=1),
+           "Min": lambda n: n.min(axis=1)}
 TWO_DIGIT_OP_WEIGHTS = (0.1, 0.1, 0.1, 0.35, 0.35)
 
 
 class TwoDigitData(NamedTuple):
     """Puzzles on numbers 0-99: ops (N,) str, numbers (N, k) int, answers (N,) int,
-    batch with ids (N, 2k + 4) and targets (N, 2) = token ids of the answer's two digits."""
+    batch with ids (N, 2k + 4) and targets (N, 2) = token ids of the answer's two
+    digits."""
 
     ops: np.ndarray
     numbers: np.ndarray
@@ -395,20 +425,23 @@ class TwoDigitData(NamedTuple):
 
 
 def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
-    """Encode puzzles on numbers 0-99, each number as two digit tokens (leading zero)."""
+    """Encode puzzles on numbers 0-99, each number as two digit tokens (leading zero).
+    """
     ops, numbers = np.asarray(ops), np.asarray(numbers)
     if numbers.ndim != 2 or len(numbers) != len(ops) or numbers.shape[1] < 2:
         raise ValueError(f"expected numbers of shape (N, k >= 2) for N = {len(ops)} "
                          f"operations, got {numbers.shape}")
-    if not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 0 or numbers.max() > 99:
-        raise ValueError(f"numbers must be integers 0-99, got values from {numbers.min()} "
-                         f"to {numbers.max()}")
+    if (not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 0
+            or numbers.max() > 99):
+        raise ValueError("numbers must be integers 0-99, got values from "
+                         f"{numbers.min()} to {numbers.max()}")
     unknown = sorted(set(ops.tolist()) - set(OPERATIONS))
     if unknown:
         raise ValueError(f"unknown operation(s) {unknown}; "
                          f"expected one of {', '.join(OPERATIONS)}")
     n, k = numbers.shape
-    ids = np.empty((n, 2 * k + 4), dtype=np.int64)                 # Op ( t u t u ... ) [EOS]
+    # Op ( t u t u ... ) [EOS]
+    ids = np.empty((n, 2 * k + 4), dtype=np.int64)
     ids[:, 0] = [TOKEN_TO_ID[op] for op in ops]
     ids[:, 1] = TOKEN_TO_ID["("]
     ids[:, 2:2 + 2 * k:2] = _DIGIT_IDS[numbers // 10]              # tens digits
@@ -419,7 +452,8 @@ def two_digit_data(ops: Sequence[str], numbers) -> TwoDigitData:
         answers[ops == op] = answer(numbers[ops == op])
     tens, units = _DIGIT_IDS[answers // 10], _DIGIT_IDS[answers % 10]
     targets = np.stack([tens, units], axis=1)                      # (N, 2)
-    return TwoDigitData(ops, numbers, answers, Batch(ids, np.ones(ids.shape, bool), targets))
+    return TwoDigitData(ops, numbers, answers,
+                        Batch(ids, np.ones(ids.shape, bool), targets))
 
 
 def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
@@ -448,12 +482,14 @@ def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
 
 def two_digit_keys(data: TwoDigitData) -> set:
     """The set of (op, numbers tuple) of a data set, to exclude it from another."""
-    return {(op, tuple(nums)) for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
+    return {(op, tuple(nums))
+            for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
 
 
 @dataclass
 class TwoDigitResult:
-    """Held-out accuracy (both digits right), overall and per operation; curve per epoch."""
+    """Held-out accuracy (both digits right), overall and per operation; curve per
+    epoch."""
 
     heldout_accuracy: float
     heldout_by_op: dict
@@ -471,9 +507,10 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
                          progress: bool = False, **model_kwargs) -> TwoDigitResult:
     """Train a TwoDigitTransformer on ``n_train`` random puzzles on numbers 0-99.
 
-    The test set is ``n_test`` puzzles with uniformly drawn operations that are not in the
-    training set; it is evaluated after every epoch. ``model_kwargs`` go to the model (default:
-    the reference shape). ``seed`` sets the weights and batch order; the data are fixed.
+    The test set is ``n_test`` puzzles with uniformly drawn operations that are not in
+    the training set; it is evaluated after every epoch. ``model_kwargs`` go to the
+    model (default: the reference shape). ``seed`` sets the weights and batch order; the
+    data are fixed.
     """
     train = generate_two_digit(n_train, seed=1, op_weights=op_weights)
     test = generate_two_digit(n_test, seed=2, exclude=two_digit_keys(train))
@@ -486,7 +523,8 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
                                  peak_lr=lr)
 
     def heldout():
-        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)  # (N,)
+        # (N,)
+        correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)
         by_op = {op: float(correct[test.ops == op].mean()) for op in OPERATIONS}
         return float(correct.mean()), by_op
 
@@ -494,11 +532,12 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
     model.train()
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        losses = train_one_epoch(model, loss_fn, optimizer, train.batch, batch_size, rng,
-                                 schedule, step, clip=1.0)
+        losses = train_one_epoch(model, loss_fn, optimizer, train.batch, batch_size,
+                                 rng, schedule, step, clip=1.0)
         step += len(losses)
         accuracy, by_op = heldout()
-        curve.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+        curve.append({"epoch": epoch, "step": step,
+                      "train_loss": float(np.mean(losses)),
                       "heldout_accuracy": accuracy, "heldout_by_op": by_op})
         if progress:
             print(f"epoch {epoch}  step {step}  train loss {np.mean(losses):.4f}  "
