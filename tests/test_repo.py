@@ -67,6 +67,19 @@ def test_first_cell_is_numbered_title(source):
         f"{source.name}: first line must be '# {number}. Title', got {first.source[:60]!r}"
 
 
+MAX_CODE_LINE = 88     # what the book's code column shows at 1440 px (book/_static/book.css)
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_code_lines_fit_the_book_column(source):
+    long = [(i, line) for i, cell in enumerate(jupytext.read(source).cells)
+            if cell.cell_type == "code" for line in cell.source.splitlines()
+            if len(line) > MAX_CODE_LINE]
+    shown = "; ".join(f"cell {i}: {line.strip()[:50]!r}..." for i, line in long[:3])
+    assert not long, (f"{source.name}: {len(long)} code lines longer than {MAX_CODE_LINE} "
+                      f"characters scroll sideways in the book ({shown}); wrap them")
+
+
 def test_toc_lists_every_notebook_in_order():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     listed = [ch["file"] for part in toc.get("parts", []) for ch in part.get("chapters") or []]
