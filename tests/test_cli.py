@@ -137,3 +137,17 @@ def test_missing_default_model_suggests_plain_train(capsys, monkeypatch, tmp_pat
     assert_one_line_error(result, f"no model file at {default}",
                           "train one first with: python -m transformer_lib train")
     assert "--out" not in result.stderr
+
+
+def test_only_the_reference_run_writes_the_reference_file(capsys, monkeypatch, tmp_path):
+    """train --seed 2 without --out must not replace the model chapter 6 reads."""
+    import transformer_lib.__main__ as cli
+
+    reference = tmp_path / "reference_model.npz"
+    monkeypatch.setattr(cli, "REFERENCE_PATH", reference)
+    assert cli.default_out(0, cli.REFERENCE_EPOCHS) == reference
+    assert cli.default_out(0, 16) == tmp_path / "model_seed0_epochs16.npz"
+    assert main(["train", "--seed", "2", "--epochs", "1"]) == 0
+    assert f"saved {tmp_path / 'model_seed2_epochs1.npz'}" in capsys.readouterr().out
+    assert not reference.exists()
+    assert load_model(tmp_path / "model_seed2_epochs1.npz").metadata["seed"] == 2

@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
     train.add_argument("--epochs", type=_int_at_least(1), default=REFERENCE_EPOCHS,
                        help=f"number of epochs (default {REFERENCE_EPOCHS})")
-    train.add_argument("--out", type=Path, default=REFERENCE_PATH,
-                       help=f"where to save the model (default {REFERENCE_PATH})")
+    train.add_argument("--out", type=Path, default=None,
+                       help=f"where to save the model (default {REFERENCE_PATH} for seed 0 and "
+                            f"{REFERENCE_EPOCHS} epochs, the book's reference; otherwise "
+                            "model_seed<N>_epochs<E>.npz beside it)")
 
     pred = commands.add_parser(
         "predict", help="print a trained model's answer to each puzzle",
@@ -65,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", type=Path, default=REFERENCE_PATH,
                       help=f"a model file written by train (default {REFERENCE_PATH})")
     return parser
+
+
+def default_out(seed: int, epochs: int) -> Path:
+    """Where train saves by default: the reference file only for the reference run (seed 0,
+    REFERENCE_EPOCHS), so that another run never replaces the model chapter 6 reads."""
+    if (seed, epochs) == (0, REFERENCE_EPOCHS):
+        return REFERENCE_PATH
+    return REFERENCE_PATH.with_name(f"model_seed{seed}_epochs{epochs}.npz")
 
 
 def _train(args) -> None:
@@ -76,7 +86,8 @@ def _train(args) -> None:
     all_accuracy = evaluate(model, all_examples())["accuracy"]
     print(f"test accuracy {test_accuracy:.2%}, all 5,000 inputs {all_accuracy:.2%}, "
           f"trained in {history.seconds:.1f} s")
-    path = save_model(model, args.out, seed=args.seed, epochs=args.epochs, history=asdict(history))
+    out = args.out if args.out is not None else default_out(args.seed, args.epochs)
+    path = save_model(model, out, seed=args.seed, epochs=args.epochs, history=asdict(history))
     print(f"saved {path}")
 
 
