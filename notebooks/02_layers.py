@@ -28,7 +28,7 @@
 # - why the softmax backward pass never builds the softmax Jacobian, and a few NumPy tricks that
 #   make small layers fast.
 #
-# Cells marked `export` become the module `transformer_lib.layers`, which chapters 3 to 6 import.
+# Cells marked `export` become the module `transformer_lib.layers`, which later chapters import.
 
 # %% tags=["export"]
 from collections.abc import Callable, Iterator
@@ -1037,8 +1037,8 @@ plt.show()
 # %% [markdown]
 # **Proof.** The table values are bounded by 1. Positions are unique: the closest pair of rows
 # is still far apart. (All rows have the same length, $\sqrt{d/2}$, because each sin/cos pair
-# has $\sin^2 + \cos^2 = 1$, so they differ in direction, not in size.) Shape is preserved, the forward pass adds exactly the table, and the
-# gradient passes through.
+# has $\sin^2 + \cos^2 = 1$, so they differ in direction, not in size.) Shape is preserved,
+# the forward pass adds exactly the table, and the gradient passes through.
 
 # %%
 pe = pos_enc.pe.astype(np.float64)                                   # (max_len, D)
@@ -1080,7 +1080,7 @@ show_error(lambda: pos_enc(np.zeros((1, 65, 64))), ValueError,
 #   row in one BLAS call and works for any length (LayerNorm sums over $d_{\text{model}} = 64$).
 #
 # Both keep the last axis with size 1 (`keepdims`), so `x - row_max(x)` broadcasts. They are
-# exported because attention (chapter 3) and the loss (chapter 5) use them too.
+# exported because attention (chapter 3) uses them too.
 
 # %% tags=["export"]
 def row_max(x: np.ndarray) -> np.ndarray:
@@ -1404,9 +1404,9 @@ report("ReLU", gradient_check(ReLU(), away_from_kink))
 # **Stability.** `np.exp(1000)` overflows to `inf`, and `inf / inf` is `nan`. Chapter 3 sets
 # the scores of padding keys to a huge negative number, and large logits happen. Softmax does not
 # change when a constant $c$ is added to every input: the factor $e^{c}$ cancels between
-# numerator and denominator. So we subtract the row maximum first. Then every exponent is $\le 0$, so no
-# $e^{x}$ overflows, and the largest term is exactly $e^0 = 1$, so the denominator is at least 1
-# and never 0.
+# numerator and denominator. So we subtract the row maximum first. Then every exponent is
+# $\le 0$, so no $e^{x}$ overflows, and the largest term is exactly $e^0 = 1$, so the
+# denominator is at least 1 and never 0.
 #
 # **Backward.** Differentiate $y_i$ with respect to $x_k$. The numerator gives $y_i$ when
 # $i = k$, and the denominator gives $-y_i y_k$:
@@ -1484,8 +1484,12 @@ ours = softmax(extreme)
 print("textbook formula:\n", textbook, "\nstable softmax:\n", np.round(ours, 4))
 assert np.isnan(textbook).any()
 assert np.isfinite(ours).all() and np.allclose(ours.sum(axis=-1), 1.0)
-# a shift of 1e4 changes nothing
+# a shift of 1e4 changes nothing, in float64 and in float32
 assert np.allclose(ours[1], softmax(np.array([0.0, 1.0, -1.0])))
+shifted32 = softmax(extreme[1].astype(np.float32))
+assert shifted32.dtype == np.float32
+# in float32 the shifted row gives bit for bit the same weights as the unshifted one
+assert np.array_equal(shifted32, softmax(np.array([0.0, 1.0, -1.0], dtype=np.float32)))
 assert np.allclose(ours[2], 1 / 3) and ours[0, 0] == 1.0
 
 x32 = (np.random.default_rng(0).normal(size=(32, 4, 8, 8)) * 1e4).astype(np.float32)
@@ -1495,7 +1499,7 @@ assert np.allclose(y32.sum(axis=-1), 1.0, atol=1e-6)
 
 # %% [markdown]
 # **Proof of the backward pass.** For one small row we build the full Jacobian
-# $\operatorname{diag}(y) - y y^\top$ and compare it, column by column, with central differences
+# $\operatorname{diag}(y) - y y^\top$ and compare it, row by row, with central differences
 # of the forward pass. Then we check that `backward(G)` equals $J^\top G$. Then comes the usual
 # gradient check. The check with $G$ = all ones would be worthless here. The outputs always sum
 # to 1, so $\sum_i y_i$ is constant and its true gradient is exactly zero. A "backward pass" that
@@ -1587,8 +1591,8 @@ assert worst <= TOLERANCE and worst < 1e-8
 #   instead of $O(T^2)$.
 # - `gradient_check` compares every input and parameter gradient with central differences in
 #   float64 under a random upstream gradient. All errors here are at most $10^{-6}$ (in practice
-#   below $10^{-8}$), and the same checker catches mixed-up axes and a mean-for-sum bug that a
-#   plain sum would have missed.
+#   below $10^{-8}$), and the same checker catches mixed-up axes (which a plain sum misses)
+#   and a mean-for-sum bug.
 #
 # Chapter 3 builds attention from `Linear`, `row_max` and `row_sum`, and its softmax backward
 # pass is the JVP derived here.

@@ -438,7 +438,8 @@ assert wrong_error > 0.1
 # %% [markdown]
 # Errors below $10^{-9}$ are what central differences with `eps = 1e-6` can resolve in
 # float64; a wrong formula gives errors many orders of magnitude larger, like the $0.33$ of a
-# forgotten $1/\sqrt{d_k}$ (a gradient twice too large: $\|2a - a\| / \|3a\| = 1/3$). The gradients of padding keys are exactly zero, as the derivation predicted.
+# forgotten $1/\sqrt{d_k}$ (a gradient twice too large: $\|2a - a\| / \|3a\| = 1/3$). The
+# gradients of padding keys are exactly zero, as the derivation predicted.
 
 # %% [markdown]
 # ## Multi-head attention
@@ -471,9 +472,9 @@ assert wrong_error > 0.1
 # x @ W_q + b_q           (B, T, D)            D = H * d_k features per position
 #   .reshape(B, T, H, d_k) (B, T, H, d_k)      split the features into H chunks of d_k
 #   .transpose(0, 2, 1, 3) (B, H, T, d_k)      heads become a batch axis, like B
-# attention                (B, H, T, d_k)      one batched matmul over all B*H (example, head) pairs
+# attention                (B, H, T, d_k)      batched over all B*H (example, head) pairs
 #   .transpose(0, 2, 1, 3) (B, T, H, d_k)
-#   .reshape(B, T, D)      (B, T, D)           = the heads concatenated, [head_1 | ... | head_H]
+#   .reshape(B, T, D)      (B, T, D)           = [head_1 | ... | head_H] concatenated
 # @ W_o + b_o              (B, T, D)
 # ```
 #
@@ -779,7 +780,7 @@ difference = np.abs(y_long[:, :T][real] - y[real]).max()
 print(f"outputs at the {real.sum()} real positions, padded to {T} vs {T_long}: "
       f"largest difference {difference:.1e}")
 assert np.allclose(y_long[:, :T][real], y[real], rtol=1e-5, atol=1e-6)
-# the same in float64, where rounding is a billion times smaller
+# the same in float64, where rounding is half a billion times (2**29) smaller
 y64_long = mha64(x_long.astype(np.float64), mask_long)
 y64 = mha64(x64, mask)
 assert np.allclose(y64_long[:, :T][real], y64[real], rtol=1e-12, atol=1e-12)
@@ -840,16 +841,17 @@ assert all(np.allclose(p.grad, 2 * once[name]) for name, p in small.named_parame
 # %% [markdown]
 # ## What an untrained layer looks at
 #
-# The heatmap shows the weights of a *random, untrained* layer ($d_\text{model} = 16$, 4 heads)
-# on two puzzles of different length, as the model of chapter 4 will see them: token embeddings
-# plus positional encodings. Rows are queries, columns are keys; each row sums to 1. The shorter
-# puzzle is padded by one `[PAD]`, whose column is exactly zero in every head. Its row is not:
-# a padding query still attends to the real tokens, but nothing reads its output.
+# We run a *random, untrained* layer ($d_\text{model} = 16$, 4 heads) on a batch of two puzzles
+# of different length, `Max(5, 3, 9)` and `Second(7, 1, 4, 2)`, as the model of chapter 4 will
+# see them: token embeddings plus positional encodings. The heatmap shows the weights of the
+# first, shorter puzzle, padded by one `[PAD]` to the 8 tokens of the second. Rows are queries,
+# columns are keys; each row sums to 1. The `[PAD]` column is exactly zero in every head. Its
+# row is not: a padding query still attends to the real tokens, but nothing reads its output.
 #
 # Untrained, the heads attend in arbitrary patterns: some rows are broad, others fix on one
 # token for no reason related to the puzzle. (Exact zeros are printed as `0`, weights that are
-# merely small as `.00`.) What a *trained* model attends to, and whether it learns the lookups built by hand above, is
-# chapter 6.
+# merely small as `.00`.) What a *trained* model attends to, and whether it learns the lookups
+# built by hand above, is chapter 6.
 
 # %%
 import matplotlib.pyplot as plt
@@ -867,6 +869,8 @@ tokens = [ID_TO_TOKEN[i] for i in ids[0]]
 print(" ".join(tokens))
 assert " ".join(tokens) == "Max ( 5 3 9 ) [EOS] [PAD]"
 assert (weights[0, :, :, -1] == 0.0).all() and np.allclose(weights.sum(axis=-1), 1.0)
+assert mask.sum(axis=1).tolist() == [7, 8]     # one [PAD] in the first puzzle
+assert (weights[0, :, -1, :-1] > 0).all()      # the [PAD] query's row is not 0
 
 fig, axes = plt.subplots(2, 2, figsize=(10, 9.5), constrained_layout=True)
 for h, ax in enumerate(axes.flat):
@@ -891,16 +895,17 @@ plt.show()
 # %% [markdown]
 # ## How much the vectorisation buys
 #
-# The reference implementation and the layer compute the same thing. On a batch the size used in
-# training (32 sequences of 8 tokens, $d_\text{model} = 64$, 4 heads), the loops cost this much more
-# (timings vary from machine to machine, so they are printed, not tested):
+# The reference implementation and the layer compute the same thing. On a batch the size used
+# in training (32 puzzles of 7 tokens, $d_\text{model} = 64$, 4 heads), the loops cost this
+# much more (timings vary from machine to machine, so they are printed, not tested):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 import timeit
 
 bench = MultiHeadAttention(64, 4, rng=np.random.default_rng(12)).eval()
-x_bench = np.random.default_rng(13).normal(size=(32, 8, 64)).astype(np.float32)
+x_bench = np.random.default_rng(13).normal(size=(32, 7, 64)).astype(np.float32)
+assert x_bench.shape[1] == len(encode("Max(5, 3, 9)"))  # 3 arguments, as in training
 fast = min(timeit.repeat(lambda: bench(x_bench), number=20, repeat=5)) / 20
 slow = min(timeit.repeat(lambda: reference_attention(bench, x_bench),
                          number=1, repeat=2))
