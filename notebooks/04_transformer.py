@@ -29,6 +29,8 @@
 # Cells marked `export` become the module `transformer_lib.transformer`.
 
 # %%
+import inspect
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import PowerNorm
@@ -452,7 +454,7 @@ for residual in (True, False):
 #
 # The third ablation flag lives here: `positional=False` leaves out the positional encoding
 # (for chapter 7). `residual` and `layer_norm` are passed on to every block, and `.config`
-# records all the arguments, so that a saved model can be rebuilt (chapter 5).
+# records all the arguments except `dtype`, so that a saved model can be rebuilt (chapter 5).
 
 # %% tags=["export"]
 class Transformer(Module):
@@ -647,6 +649,8 @@ batch = create_batch([generate_example(np.random.default_rng(s), num_args=k)
 ids, mask = batch.ids, batch.mask
 B, T = ids.shape
 D, F, V = model.config["d_model"], model.config["d_ff"], model.config["vocab_size"]
+# .config holds every constructor argument except dtype
+assert set(model.config) == set(inspect.signature(Transformer).parameters) - {"dtype"}
 symbol = {B: "B", T: "T", D: "D", F: "d_ff", V: "V"}
 assert len(symbol) == 5, ("choose B and T different from D, d_ff and V so the symbols "
                           "are unambiguous")
@@ -984,14 +988,18 @@ for readout in READOUTS:
 
 # %% [markdown]
 # And the mask is what makes this true. If we lie to the model and call the padding real, the
-# padded sequences get different answers (the one sequence without padding, the longest,
-# keeps its logits):
+# padded sequences get different logits, with either read-out (the same two models, seed 2);
+# the one sequence without padding, the longest, keeps its logits:
 
 # %%
-lie = m(batch.ids, np.ones_like(batch.mask))
-changed = ~np.isclose(lie, logits, rtol=1e-5, atol=1e-5).all(axis=1)
-print("sequence lengths:", batch.mask.sum(axis=1), " logits changed:", changed)
-assert np.array_equal(changed, ~batch.mask.all(axis=1))
+print("sequence lengths:", batch.mask.sum(axis=1))
+for readout in READOUTS:
+    m = Transformer(readout=readout, seed=2)
+    logits = m(batch.ids, batch.mask)                # (B, V), the truth
+    lie = m(batch.ids, np.ones_like(batch.mask))     # (B, V), padding called real
+    changed = ~np.isclose(lie, logits, rtol=1e-5, atol=1e-5).all(axis=1)
+    print(f"readout={readout!r}: logits changed {changed}")
+    assert np.array_equal(changed, ~batch.mask.all(axis=1))
 
 # %% [markdown]
 # ## Summary
@@ -1007,8 +1015,8 @@ assert np.array_equal(changed, ~batch.mask.all(axis=1))
 # - The model answers through the hidden state of `[EOS]` by default (`readout="eos"`), which
 #   attention can fill with exactly what the answer needs; `readout="mean"` averages all real
 #   tokens instead. Padding gets zero weight in both, and the logits do not depend on padding.
-# - The reference model has 102,420 parameters, two thirds of them in the FFNs; the formula
-#   matches the model.
+# - The reference model has 102,420 parameters; two thirds of every block is the FFN. The
+#   formula matches the model.
 # - Every parameter gets a finite, non-zero gradient; the whole model passes the gradient check
 #   at $\le 10^{-6}$ for both read-outs and every ablation flag.
 #
