@@ -42,10 +42,11 @@ def trained(tmp_path_factory):
 def test_train_prints_progress_and_saves(trained):
     path, result = trained
     assert result.returncode == 0, result.stderr
-    assert "training the reference model (seed 3, 1 epoch)" in result.stdout
+    assert "training a model of the reference shape (seed 3, 1 epoch)" in result.stdout
     assert "epoch  1/1  train loss" in result.stdout
     assert "test accuracy" in result.stdout and "all 5,000 inputs" in result.stdout
     assert f"saved {path}" in result.stdout
+    assert f'predict "Max(5, 3, 9)" --model {path}' in result.stdout
     model = load_model(path)
     assert model.metadata["seed"] == 3 and model.metadata["epochs"] == 1
     assert len(model.metadata["history"]["val_accuracy"]) == 1

@@ -79,7 +79,9 @@ def default_out(seed: int, epochs: int) -> Path:
 
 def _train(args) -> None:
     epochs = f"{args.epochs} epoch" + ("s" if args.epochs > 1 else "")
-    print(f"training the reference model (seed {args.seed}, {epochs})", flush=True)
+    reference = (args.seed, args.epochs) == (0, REFERENCE_EPOCHS)
+    what = "the book's reference model" if reference else "a model of the reference shape"
+    print(f"training {what} (seed {args.seed}, {epochs})", flush=True)
     model, history = train_reference_model(seed=args.seed, epochs=args.epochs, progress=True)
     _, _, test = default_splits()
     test_accuracy = evaluate(model, test)["accuracy"]
@@ -89,6 +91,8 @@ def _train(args) -> None:
     out = args.out if args.out is not None else default_out(args.seed, args.epochs)
     path = save_model(model, out, seed=args.seed, epochs=args.epochs, history=asdict(history))
     print(f"saved {path}")
+    if path != REFERENCE_PATH:
+        print(f'ask it with: {PROG} predict "Max(5, 3, 9)" --model {path}')
 
 
 def _predict(args) -> None:
