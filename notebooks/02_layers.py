@@ -1469,8 +1469,8 @@ class Softmax(Module):
 
 # %% [markdown]
 # **Proof of stability.** Rows like $(10^4, -10^4, 0)$ break the textbook formula but not ours.
-# Shifting a row by a constant does not change ours either, in float32 as in float64. Every
-# row sums to 1.
+# Shifting a row by $10^4$ does not change ours either (in float32 even bit for bit, since
+# float32 stores $10^4 \pm 1$ exactly). Every row sums to 1.
 
 # %%
 softmax = Softmax()

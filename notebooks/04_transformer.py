@@ -988,7 +988,8 @@ for readout in READOUTS:
 
 # %% [markdown]
 # And the mask is what makes this true. If we lie to the model and call the padding real, the
-# padded sequences get different logits, with either read-out (the same two models, seed 2);
+# padded sequences get different logits, with either read-out (the same models as above, one
+# per read-out, seed 2);
 # the one sequence without padding, the longest, keeps its logits:
 
 # %%

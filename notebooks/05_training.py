@@ -1266,7 +1266,8 @@ def load_or_train_reference(path: str | Path = REFERENCE_PATH, seed: int = 0,
 
     Retrains when the file is missing or was trained with another config, seed or number
     of epochs. ``model.metadata`` holds the seed, the epochs and the History (a dict of
-    lists, as ``dataclasses.asdict`` makes it).
+    lists, as ``dataclasses.asdict`` makes it). A file that exists but is not a readable
+    model raises ValueError (from ``load_model``) rather than being overwritten.
     """
     path = Path(path)
     if path.exists():
@@ -1412,6 +1413,7 @@ seed_1_long, _ = train_reference_model(seed=1, epochs=16, progress=False)
 long_accuracy = evaluate(seed_1_long, all_examples())["accuracy"]
 print(f"seed 1, 16 epochs: {long_accuracy:.2%} of all inputs")
 assert long_accuracy == 1.0
-# It is still no guarantee. benchmarks/benchmark.py measures seeds 0-9 (table in
-# the README): 4 of them reach 100% on all inputs with 8 epochs, 8 with 16. A
-# claim of "100%" is a claim about one seed unless it is measured over several.
+# It is still no guarantee. `benchmarks/benchmark.py --seeds 0-9` measured ten
+# seeds (table in the README): 4 of them reach 100% on all inputs with 8 epochs,
+# 8 with 16. A claim of "100%" is a claim about one seed unless it is measured
+# over several.

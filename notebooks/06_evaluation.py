@@ -1067,7 +1067,7 @@ for name, blocked in experiments.items():
 #   argument's key then says, roughly, "I am argument 1 of a `First` puzzle", and the fixed
 #   query of `[EOS]` matches the key that fits. (`Last` survives D at about 80%, so looking
 #   at the last argument is close to the model's default when it lacks the operation.) D
-#   leaves `Max` untouched (99.7%) and costs `Min` some ground (89%).
+#   leaves `Max` almost untouched (99.7%) and costs `Min` some ground (89%).
 # - **E**: stopping the arguments from attending to each other in layer 1 changes `First`,
 #   `Second` and `Last` by at most 1%. So what layer 2 copies from argument $k$ is argument
 #   $k$'s own digit, carried there by the **residual path**: `x = norm1(x + attention(x))`
@@ -1508,7 +1508,7 @@ for name, acc in broken.items():
 #   argument sits in a three-argument puzzle.
 # - **A missing `)` does little or no harm** (above 95%): `[EOS]` moves one position left,
 #   the arguments stay where they were.
-# - **A missing `(` breaks `First` and `Second` and hurts `Last`, but not `Max` and `Min`**:
+# - **A missing `(` breaks `First` and `Second` and hurts `Last` (80%), but not `Max` and `Min`**:
 #   every argument moves one position left, and the positional keys of layer 2 now point at
 #   the wrong digits, while the largest and smallest digits are the same wherever they
 #   stand.
@@ -1584,7 +1584,7 @@ assert broken["no '('"]["Max"] > 0.95 and broken["no '('"]["Min"] > 0.95
 #    argument's digit, which reached its position along the residual path (head scores;
 #    knock-outs A–E).
 # 4. **It learned positions, not "last".** With four arguments `Last` fails (65%); with the
-#    `(` removed `First`, `Second` and `Last` fail; `Max` and `Min` do not care where the
+#    `(` removed `First` and `Second` fail and `Last` drops to 80%; `Max` and `Min` do not care where the
 #    digits stand (out-of-distribution tables, the four-argument attention figure).
 # 5. **`Min` is mostly a content lookup in layer 2**: the positional heads double as
 #    smallest-digit detectors, and cutting `[EOS]`'s edge to the smallest digit breaks `Min`
@@ -1603,8 +1603,9 @@ assert broken["no '('"]["Max"] > 0.95 and broken["no '('"]["Min"] > 0.95
 # rather than by their numbers.
 #
 # Two lessons reach beyond this toy. Average attention maps can mislead: the `Min` average
-# of layer 2 spreads evenly over the three arguments (0.27 to 0.37 each), yet on each single
-# input the positional heads put 0.94 and 0.89 of their attention on the smallest digit; and
+# of every layer-2 head spreads over the three arguments (0.27 to 0.37 each), yet input by
+# input the two positional heads put on average 0.94 and 0.89 of their attention on the
+# smallest digit; and
 # the `First` picture suggested the wrong story about where the operation is read. And
 # attention says where information *could* flow; interventions such as the knock-outs say
 # where it *must*.
@@ -1738,10 +1739,11 @@ assert all(0.8 < ablations["two positional heads"][op] < 0.9 for op in FSL)
 
 # %% [markdown]
 # No single head is indispensable: without any one head of layer 2 the model stays above
-# 95% overall. The head that matters most is not a positional head: without it the model
-# drops to 96% overall and `Min` to 91%, the largest single loss in the table. Removing
+# 95% overall. The head that matters most is not one of the two positional heads found
+# above: without it the model drops to 96% overall and `Min` to 91%, the largest loss from
+# removing any one head. Removing
 # one of the positional heads alone costs nothing at all (100% on every operation), and
-# removing the other costs less than 1%.
+# removing the other costs less than 1% overall.
 #
 # Removing the two strongest positional heads together hurts more than removing any single
 # head: the positional operations drop to about 85%. Yet the remaining heads, which are

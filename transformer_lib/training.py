@@ -471,7 +471,8 @@ def load_or_train_reference(path: str | Path = REFERENCE_PATH, seed: int = 0,
 
     Retrains when the file is missing or was trained with another config, seed or number
     of epochs. ``model.metadata`` holds the seed, the epochs and the History (a dict of
-    lists, as ``dataclasses.asdict`` makes it).
+    lists, as ``dataclasses.asdict`` makes it). A file that exists but is not a readable
+    model raises ValueError (from ``load_model``) rather than being overwritten.
     """
     path = Path(path)
     if path.exists():
