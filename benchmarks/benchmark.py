@@ -26,7 +26,6 @@ and after.
 """
 
 import argparse
-import math
 import os
 import platform
 import statistics

@@ -39,7 +39,8 @@ def main() -> int:
     args = parser.parse_args()
     sources = [p.resolve() for p in args.sources]
     if args.start:
-        sources += [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py")) if p.name[:2] >= args.start]
+        start = args.start.zfill(2)                               # "5" and "05" both work
+        sources += [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py")) if p.name[:2] >= start]
     if not sources:
         parser.error("name chapters (notebooks/NN_topic.py) or use --from NN")
     missing = [str(p) for p in sources if not p.is_file() or p.suffix != ".py"]
