@@ -1,0 +1,95 @@
+"""The numerical environments one machine can imitate (used by tools/portability.py and
+benchmarks/recipes.py).
+
+Three knobs change the last bits of floating-point results without changing the code:
+
+- OPENBLAS_CORETYPE picks OpenBLAS's matrix kernel. Older kernels (Haswell: AVX2,
+  Sandybridge: AVX, Nehalem: SSE) run on newer CPUs, so one machine can imitate older ones.
+  OPENBLAS_L2_SIZE, set on some machines, is removed together with it.
+- NPY_DISABLE_CPU_FEATURES lowers the SIMD level of NumPy's own loops (exp, sum, ...).
+- OPENBLAS_NUM_THREADS: 1 (what the tests use) or 2 (a reader's default on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# The SIMD levels NumPy can have, highest first, and what to disable to get below each.
+_NPY_LEVELS = [("AVX512_SPR", "AVX512_SPR"), ("AVX512_ICL", "AVX512_ICL"),
+               ("X86_V4", "X86_V4"), ("X86_V3", "X86_V3")]
+
+
+def npy_features() -> dict[str, bool]:
+    """NumPy's CPU features on this machine (True: found and enabled)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from numpy._core._multiarray_umath import "
+         "__cpu_features__ as f; print(repr(dict(f)))"],
+        capture_output=True, text=True, check=True, env=base_env())
+    return eval(out.stdout)                               # a dict literal NumPy printed
+
+
+def top_simd_disable() -> str:
+    """NPY_DISABLE_CPU_FEATURES value that removes the highest x86 level this CPU has
+    (e.g. "AVX512_ICL X86_V4" on an AVX-512 machine, "X86_V3" on an AVX2 one); "" if none.
+    """
+    found = npy_features()
+    if found.get("X86_V4"):
+        return " ".join(name for name, _ in _NPY_LEVELS[:3] if found.get(name))
+    if found.get("X86_V3"):
+        return "X86_V3"
+    return ""
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without the three knobs."""
+    env = dict(os.environ)
+    for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPY_DISABLE_CPU_FEATURES",
+                "OPENBLAS_NUM_THREADS"):
+        env.pop(key, None)
+    return env
+
+
+def environments() -> dict[str, dict[str, str]]:
+    """Name -> the variables that make it. 'native' is what the machine picks by itself.
+
+    The default portability matrix: native with 1 and 2 threads, and the Haswell and
+    Sandybridge kernels with NumPy's highest SIMD level switched off, with 1 and 2 threads;
+    Nehalem (SSE only) as an extra.
+    """
+    simd = top_simd_disable()
+    extra = {"NPY_DISABLE_CPU_FEATURES": simd} if simd else {}
+    envs = {"native-1t": {"OPENBLAS_NUM_THREADS": "1"},
+            "native-2t": {"OPENBLAS_NUM_THREADS": "2"}}
+    for kernel in ("Haswell", "Sandybridge"):
+        for threads in ("1", "2"):
+            envs[f"{kernel.lower()}-{threads}t"] = {
+                "OPENBLAS_CORETYPE": kernel, "OPENBLAS_NUM_THREADS": threads, **extra}
+    envs["nehalem-1t"] = {"OPENBLAS_CORETYPE": "Nehalem", "OPENBLAS_NUM_THREADS": "1",
+                          **extra}
+    return envs
+
+
+def env_for(name: str) -> dict[str, str]:
+    """The full process environment for the environment called `name`."""
+    envs = environments()
+    if name not in envs:
+        raise SystemExit(f"unknown environment {name!r}; choose from {', '.join(envs)}")
+    return {**base_env(), **envs[name]}
+
+
+def describe(env: dict[str, str]) -> str:
+    """What an environment really loads: OpenBLAS kernel, threads, NumPy SIMD levels."""
+    code = ("import threadpoolctl, numpy\n"
+            "from numpy._core._multiarray_umath import __cpu_features__ as f\n"
+            "b = [i for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'][0]\n"
+            "lv = [k for k in ('X86_V2', 'X86_V3', 'X86_V4', 'AVX512_ICL') if f.get(k)]\n"
+            "print(f\"OpenBLAS {b['architecture']}, {b['num_threads']} thread(s), \"\n"
+            "      f\"NumPy SIMD up to {lv[-1] if lv else 'baseline'}\")\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True)
+        return out.stdout.strip()
+    except subprocess.CalledProcessError as e:              # threadpoolctl missing, ...
+        return f"(could not inspect: {e.stderr.strip().splitlines()[-1]})"
