@@ -15,7 +15,7 @@ inverted, ...) do not match.
 
 PyTorch is optional, never a requirement of the book: without it these tests are
 skipped, unless REQUIRE_TORCH=1 (.ci/run sets it), which turns the skip into a failure.
-Install the CPU build into the project's venv: ``.venv/bin/pip install torch==2.13.0``.
+Install the CPU build into the venv: ``.venv/bin/pip install torch==2.13.0+cpu``.
 """
 
 import os
@@ -29,7 +29,7 @@ from transformer_lib.layers import LayerNorm, Linear, Module, PositionalEncoding
 from transformer_lib.training import REFERENCE_CONFIG, CrossEntropyLoss
 from transformer_lib.transformer import Transformer, TransformerBlock
 
-INSTALL = ".venv/bin/pip install torch==2.13.0"
+INSTALL = ".venv/bin/pip install torch==2.13.0+cpu"
 if os.environ.get("REQUIRE_TORCH") == "1":
     try:
         import torch
