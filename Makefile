@@ -1,4 +1,5 @@
-# The README's two commands. Both create .venv and install requirements.txt when needed.
+# The README's two commands, and `make lab`. Each creates .venv and installs
+# requirements.txt when needed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -11,14 +12,16 @@ book: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
-# JupyterLab on notebooks/, on 127.0.0.1 only, with the venv's Python as the kernel (it
-# imports transformer_lib, installed editable). Jupyter prints the URL with its token;
-# JUPYTER_PORT and JUPYTER_TOKEN choose them. Ctrl-C stops it. Jupyter refuses to run as
-# root (in a container, in CI) unless told --allow-root.
+# JupyterLab on 127.0.0.1 only, opening notebooks/, with the venv's Python as the
+# kernel (it imports transformer_lib, installed editable). Jupyter prints the URL with
+# its token; JUPYTER_PORT and JUPYTER_TOKEN choose them. Ctrl-C stops it. The root is
+# the repository, so that Jupytext finds pyproject.toml and saving a notebook also
+# updates its .py. Jupyter will not run as root (a container, CI) without --allow-root.
 lab: $(STAMP)
 	@echo "== JupyterLab: open the http://127.0.0.1:... URL printed below"
 	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab --no-browser \
-	  --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks \
+	  --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=. \
+	  --LabApp.default_url=/lab/tree/notebooks \
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 $(STAMP): requirements.txt pyproject.toml

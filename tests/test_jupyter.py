@@ -188,6 +188,7 @@ import transformer_lib
 print(sys.prefix)
 print(transformer_lib.__file__)
 print(os.getpid())
+print(os.getcwd())
 """
 
 
@@ -232,10 +233,11 @@ def test_make_lab_runs_chapter_1_through_the_server_kernel(tmp_path):
         specs = json.loads(server.request("GET", "/api/kernelspecs")[1])
         assert "python3" in specs["kernelspecs"], specs
 
-        # a session for the chapter, as JupyterLab opens one (the kernel's cwd:
+        # a session for the chapter, as JupyterLab opens one (its kernel runs in
         # notebooks/)
+        path = CHAPTER.relative_to(ROOT).as_posix()
         status, body = server.request("POST", "/api/sessions", {
-            "path": CHAPTER.name, "type": "notebook", "name": CHAPTER.name,
+            "path": path, "type": "notebook", "name": CHAPTER.name,
             "kernel": {"name": "python3"}}, timeout=CELL_TIMEOUT)
         assert status == 201, body
         session = json.loads(body)
@@ -243,8 +245,9 @@ def test_make_lab_runs_chapter_1_through_the_server_kernel(tmp_path):
 
         reply, outputs = kernel.execute(PROBE)
         assert reply["status"] == "ok", reply
-        prefix, package, pid = text_of(outputs).split()
+        prefix, package, pid, cwd = text_of(outputs).split()
         kernel_pid = int(pid)
+        assert Path(cwd) == CHAPTER.parent, f"the kernel runs in {cwd}"
         assert Path(prefix) == VENV, f"the kernel's Python is in {prefix}, not {VENV}"
         assert Path(package).resolve() == ROOT / "transformer_lib" / "__init__.py", \
             f"the kernel imports transformer_lib from {package}, not from {ROOT}"
