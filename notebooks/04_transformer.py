@@ -236,7 +236,8 @@ for t in range(5):
 ffn64 = FeedForward(16, 32, rng=np.random.default_rng(1)).to(np.float64)
 errors = gradient_check(ffn64, x.astype(np.float64))
 for name, err in errors.items():
-    print(f"  {name:10} relative error {err:.1e}")
+    assert err < 1e-8, f"{name}: relative error {err:.1e}, not < 1e-8"
+    print(f"  {name:10} relative error < 1e-08")
 assert set(errors) == {"input", "linear1.W", "linear1.b", "linear2.W", "linear2.b"}
 assert max(errors.values()) <= 1e-6
 
@@ -345,7 +346,10 @@ class TransformerBlock(Module):
 # %% [markdown]
 # The block keeps the shape, and its hand-written backward agrees with central differences for
 # the input and for all 15 parameters. The mask comes from a real padded batch, so the check also
-# covers the masking in attention.
+# covers the masking in attention. As in chapters 2 and 3, what remains of a correct gradient is
+# rounding noise, printed as the bound it stays below. For a block, and later for the whole
+# model, that bound is $10^{-7}$: the largest errors come too close to $10^{-8}$ for that
+# bound to hold on every machine.
 
 # %%
 examples = [generate_example(np.random.default_rng(s), num_args=k)
@@ -358,12 +362,11 @@ x = np.random.default_rng(4).normal(size=(*small_batch.ids.shape, 16))  # (B, T,
 assert block(x, small_batch.mask).shape == x.shape
 
 errors = gradient_check(block, x, mask=small_batch.mask)
-worst = max(errors, key=errors.get)
 print("\n".join(f"{ex.text:22} mask {m.astype(int)}"
                 for ex, m in zip(examples, small_batch.mask)))
-print(f"{len(errors)} gradients checked, "
-      f"largest relative error {errors[worst]:.1e} ({worst})")
-assert len(errors) == 1 + 15 and errors[worst] <= 1e-6
+print(f"{len(errors)} gradients checked, every relative error < 1e-07")
+assert len(errors) == 1 + 15 and max(errors.values()) <= 1e-6
+assert max(errors.values()) < 1e-7, errors
 
 # %% [markdown]
 # ### Do the residual connections work?
@@ -941,27 +944,44 @@ for residual in (True, False):
 # norm) does not depend on the width.
 
 # %%
-configs = [
-    dict(d_model=16, d_ff=32, readout="eos"),
-    dict(d_model=16, d_ff=32, readout="mean"),
-    dict(d_model=8, d_ff=16, positional=False),
-    dict(d_model=8, d_ff=16, residual=False),
-    dict(d_model=8, d_ff=16, layer_norm=False),
+configs = [                                   # (configuration, bound of its errors)
+    (dict(d_model=16, d_ff=32, readout="eos"), 1e-7),
+    (dict(d_model=16, d_ff=32, readout="mean"), 1e-7),
+    (dict(d_model=8, d_ff=16, positional=False), 1e-7),
+    (dict(d_model=8, d_ff=16, residual=False), 1e-6),
+    (dict(d_model=8, d_ff=16, layer_norm=False), 1e-7),
 ]
-table = [f"{'configuration':48} {'parameters':>10}  largest relative error"]
-worst_errors = []
-for cfg in configs:
+table = [f"{'configuration':48} {'parameters':>10} {'min |grad|':>10}  "
+         "largest relative error"]
+worst_errors, min_grads = [], {}
+for cfg, bound in configs:
     small = (Transformer(num_heads=4, num_layers=2, max_len=16, seed=1, **cfg)
              .to(np.float64))
     errors = gradient_check(small, small_batch.ids, mask=small_batch.mask)
     # every parameter checked
     assert set(errors) == {name for name, _ in small.named_parameters()}
     n_params = sum(p.data.size for p in small.parameters())
-    worst = max(errors, key=errors.get)
-    table.append(f"{str(cfg):48} {n_params:>10,}  {errors[worst]:.1e} ({worst})")
-    worst_errors.append(errors[worst])
+    # the smallest gradient (gradient_check leaves the analytic ones in .grad)
+    min_grads[str(cfg)] = min(np.linalg.norm(p.grad) for p in small.parameters())
+    assert max(errors.values()) < bound, (cfg, errors)
+    table.append(f"{str(cfg):48} {n_params:>10,} {min_grads[str(cfg)]:>10.1e}  "
+                 f"< {bound:.0e}")
+    worst_errors.append(max(errors.values()))
 print("\n".join(table))
 assert max(worst_errors) <= 1e-6
+# without residual connections, the smallest gradient is over 50 times smaller
+no_residual = min_grads.pop(str(dict(d_model=8, d_ff=16, residual=False)))
+assert no_residual < min(min_grads.values()) / 50
+
+# %% [markdown]
+# Each row prints the bound its largest error stays below. Four of the five configurations stay
+# below $10^{-7}$, like the single block. For the model without residual connections the bound
+# is the tolerance $10^{-6}$ itself: its errors are too large for $10^{-7}$ to hold on every
+# machine. The column `min |grad|`, the norm of the smallest parameter gradient, shows why: in
+# that model some parameters of the upper block's attention receive a gradient more than fifty
+# times smaller than any parameter of the other models. The rounding noise of central
+# differences is about the same in every model, so it is a larger fraction of that smaller
+# gradient. The backward pass is right; the check is just less precise there.
 
 # %% [markdown]
 # ### Padding changes nothing
@@ -969,7 +989,8 @@ assert max(worst_errors) <= 1e-6
 # Chapter 3 showed that padding cannot change attention's outputs at real positions. For the
 # whole model the claim is stronger: the logits of a sequence are the same whether it is alone,
 # in a batch with longer sequences, or followed by any amount of extra padding. We check it for
-# both read-outs, in the default float32.
+# both read-outs, in the default float32, where "the same" means equal up to rounding: another
+# batch shape can change the order in which the matrix products add up their numbers.
 
 # %%
 for readout in READOUTS:
@@ -983,8 +1004,7 @@ for readout in READOUTS:
         alone = batch.ids[b][batch.mask[b]][None]    # (1, n_b), no padding
         np.testing.assert_allclose(m(alone)[0], logits[b], rtol=1e-5, atol=1e-5)
     print(f"readout={readout!r}: same logits with {extra} extra padding tokens and "
-          f"for each sequence alone (largest difference "
-          f"{np.abs(m(ids_more, mask_more) - logits).max():.1e})")
+          "for each sequence alone, to float32 rounding (rtol = atol = 1e-5)")
 
 # %% [markdown]
 # And the mask is what makes this true. If we lie to the model and call the padding real, the
@@ -1047,8 +1067,8 @@ class PreNormBlock(TransformerBlock):
 pre = PreNormBlock(16, 4, 32, rng=np.random.default_rng(3)).to(np.float64)
 x = np.random.default_rng(4).normal(size=(*small_batch.ids.shape, 16))
 errors = gradient_check(pre, x, mask=small_batch.mask)
-print(f"pre-norm block: largest relative error {max(errors.values()):.1e}")
-assert max(errors.values()) <= 1e-6
+assert max(errors.values()) <= 1e-6 and max(errors.values()) < 1e-7, errors
+print("pre-norm block: every relative error < 1e-07")
 
 # With zeroed sub-layers a pre-norm block is the identity, and it passes the gradient
 # back unchanged: the residual path from output to input has no layer norm on it at all.
@@ -1089,11 +1109,11 @@ a_b = np.array([encode("First(5, 3, 9)"), encode("First(9, 3, 5)")])
 for readout in READOUTS:
     no_pos = Transformer(positional=False, readout=readout)(a_b)
     with_pos = Transformer(positional=True, readout=readout)(a_b)
-    print(f"readout={readout!r}: |difference| without positions "
-          f"{np.abs(no_pos[0] - no_pos[1]).max():.1e}, "
-          f"with positions {np.abs(with_pos[0] - with_pos[1]).max():.1e}")
     np.testing.assert_allclose(no_pos[0], no_pos[1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(with_pos[0], with_pos[1], rtol=1e-3, atol=1e-3)
+    print(f"readout={readout!r}: without positions the same logits to float32 rounding "
+          "(rtol = atol = 1e-5); with positions they differ by up to "
+          f"{np.abs(with_pos[0] - with_pos[1]).max():.1e}")
 # Without positional encoding, attention sees a *set* of tokens: permuting the digits
 # permutes the positions' vectors and leaves the [EOS] vector (and the mean) unchanged.
 # The two inputs get the same answer although the right answers are 5 and 9, so at most
