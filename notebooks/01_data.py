@@ -34,7 +34,8 @@
 #   `detokenize`), with errors that say exactly what is wrong and where;
 # - fix the model's canonical input (`encode`): `Max(5, 3, 9)` becomes `Max ( 5 3 9 ) [EOS]`;
 # - generate random puzzles and see why only 5,000 distinct inputs exist;
-# - measure how a naive split leaks test inputs into training, and split without leaking;
+# - measure how a naive split leaks test inputs into training, split without leaking, and
+#   give every rare answer its share of the training set (a stratified split);
 # - pad sequences of different lengths into a batch with a mask that marks the real tokens.
 
 # %% [markdown]
@@ -589,12 +590,14 @@ assert 0.75 < leaked < 0.85  # about four in five
 # %% tags=["export"]
 def split_dataset(examples: Sequence[Example],
                   fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                  seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
+                  seed: int = 0, stratify: bool = False,
+                  ) -> tuple[list[Example], list[Example], list[Example]]:
     """Split examples into train, validation and test sets that share no input.
 
     Duplicates (same operation and digits) are removed first, keeping the first
     occurrence; the distinct examples are shuffled with ``seed`` and cut by
-    ``fractions``.
+    ``fractions``. With ``stratify=True`` each (operation, answer) group is cut by the
+    fractions on its own (rounded per group), and the three parts are shuffled again.
 
     Parameters
     ----------
@@ -603,6 +606,8 @@ def split_dataset(examples: Sequence[Example],
         Non-negative, summing to 1.
     seed : int
         Seed of the shuffle.
+    stratify : bool
+        Give every (operation, answer) pair its share of each split.
 
     Returns
     -------
@@ -622,12 +627,24 @@ def split_dataset(examples: Sequence[Example],
     for ex in examples:
         unique.setdefault((ex.op, ex.args), ex)
     distinct = list(unique.values())
-    order = np.random.default_rng(seed).permutation(len(distinct))
-    shuffled = [distinct[i] for i in order]
+    rng = np.random.default_rng(seed)
+    if stratify:
+        groups: dict[tuple[str, int], list[Example]] = {}
+        for ex in distinct:
+            groups.setdefault((ex.op, ex.answer), []).append(ex)
+        parts = [split_dataset(groups[key], fractions, rng.integers(2**32))
+                 for key in sorted(groups)]                     # one split per group
+        return tuple(_shuffled([ex for part in parts for ex in part[k]], rng)
+                     for k in range(3))
+    shuffled = _shuffled(distinct, rng)
     n_train = round(fractions[0] * len(distinct))
     n_val = min(round(fractions[1] * len(distinct)), len(distinct) - n_train)
     n_seen = n_train + n_val
     return shuffled[:n_train], shuffled[n_train:n_seen], shuffled[n_seen:]
+
+
+def _shuffled(items: list, rng: np.random.Generator) -> list:
+    return [items[i] for i in rng.permutation(len(items))]
 
 
 # %%
@@ -655,6 +672,53 @@ train_all, val_all, test_all = split_dataset(all_examples(), seed=0)
 print(f"exhaustive split: train {len(train_all):,}   val {len(val_all):,}   "
       f"test {len(test_all):,}")
 assert (len(train_all), len(val_all), len(test_all)) == (4000, 500, 500)
+
+# %% [markdown]
+# ### Rare answers: a stratified split
+#
+# A split by input is honest, but a random one can still starve an answer of examples. `Max`
+# is 0 only for `Max ( 0 0 0 )`, and 1 for just seven inputs (the digits 0 and 1, at least one
+# 1); `Min` is 9 or 8 just as rarely. How many of those seven does the random split of the
+# 10,000 draws put into training?
+
+# %%
+from collections import Counter
+
+
+def pair_counts(examples):
+    """How many examples each (operation, answer) pair has."""
+    return Counter((ex.op, ex.answer) for ex in examples)
+
+
+rare = [("Max", 0), ("Max", 1), ("Min", 8), ("Min", 9)]
+exists, drawn = pair_counts(exhaustive), pair_counts(train)
+for pair in rare:
+    print(f"{pair[0]} = {pair[1]}: {drawn[pair]} of its {exists[pair]} input(s) "
+          "in the random training split")
+assert [exists[p] for p in rare] == [1, 7, 7, 1]
+assert drawn[("Max", 1)] == 1           # a single example of "Max is 1"
+
+# %% [markdown]
+# One. A model cannot learn from a single example that `Max` of some 0s and 1s is 1 wherever
+# the 1 stands. A *stratified* split fixes this: it cuts every (operation, answer) group by
+# 80/10/10 on its own, so each pair gets its share of the training set (rounded: one of one,
+# six of seven). Splitting all 5,000 inputs that way leaves no input outside the three
+# splits, and it is the split the rest of the book trains on.
+
+# %%
+train_s, val_s, test_s = split_dataset(all_examples(), seed=0, stratify=True)
+print(f"stratified split: train {len(train_s):,}   val {len(val_s):,}   "
+      f"test {len(test_s):,}")
+trained = pair_counts(train_s)
+for pair in rare:
+    print(f"{pair[0]} = {pair[1]}: {trained[pair]} of its {exists[pair]} input(s) "
+          "in training")
+parts = [{(ex.op, ex.args) for ex in part} for part in (train_s, val_s, test_s)]
+assert sum(map(len, parts)) == 5000 and not (parts[0] & parts[1] or parts[0] & parts[2]
+                                             or parts[1] & parts[2])
+assert all(trained[pair] == round(0.8 * n) for pair, n in exists.items())
+assert (len(train_s), len(val_s), len(test_s)) == (4004, 502, 494)
+assert split_dataset(all_examples(), seed=0, stratify=True) == (train_s, val_s, test_s)
 
 # %% [markdown]
 # ## Batches and padding
@@ -779,6 +843,9 @@ print(", ".join(transformer_lib.data.__all__))
 # - With three digits and five operations there are only 5,000 distinct inputs, so random
 #   examples repeat; `split_dataset` de-duplicates before splitting, and no validation or test
 #   input ever reaches training. `all_examples()` gives the whole language for evaluation.
+# - A random split can leave a rare answer (`Max` = 1, `Min` = 8) with a single training
+#   example. `stratify=True` cuts each (operation, answer) group 80/10/10 on its own; the book
+#   trains on that split of all 5,000 inputs (4,004 / 502 / 494).
 # - `create_batch` pads on the right to the longest sequence and returns ids `(B, T)`, a mask
 #   `(B, T)` that is `True` for real tokens, and the answer ids `(B,)`.
 #

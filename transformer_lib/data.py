@@ -328,12 +328,14 @@ def all_examples(num_args: int = 3,
 
 def split_dataset(examples: Sequence[Example],
                   fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                  seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
+                  seed: int = 0, stratify: bool = False,
+                  ) -> tuple[list[Example], list[Example], list[Example]]:
     """Split examples into train, validation and test sets that share no input.
 
     Duplicates (same operation and digits) are removed first, keeping the first
     occurrence; the distinct examples are shuffled with ``seed`` and cut by
-    ``fractions``.
+    ``fractions``. With ``stratify=True`` each (operation, answer) group is cut by the
+    fractions on its own (rounded per group), and the three parts are shuffled again.
 
     Parameters
     ----------
@@ -342,6 +344,8 @@ def split_dataset(examples: Sequence[Example],
         Non-negative, summing to 1.
     seed : int
         Seed of the shuffle.
+    stratify : bool
+        Give every (operation, answer) pair its share of each split.
 
     Returns
     -------
@@ -361,12 +365,24 @@ def split_dataset(examples: Sequence[Example],
     for ex in examples:
         unique.setdefault((ex.op, ex.args), ex)
     distinct = list(unique.values())
-    order = np.random.default_rng(seed).permutation(len(distinct))
-    shuffled = [distinct[i] for i in order]
+    rng = np.random.default_rng(seed)
+    if stratify:
+        groups: dict[tuple[str, int], list[Example]] = {}
+        for ex in distinct:
+            groups.setdefault((ex.op, ex.answer), []).append(ex)
+        parts = [split_dataset(groups[key], fractions, rng.integers(2**32))
+                 for key in sorted(groups)]                     # one split per group
+        return tuple(_shuffled([ex for part in parts for ex in part[k]], rng)
+                     for k in range(3))
+    shuffled = _shuffled(distinct, rng)
     n_train = round(fractions[0] * len(distinct))
     n_val = min(round(fractions[1] * len(distinct)), len(distinct) - n_train)
     n_seen = n_train + n_val
     return shuffled[:n_train], shuffled[n_train:n_seen], shuffled[n_seen:]
+
+
+def _shuffled(items: list, rng: np.random.Generator) -> list:
+    return [items[i] for i in rng.permutation(len(items))]
 
 
 class Batch(NamedTuple):
