@@ -50,8 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import transformer_lib
-from transformer_lib.data import (Batch, Example, create_batch, generate_dataset,
-                                  split_dataset)
+from transformer_lib.data import Batch, Example, all_examples, create_batch, split_dataset
 from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
 
@@ -761,7 +760,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 def fit(model: Transformer, train: Batch | Sequence[Example],
         val: Batch | Sequence[Example], *, epochs: int = 10, batch_size: int = 32,
-        lr: float = 3e-3, warmup: int = 50, clip: float | None = 1.0,
+        lr: float = 2e-3, warmup: int = 50, clip: float | None = 1.0,
         weight_decay: float = 0.0, seed: int = 0, optimizer: str = "adam",
         progress: bool = True, stop_at_accuracy: float | None = None,
         on_step: StepCallback | None = None) -> History:
@@ -905,22 +904,24 @@ print(f"20 epochs on 10 examples took {tiny_history.seconds:.2f} s here")
 # test split is not touched until the end. Neither shares a single input with training.
 
 # %% tags=["export"]
-_CHECKOUT = Path(transformer_lib.__file__).resolve().parent.parent
+_PACKAGE = Path(transformer_lib.__file__).resolve().parent
 _USER_CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                / "transformer_lib")
-ARTIFACTS = (_CHECKOUT / "artifacts"                     # the repository
-             if (_CHECKOUT / "pyproject.toml").exists()
-             else _USER_CACHE)                           # an installed copy
-REFERENCE_PATH = ARTIFACTS / "reference_model.npz"
+ARTIFACTS = Path(os.environ.get(                          # where trained models go:
+    "TRANSFORMER_LIB_ARTIFACTS",                          # as set, else
+    _PACKAGE.parent / "artifacts" if (_PACKAGE.parent / "pyproject.toml").exists()
+    else _USER_CACHE))                                    # the repository's or a cache
+REFERENCE_PATH = ARTIFACTS / "reference_model.npz"        # the run of this chapter
+SHIPPED_PATH = _PACKAGE / "reference_model.npz"           # the book's copy (in git)
 REFERENCE_CONFIG = dict(vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256,
                         readout="eos")
 REFERENCE_EPOCHS = 8
 
 
 def default_splits(seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
-    """The book's data: 10,000 random examples, de-duplicated, split 80/10/10 by input.
-    """
-    return split_dataset(generate_dataset(10_000, seed=seed), seed=seed)
+    """The book's data: all 5,000 inputs, split 80/10/10 within each (operation, answer)
+    pair (chapter 1's stratified split): 4,004 / 502 / 494 inputs for seed 0."""
+    return split_dataset(all_examples(), seed=seed, stratify=True)
 
 
 def train_reference_model(seed: int = 0, epochs: int = REFERENCE_EPOCHS,
@@ -1260,14 +1261,15 @@ show_error(lambda: load_model(Path(scratch, "layers.npz")), ValueError,
 # (checked at the end of the next cell).
 
 # %% tags=["export"]
-def load_or_train_reference(path: str | Path = REFERENCE_PATH, seed: int = 0,
+def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
                             progress: bool = False) -> Transformer:
-    """Load the saved reference model, or train it deterministically and save it.
+    """Load the reference model: by default the book's copy that ships with the package.
 
-    Retrains when the file is missing or was trained with another config, seed or number
-    of epochs. ``model.metadata`` holds the seed, the epochs and the History (a dict of
-    lists, as ``dataclasses.asdict`` makes it). A file that exists but is not a readable
-    model raises ValueError (from ``load_model``) rather than being overwritten.
+    Trains it (and saves it to `path`) when the file is missing or was trained with
+    another config, seed or number of epochs. ``model.metadata`` holds the seed, the
+    epochs and the History (a dict of lists, as ``dataclasses.asdict`` makes it). A file
+    that exists but is not a readable model raises ValueError (from ``load_model``)
+    rather than being overwritten.
     """
     path = Path(path)
     if path.exists():

@@ -66,6 +66,7 @@ __all__ = [
     "fit",
     "ARTIFACTS",
     "REFERENCE_PATH",
+    "SHIPPED_PATH",
     "REFERENCE_CONFIG",
     "REFERENCE_EPOCHS",
     "default_splits",

@@ -3,19 +3,25 @@
     python -m transformer_lib train [--seed N] [--epochs N] [--out PATH]
     python -m transformer_lib predict "Max(5, 3, 9)" ["Min(4, 2, 7)" ...] [--model PATH]
 
+predict uses the book's reference model shipped with the package unless --model names
+another; train saves to artifacts/ (see README). The shipped file is written by
+    OPENBLAS_NUM_THREADS=1 python -m transformer_lib train --out transformer_lib/reference_model.npz
+
 Errors (bad input, a missing or unreadable model file) print one line on stderr and exit with
 status 2, without a traceback.
 """
 
 import argparse
+import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from transformer_lib.data import all_examples
 from transformer_lib.evaluation import predict
-from transformer_lib.training import (REFERENCE_EPOCHS, REFERENCE_PATH, default_splits, evaluate,
-                                      load_model, save_model, train_reference_model)
+from transformer_lib.training import (REFERENCE_EPOCHS, REFERENCE_PATH, SHIPPED_PATH,
+                                      default_splits, evaluate, load_model, save_model,
+                                      train_reference_model)
 
 PROG = "python -m transformer_lib"
 
@@ -64,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         "predict", help="print a trained model's answer to each puzzle",
         description='Print the answer to each puzzle, one per line: "Max(5, 3, 9)" -> 9.')
     pred.add_argument("puzzles", nargs="+", metavar="PUZZLE", help='a puzzle such as "Max(5, 3, 9)"')
-    pred.add_argument("--model", type=Path, default=REFERENCE_PATH,
-                      help=f"a model file written by train (default {REFERENCE_PATH})")
+    pred.add_argument("--model", type=Path, default=SHIPPED_PATH,
+                      help="a model file written by train (default: the book's reference "
+                           f"model, shipped with the package, {SHIPPED_PATH})")
     return parser
 
 
@@ -75,6 +82,21 @@ def default_out(seed: int, epochs: int) -> Path:
     if (seed, epochs) == (0, REFERENCE_EPOCHS):
         return REFERENCE_PATH
     return REFERENCE_PATH.with_name(f"model_seed{seed}_epochs{epochs}.npz")
+
+
+def machine() -> str:
+    """Where a model was trained: the last bits of training depend on it (chapter 5)."""
+    import numpy as np
+    blas = "BLAS unknown"
+    try:
+        import threadpoolctl
+        info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        if info:
+            blas = (f"{info[0]['internal_api']} {info[0].get('architecture')}, "
+                    f"{info[0]['num_threads']} thread(s)")
+    except ImportError:
+        pass
+    return f"{platform.machine()}, NumPy {np.__version__}, {blas}"
 
 
 def _train(args) -> None:
@@ -89,9 +111,10 @@ def _train(args) -> None:
     print(f"test accuracy {test_accuracy:.2%}, all 5,000 inputs {all_accuracy:.2%}, "
           f"trained in {history.seconds:.1f} s")
     out = args.out if args.out is not None else default_out(args.seed, args.epochs)
-    path = save_model(model, out, seed=args.seed, epochs=args.epochs, history=asdict(history))
+    path = save_model(model, out, seed=args.seed, epochs=args.epochs, history=asdict(history),
+                      trained_on=machine())
     print(f"saved {path}")
-    if path != REFERENCE_PATH:
+    if path.resolve() not in (REFERENCE_PATH.resolve(), SHIPPED_PATH.resolve()):
         print(f'ask it with: {PROG} predict "Max(5, 3, 9)" --model {path}')
 
 
