@@ -5,8 +5,8 @@
     python tools/portability.py --list                        # the environments and what they load
 
 Each environment of tools/numenv.py (an OpenBLAS kernel, NumPy's SIMD level, 1 or 2 BLAS
-threads) runs `pytest --nbval` on the named notebooks in its own process, `--jobs` at a time,
-with its own artifacts directory. The report lists, per environment, each cell whose output
+threads) runs `pytest --nbval` on the named notebooks in its own process and with its own
+artifacts directory, with at most `--jobs` BLAS threads at once (default: one per core). The report lists, per environment, each cell whose output
 or assert differs from the stored notebook, with the first lines of nbval's diff. Exit status
 1 if any cell fails anywhere.
 """
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -56,12 +57,34 @@ def run(env_name: str, notebooks: list[str], workdir: Path) -> dict:
     return dict(name=env_name, seconds=seconds, passed=passed, failed=failed, error=None)
 
 
+class Cores:
+    """At most `n` BLAS threads at once: a 2-thread environment takes two slots. (Two
+    OpenBLAS threads on a core that is already busy make a run many times slower.)"""
+
+    def __init__(self, n: int):
+        self.free, self.cond = n, threading.Condition()
+        self.n = n
+
+    def run(self, threads: int, fn):
+        threads = min(threads, self.n)
+        with self.cond:
+            self.cond.wait_for(lambda: self.free >= threads)
+            self.free -= threads
+        try:
+            return fn()
+        finally:
+            with self.cond:
+                self.free += threads
+                self.cond.notify_all()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("notebooks", nargs="*", help="notebooks (default: notebooks/*.ipynb)")
     p.add_argument("--envs", default=",".join(numenv.environments()),
                    help="comma-separated environment names (see --list)")
-    p.add_argument("--jobs", type=int, default=2, help="environments run at once")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="BLAS threads at once (default: the number of cores)")
     p.add_argument("--list", action="store_true", help="list the environments and exit")
     a = p.parse_args()
     if a.list:
@@ -77,9 +100,15 @@ def main() -> int:
     print(f"running {len(notebooks)} notebook(s) in {len(names)} environment(s), "
           f"{a.jobs} at a time ...", flush=True)
     t0 = time.perf_counter()
+    cores = Cores(a.jobs)
+
+    def one(name: str, tmp: str) -> dict:
+        threads = int(numenv.environments()[name].get("OPENBLAS_NUM_THREADS", "1"))
+        return cores.run(threads, lambda: run(name, notebooks, Path(tmp)))
+
     with tempfile.TemporaryDirectory(prefix="portability-") as tmp, \
-            ThreadPoolExecutor(a.jobs) as pool:
-        reports = list(pool.map(lambda n: run(n, notebooks, Path(tmp)), names))
+            ThreadPoolExecutor(len(names)) as pool:
+        reports = list(pool.map(lambda n: one(n, tmp), names))
     bad = 0
     for r in reports:
         status = "ok" if not r["failed"] and not r["error"] else "FAILED"
