@@ -4,13 +4,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: book test lab
+.PHONY: book test lab portability
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build --all -W .
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+# Every notebook under every imitated machine of tools/numenv.py (README: "Your machine
+# and the book's"); ENVS=haswell-1t,sandybridge-2t picks some.
+portability: $(STAMP)
+	$(VENV)/bin/python tools/portability.py $(if $(ENVS),--envs $(ENVS))
 
 # JupyterLab on 127.0.0.1 only, opening notebooks/, with the venv's Python as the
 # kernel (it imports transformer_lib, installed editable). Jupyter prints the URL with

@@ -17,9 +17,9 @@
 # this book; we call it *the original project*) trained a model of the same size for 6.2 minutes and reached
 # 93.5% or 99.2% test accuracy, depending on the seed, on a test set that mostly repeated its
 # training inputs (chapter 1 showed how that happens). Here the same size of model reaches
-# **100% on every one of the 5,000 possible inputs** after training on about 3,500 of them,
-# in seconds, and the same seed gives the same model every time. (Not every seed gets the
-# very last puzzles right; Exercise 3 shows one that misses a single input.)
+# **100% on every one of the 5,000 possible inputs** after training on 4,004 of them, in
+# seconds. The same seed gives the same model every time on the same machine, and a slightly
+# different one on another: this chapter shows why, and what the book does about it.
 #
 # **In this chapter**
 #
@@ -32,7 +32,7 @@
 # - check the whole model's gradient through the loss, and turn the original project's
 #   training checklist into asserts;
 # - train the reference model, prove it is right on all 5,000 inputs, and save it to a
-#   checkpoint that chapter 6 loads.
+#   checkpoint; meet the copy of it that ships with the book, which chapter 6 analyses.
 #
 # Cells marked `export` become the module `transformer_lib.training`.
 
@@ -40,6 +40,7 @@
 import json
 import math
 import os
+import platform
 import tempfile
 import time
 import zipfile
@@ -50,7 +51,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 import transformer_lib
-from transformer_lib.data import Batch, Example, all_examples, create_batch, split_dataset
+from transformer_lib.data import (Batch, Example, all_examples, create_batch,
+                                  split_dataset)
 from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
 
@@ -215,8 +217,8 @@ loss_fn(logits, targets)
 analytic = loss_fn.backward()                                            # (B, V)
 numeric = numerical_gradient(lambda: loss_fn(logits, targets), logits)
 error = relative_error(analytic, numeric)
-print(f"cross-entropy gradient: relative error {error:.1e}")
-assert error <= 1e-6
+print("cross-entropy gradient: relative error < 1e-8; rows sum to 0 within 1e-15")
+assert error < 1e-8
 assert np.abs(analytic.sum(axis=1)).max() < 1e-15
 
 # %% [markdown]
@@ -582,11 +584,11 @@ def warmup_cosine(step: int, total_steps: int, warmup: int, peak_lr: float) -> f
 
 
 # %% [markdown]
-# The schedule of the reference run: 8 epochs of 108 mini-batches each (the training split has
-# 3,450 inputs, in batches of 32), peak $\eta_{\max} = 3 \times 10^{-3}$.
+# The schedule of the reference run: 8 epochs of 126 mini-batches each (the training split has
+# 4,004 inputs, in batches of 32), peak $\eta_{\max} = 2 \times 10^{-3}$.
 
 # %%
-total_steps, warmup, peak = 8 * 108, 50, 3e-3
+total_steps, warmup, peak = 8 * 126, 50, 2e-3
 lrs = np.array([warmup_cosine(s, total_steps, warmup, peak)
                 for s in range(total_steps)])
 
@@ -594,7 +596,7 @@ fig, ax = plt.subplots(figsize=(8, 3))
 ax.plot(lrs * 1e3, color="tab:blue")
 ax.axvline(warmup, color="gray", linestyle=":", label=f"end of warm-up (step {warmup})")
 for epoch in range(1, 8):
-    ax.axvline(epoch * 108, color="lightgray", linewidth=0.5)
+    ax.axvline(epoch * 126, color="lightgray", linewidth=0.5)
 ax.set_xlabel("step (thin lines: epochs)")
 ax.set_ylabel("learning rate (×10⁻³)")
 ax.set_title("Warm-up and cosine decay of the learning rate")
@@ -609,7 +611,7 @@ assert lrs[0] == peak / warmup and lrs[warmup - 1] == lrs[warmup] == peak == lrs
 assert (np.diff(lrs[:warmup]) > 0).all() and (np.diff(lrs[warmup:]) < 0).all()
 midpoint = warmup + (total_steps - warmup) // 2
 assert abs(lrs[midpoint] - peak / 2) < 1e-3 * peak
-assert 1.1e-8 < lrs[-1] < 1.2e-8                   # the last step, S - 1: not quite 0
+assert 5.3e-9 < lrs[-1] < 5.5e-9                   # the last step, S - 1: not quite 0
 
 # %% [markdown]
 # ## The training loop
@@ -731,11 +733,16 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
 # them at the end: a model that was briefly perfect and then slipped is given back at its best.
 # Keeping a copy is cheap, since the parameters live in one flat buffer: `opt.data.copy()`.
 #
-# The progress lines deliberately contain **no times**. Training is deterministic, so the same
-# seed prints the same lines on every run, and the book's test suite compares them with the
-# stored output: any change that alters training, however slightly, shows up as a failing
-# line instead of passing unnoticed. The time is measured anyway (`History.seconds`) and
-# printed separately, in the one cell whose output the tests ignore.
+# The progress lines contain **no times**, and training is deterministic: the same seed
+# prints the same lines on every run *on the same machine*. On another machine the last
+# digits differ, for a reason worth knowing. A matrix product adds up its terms in an order
+# that its library (OpenBLAS, here) chooses for the processor, and floating-point addition
+# is not associative, so two processors can round the same product differently in the last
+# bit. Training feeds every step's result into the next one and amplifies such differences
+# until the weights, and the losses printed with three digits, differ visibly, while what
+# the model learns stays the same. So the book prints training progress in cells whose
+# output the tests do not compare (like timings), and asserts what holds on every machine.
+# The time is measured too (`History.seconds`) and printed separately.
 
 # %% tags=["export"]
 @dataclass
@@ -859,13 +866,10 @@ def loss_of_small_model():
 
 errors = {name: relative_error(p.grad, numerical_gradient(loss_of_small_model, p.data))
           for name, p in small.named_parameters()}
-worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
 n_numbers = sum(p.data.size for p in small.parameters())
-print(f"{len(errors)} parameter arrays, {n_numbers:,} numbers; "
-      "largest relative errors:")
-for name, error in worst:
-    print(f"  {name:28} {error:.0e}")
-assert max(errors.values()) <= 1e-6
+print(f"{len(errors)} parameter arrays, {n_numbers:,} numbers: "
+      "every relative error < 1e-7")
+assert max(errors.values()) < 1e-7
 
 # %% [markdown]
 # ## Before the long run: can it learn ten puzzles by heart?
@@ -897,11 +901,18 @@ print(f"20 epochs on 10 examples took {tiny_history.seconds:.2f} s here")
 #
 # Now the real thing: the reference model (`d_model` 64, 4 heads, 2 layers, `d_ff` 256, the
 # answer read at `[EOS]`), trained with seed 0 for 8 epochs with Adam, batch 32, peak learning
-# rate $3 \times 10^{-3}$, 50 warm-up steps, cosine decay and clipping at norm 1.
+# rate $2 \times 10^{-3}$, 50 warm-up steps, cosine decay and clipping at norm 1.
 #
-# The data is chapter 1's: 10,000 random puzzles, de-duplicated, split 80/10/10 by *input*. The
-# model trains on the training split only. The validation split chooses which epoch to keep; the
+# The data is chapter 1's stratified split of all 5,000 inputs: 80/10/10 by *input*, within
+# each (operation, answer) pair, so that even `Max` = 1 has six training examples. The model
+# trains on the training split only. The validation split chooses which epoch to keep; the
 # test split is not touched until the end. Neither shares a single input with training.
+#
+# This recipe was chosen by a benchmark (`benchmarks/recipes.py`, table in the README) that
+# trains 20 seeds on two imitated machines and counts the runs that end right on all 5,000
+# inputs. The book's first recipe (a random split of 10,000 random puzzles, peak rate
+# $3 \times 10^{-3}$) got there for about half of the seeds, and which half depended on the
+# machine; this one misses at most one input in a few runs of 40.
 
 # %% tags=["export"]
 _PACKAGE = Path(transformer_lib.__file__).resolve().parent
@@ -939,9 +950,15 @@ print(f"train {len(train):,}   validation {len(val):,}   test {len(test):,}"
       "   (distinct inputs)")
 seen = {ex.text for ex in train}
 assert not seen & {ex.text for ex in val} and not seen & {ex.text for ex in test}
-assert len(train) == 3450 and -(-len(train) // 32) == 108   # steps/epoch, as above
+assert len(train) == 4004 and -(-len(train) // 32) == 126   # steps/epoch, as above
+
+# %% [markdown]
+# The progress lines that `fit` prints are the only output of the next cell. Their last
+# digits depend on the machine (see "`fit`" above), so the tests do not compare them; the
+# cells after it assert what every machine gets.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
 model, history = train_reference_model(seed=0)
 
 # %% [markdown]
@@ -963,46 +980,45 @@ print(f"training took {history.seconds:.1f} s here ({len(history.step_loss)} ste
 # %%
 step_loss = np.array(history.step_loss)
 first, last = step_loss[:50].mean(), step_loss[-50:].mean()
-print(f"loss decreases: mean of the first 50 steps {first:.3f}, of the last 50 "
-      f"{last:.2g}; epoch means {[float(f'{l:.3g}') for l in history.train_loss]}")
-assert last < first / 1000
+print(f"loss decreases: mean of the first 50 steps {first:.2f}, of the last 50 "
+      f"< {first / 1000:.1e} (a thousandth); the last epoch's mean is the lowest")
+assert 1.8 < first < 1.9 and last < first / 1000
 assert history.train_loss[-1] == min(history.train_loss) < history.train_loss[0] / 1000
 
 print(f"overfits 10 examples: 100% from epoch {first_perfect} (above)")
 assert tiny_history.val_accuracy[-1] == 1.0
 
-print("validation accuracy improves:", [f"{a:.1%}" for a in history.val_accuracy])
-assert history.val_accuracy[0] < 0.7 and history.val_accuracy[-1] == 1.0
+print("validation accuracy improves: below 70% after epoch 1, above 95% after epoch 2, "
+      "100% in epochs 5 to 8")
+assert history.val_accuracy[0] < 0.7 and history.val_accuracy[1] > 0.95
+assert history.val_accuracy[4:] == [1.0] * 4
 
-print(f"no divergence: all {len(step_loss)} losses finite, largest gradient norm "
-      f"{max(history.step_grad_norm):.2f}")
+print(f"no divergence: all {len(step_loss)} losses finite, every gradient norm < 20")
 assert np.isfinite(step_loss).all() and np.isfinite(history.step_grad_norm).all()
-assert np.isfinite(history.val_loss).all()
+assert np.isfinite(history.val_loss).all() and max(history.step_grad_norm) < 20
 
 # %% [markdown]
 # `fit` really followed the schedule, step by step:
 
 # %%
-assert history.step_lr == [warmup_cosine(s, 864, 50, 3e-3) for s in range(864)]
+assert history.step_lr == [warmup_cosine(s, 1008, 50, 2e-3) for s in range(1008)]
 
 # %% [markdown]
 # ### 100% on inputs it never saw
 #
 # The claim that matters: the held-out test split, then all 5,000 possible puzzles. The second
-# number includes the training inputs, so it is also reported separately for the inputs that
-# were in no split at all: the 10,000 random draws never produced them.
+# number includes the 4,004 training inputs, so the 996 inputs that training never saw
+# (validation and test) are also reported on their own.
 
 # %%
 test_result = evaluate(model, test)
 all_result = evaluate(model, all_examples())
-in_splits = seen | {ex.text for ex in val} | {ex.text for ex in test}
-never_drawn = [ex for ex in all_examples() if ex.text not in in_splits]
-unseen_result = evaluate(model, never_drawn)
+unseen_result = evaluate(model, val + test)
 for name, n, result in [("test split", len(test), test_result),
-                        ("never drawn", len(never_drawn), unseen_result),
+                        ("never trained on", len(val + test), unseen_result),
                         ("all possible inputs", 5000, all_result)]:
     print(f"{name:20} {n:5,} inputs   accuracy {result['accuracy']:.2%}")
-assert len(never_drawn) == 688 and len(in_splits) + len(never_drawn) == 5000
+assert len(train) + len(val + test) == 5000
 assert test_result["accuracy"] == 1.0
 assert unseen_result["accuracy"] == 1.0
 assert all_result["accuracy"] == 1.0
@@ -1011,11 +1027,16 @@ assert all_result["accuracy"] == 1.0
 # ### The curves
 #
 # The loss of every step (thin line), the mean of each epoch and the validation loss, the
-# validation accuracy, and the gradient norm before clipping.
+# validation accuracy, and the gradient norm before clipping. The grey crosses are the same
+# run on the machine that executed this book, read from the copy of its model that ships with
+# the package (its file keeps the training history; more on that file below). On that
+# machine they sit exactly on your run; on another one they differ a little from epoch 2 on.
 
 # %%
 steps = np.arange(1, len(history.step_loss) + 1)
-epoch_end = np.array(history.epoch) * 108
+epoch_end = np.array(history.epoch) * 126
+with np.load(SHIPPED_PATH, allow_pickle=False) as f:   # the book's run of this recipe:
+    book = json.loads(str(f["metadata"]))["history"]    # its History, JSON in the file
 
 fig, axes = plt.subplot_mosaic([["loss", "loss"], ["accuracy", "grad"]], figsize=(9, 7))
 ax = axes["loss"]
@@ -1025,6 +1046,8 @@ ax.semilogy(epoch_end, history.train_loss, "o-", color="tab:blue",
             label="training loss, epoch mean")
 ax.semilogy(epoch_end, history.val_loss, "s-", color="tab:orange",
             label="validation loss")
+ax.semilogy(epoch_end, book["train_loss"], "x", color="gray", markersize=9,
+            label="the book's run, epoch means")
 ax.set_xlabel("step")
 ax.set_ylabel("cross-entropy (log scale)")
 ax.set_title("Loss")
@@ -1032,6 +1055,8 @@ ax.legend()
 
 ax = axes["accuracy"]
 ax.plot(history.epoch, 100 * np.array(history.val_accuracy), "s-", color="tab:orange")
+ax.plot(book["epoch"], 100 * np.array(book["val_accuracy"]), "x", color="gray",
+        markersize=9)
 ax.axhline(100, color="gray", linestyle=":")
 ax.set_xlabel("epoch")
 ax.set_ylabel("validation accuracy (%)")
@@ -1049,26 +1074,28 @@ fig.suptitle("Training the reference model (seed 0)")
 fig.tight_layout()
 plt.show()
 
-grad_norms = np.array(history.step_grad_norm).reshape(8, 108)         # (epoch, step)
+grad_norms = np.array(history.step_grad_norm).reshape(8, 126)         # (epoch, step)
 per_epoch = (grad_norms > 1.0).sum(axis=1)                            # steps clipped
-print("steps clipped in each epoch:", per_epoch.tolist())
+print("steps clipped: all 126 in epoch 1, more than 85% in epoch 2, 15-50% in epoch 3, "
+      "fewer than 30 in each of epochs 4-6, none in epochs 7 and 8")
+assert per_epoch[0] == 126 and per_epoch[1] > 0.85 * 126
+assert 0.15 < per_epoch[2] / 126 < 0.5
+assert per_epoch[3:6].max() < 30 and not per_epoch[6:].any()   # a few spikes, then none
 median_first, median_last = np.median(grad_norms[0]), np.median(grad_norms[-1])
-print(f"median gradient norm: {median_first:.1f} in the first epoch, "
-      f"{median_last:.4f} in the last")
-assert per_epoch[:2].sum() > 0.9 * 2 * 108 and 0.4 < per_epoch[2] / 108 < 0.5
-assert 1 <= per_epoch[3:5].min() and per_epoch[3:5].max() < 10    # a few spikes
-assert not per_epoch[5:].any()                                    # then none
-assert 1000 < median_first / median_last < 2000          # three orders of magnitude
-assert history.val_accuracy[1] > 0.9                # the text below: 90% in epoch 2,
-assert history.val_accuracy.index(1.0) + 1 == 5      # 100% from epoch 5
+print(f"median gradient norm: {median_first:.2f} in the first epoch, "
+      "more than 1,000 times smaller in the last")
+assert 1000 < median_first / median_last < 2500          # three orders of magnitude
+assert book["val_accuracy"][4:] == [1.0] * 4 and book["best_epoch"] == 8
 
 # %% [markdown]
-# The loss falls by more than three orders of magnitude, and the validation accuracy passes 90%
-# in the second epoch and reaches 100% in the fifth. The gradient norm tells the same story
-# from the inside: above the clipping threshold at almost every step of the first two epochs
-# and at almost half the steps of the third, while the model works out what the puzzles mean.
-# Then its median falls by three orders of magnitude; clipping acts only on a few spikes in
-# epochs 4 and 5, and not at all in the last three epochs.
+# The loss falls by more than three orders of magnitude, and the validation accuracy passes 95%
+# in the second epoch and is 100% from the fifth on (from the fourth on some machines, among
+# them the book's). The gradient norm tells the same story from the inside: above the
+# clipping threshold at every step of the first epoch, almost every step of the second and
+# about a third of the third, while the model works out what the puzzles mean. Then its
+# median falls by three orders of magnitude; clipping acts only on a few spikes in epochs 4
+# to 6, and not at all in the last two. (The bounds in the asserts are what seven imitated
+# machines measured, with some margin: the exact counts differ from machine to machine.)
 # Clipping the early steps costs little with Adam, which divides by the gradient's running
 # scale anyway; what it prevents is a single spike (there are a few in the plot) from
 # flooding Adam's running averages.
@@ -1177,8 +1204,9 @@ def load_model(path: str | Path) -> Transformer:
 # %% [markdown]
 # The trained model goes to `REFERENCE_PATH`, which is `artifacts/reference_model.npz` at the
 # root of the repository (the directory is ignored by git: it is an output, rebuilt from the
-# notebooks; an installed copy of `transformer_lib` uses `~/.cache/transformer_lib` instead),
-# with the seed, the number of epochs and the training history as metadata.
+# notebooks; an installed copy of `transformer_lib` uses `~/.cache/transformer_lib` instead,
+# and the environment variable `TRANSFORMER_LIB_ARTIFACTS` overrides both), with the seed,
+# the number of epochs and the training history as metadata.
 
 # %%
 saved_to = save_model(model, REFERENCE_PATH, seed=0, epochs=REFERENCE_EPOCHS,
@@ -1251,14 +1279,23 @@ show_error(lambda: load_model(Path(scratch, "layers.npz")), ValueError,
            hide=scratch)
 
 # %% [markdown]
-# ### How chapter 6 gets the model
+# ### The book's copy of the model, and how chapter 6 gets it
 #
-# Chapter 6 must also run on its own, for instance on a fresh clone where this chapter has not
-# run yet. It calls `load_or_train_reference()`: load the file if it is there and was trained
-# with the expected config, seed and number of epochs, otherwise retrain (the same seed gives
-# the same model, about as fast as above) and save it. A file that is there but is not a model
-# file (say, a truncated copy) is not retrained over: `load_model`'s `ValueError` stops it
-# (checked at the end of the next cell).
+# Chapter 6 opens the trained model up: which head reads which argument, what the embeddings
+# learned. Those findings are about one set of weights, and (see "`fit`" above) your run
+# of this chapter matches the book's bit for bit only on a machine that computes exactly like
+# the one that executed the book. So the book ships its run: `transformer_lib/reference_model.npz`
+# (`SHIPPED_PATH`, in the repository and in the installed package), written with
+#
+#     OPENBLAS_NUM_THREADS=1 python -m transformer_lib train --out transformer_lib/reference_model.npz
+#
+# The command line records where it trained (`trained_on`: processor type, NumPy version,
+# BLAS kernel and threads, NumPy's SIMD level). `load_or_train_reference()` loads that file
+# for chapter 6, for the command line's `predict` and for you; given another path it trains
+# and saves the model there if the file is missing or was trained with another config, seed or
+# number of epochs. A file that is there but is not a model file (say, a truncated copy) is
+# not retrained over: `load_model`'s `ValueError` stops it (checked at the end of the next
+# cell but one).
 
 # %% tags=["export"]
 def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
@@ -1286,13 +1323,47 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
     return model
 
 
+def machine() -> str:
+    """What decides the last bits of training here: processor type, NumPy, its BLAS
+    kernel and threads (via threadpoolctl, if installed), NumPy's SIMD level."""
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+    blas = "BLAS unknown"
+    try:
+        import threadpoolctl
+        info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        if info:
+            blas = (f"{info[0]['internal_api']} {info[0].get('architecture')}, "
+                    f"{info[0]['num_threads']} thread(s)")
+    except ImportError:
+        pass
+    simd = [name for name, found in features.items() if found]
+    return (f"{platform.machine()}, NumPy {np.__version__}, {blas}, "
+            f"SIMD {' '.join(simd)}")
+
+
+# %% [markdown]
+# The book's model is right on every input, and so is yours: both answer all 5,000 puzzles
+# the same way. If your machine is the book's kind (same `machine()`), your run must even be
+# the same bits, and the cell checks that too: it is how the tests notice a shipped file that
+# no longer matches the recipe. On any other machine the weights differ in their last digits,
+# which is the expected, harmless effect described above, so they are not compared.
+
 # %%
 reference = load_or_train_reference()
 reference.eval()
-assert np.array_equal(reference(ALL.ids, ALL.mask), model(ALL.ids, ALL.mask))
-assert reference.metadata["history"]["val_accuracy"] == history.val_accuracy
-print("load_or_train_reference() returns the saved model; "
-      f"its history has {len(reference.metadata['history']['step_loss'])} steps")
+print(f"the shipped model: seed {reference.metadata['seed']}, "
+      f"{reference.metadata['epochs']} epochs, "
+      f"{sum(p.data.size for p in reference.parameters()):,} parameters")
+assert reference.config == model.config and Path(SHIPPED_PATH).stat().st_size < 1e6
+assert evaluate(reference, all_examples())["accuracy"] == 1.0
+answers = [m(ALL.ids, ALL.mask).argmax(axis=-1) for m in (reference, model)]  # (5000,)
+same_answers = answers[0] == answers[1]
+print(f"your run and the book's give the same answer to {same_answers.sum():,} "
+      "of the 5,000 puzzles")
+assert same_answers.all()
+if reference.metadata.get("trained_on") == machine():   # the book's kind of machine:
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert np.array_equal(p.data, q.data), f"{name} differs from the shipped model"
 show_error(lambda: load_or_train_reference(Path(scratch, "cut.npz")), ValueError,
            "<tmp>/cut.npz is not a model file", hide=scratch)
 
@@ -1308,12 +1379,16 @@ show_error(lambda: load_or_train_reference(Path(scratch, "cut.npz")), ValueError
 #   warm-up protects the random start, cosine decay lets the end settle.
 # - **The loop**: shuffle, forward, loss, backward, clip, step; evaluate each epoch in eval
 #   mode, keep the best epoch, print reproducible progress.
-# - **Proof**: the gradient through the loss matches central differences to about $10^{-9}$;
-#   the reference model memorises 10 puzzles in a few epochs, and trained on 3,450 inputs it
-#   answers all 5,000 possible puzzles correctly, in seconds rather than minutes. That last
-#   step is not guaranteed for every seed (Exercise 3).
+# - **Proof**: the gradient through the loss matches central differences to better than
+#   $10^{-7}$ (relative); the reference model memorises 10 puzzles in a few epochs, and trained
+#   on 4,004 inputs it answers all 5,000 possible puzzles correctly, in seconds rather than
+#   minutes. Other seeds mostly do too, not all (the README's seed table; chapter 7).
+# - **Machines differ in the last bits**, and training amplifies the difference: the same
+#   seed gives slightly different weights on another processor, with the same answers. The
+#   tests compare what every machine computes, not the progress lines.
 # - **Checkpoints** are `.npz` files without pickles, written atomically, loaded with clear
-#   errors; `load_or_train_reference()` gives chapter 6 the model.
+#   errors. The book's own run ships with the package, and `load_or_train_reference()` gives
+#   it to chapter 6.
 #
 # From the command line, `python -m transformer_lib train` does what this chapter did, and
 # `python -m transformer_lib predict "Max(5, 3, 9)"` asks the saved model.
@@ -1357,8 +1432,8 @@ smooth = LabelSmoothingLoss(alpha=0.1)
 smooth(logits, targets)
 numeric = numerical_gradient(lambda: smooth(logits, targets), logits)
 error = relative_error(smooth.backward(), numeric)
-print(f"label smoothing gradient: relative error {error:.1e}")
-assert error <= 1e-6
+print("label smoothing gradient: relative error < 1e-8")
+assert error < 1e-8
 plain = CrossEntropyLoss()(logits, targets)
 assert abs(LabelSmoothingLoss(alpha=0.0)(logits, targets) - plain) < 1e-12
 
@@ -1386,36 +1461,37 @@ assert np.allclose(adam_1000, adam_1, rtol=1e-3)    # Adam: the same step, about
 # Adam does not.
 
 # %% [markdown]
-# **3. Is 100% guaranteed?** The reference model learned all 5,000 puzzles from 3,450 of them,
-# but that is seed 0. Train it again with `seed=1` (everything else the same), and find the
-# puzzles it gets wrong. Were they in its training data? What do they have in common?
+# **3. Gradient accumulation.** A batch too large for memory can be processed as micro-batches:
+# run forward and backward on each, let the gradients add up in `.grad`, and step once. Show
+# that two micro-batches of 16 give the gradient of one batch of 32, once the loss is
+# weighted right. (Hint: `CrossEntropyLoss` takes the mean over its batch.)
 
 # %% tags=["hide-cell"]
-seed_1, _ = train_reference_model(seed=1, progress=False)
-seed_1.eval()
-predicted = seed_1(ALL.ids, ALL.mask).argmax(axis=-1)                     # (5000,)
-wrong = [(ex, ID_TO_TOKEN[int(p)])
-         for ex, p, t in zip(all_examples(), predicted, ALL.targets) if p != t]
-print(f"seed 1: {evaluate(seed_1, all_examples())['accuracy']:.2%} of all inputs, "
-      f"test split {evaluate(seed_1, test)['accuracy']:.2%}")
-for ex, answer in wrong:
-    print(f"  {ex.text} -> {answer} (correct: {ex.answer}); "
-          f"in the training split: {ex.text in seen}")
-wrong = [ex for ex, _ in wrong]
-assert [ex.text for ex in wrong] == ["Second ( 9 1 9 )"]
-assert not seen & {ex.text for ex in wrong}
-# Seed 1 misses a single puzzle, `Second ( 9 1 9 )`, which it never trained on
-# and whose answer is easy to confuse: the 9 is First, Last and Max at once.
-# Which seeds reach 100% is partly luck: the last few unseen inputs are decided
-# by small differences between runs. A longer schedule helps. With 16 epochs
-# instead of 8 (the learning rate decays half as fast), seed 1 gets every puzzle
-# right:
+acc_model = Transformer(d_model=16, num_heads=2, num_layers=2, d_ff=32, seed=3)
+acc_model.to(np.float64)
+batch32 = create_batch(train[:32])
+acc_loss = CrossEntropyLoss()
 
-seed_1_long, _ = train_reference_model(seed=1, epochs=16, progress=False)
-long_accuracy = evaluate(seed_1_long, all_examples())["accuracy"]
-print(f"seed 1, 16 epochs: {long_accuracy:.2%} of all inputs")
-assert long_accuracy == 1.0
-# It is still no guarantee. `benchmarks/benchmark.py --seeds 0-9` measured ten
-# seeds (table in the README): 4 of them reach 100% on all inputs with 8 epochs,
-# 8 with 16. A claim of "100%" is a claim about one seed unless it is measured
-# over several.
+
+def gradients_of(parts):
+    """Sum of the gradients of the mean loss of each part, weighted by its share."""
+    acc_model.zero_grad()
+    for part in parts:
+        b = create_batch(part)
+        acc_loss(acc_model(b.ids, b.mask), b.targets)
+        # each part's mean loss counts len(part)/32 of the batch's mean loss
+        acc_model.backward(acc_loss.backward() * (len(part) / 32))
+    return [p.grad.copy() for p in acc_model.parameters()]
+
+
+whole = gradients_of([train[:32]])
+halves = gradients_of([train[:16], train[16:32]])
+worst = max(relative_error(a, b) for a, b in zip(whole, halves))
+print(f"batch of 32 vs two micro-batches of 16: every relative error < 1e-12 "
+      f"({len(whole)} arrays)")
+assert worst < 1e-12
+unweighted = [2 * g for g in halves]          # forgetting the weights doubles the step
+assert max(relative_error(a, b) for a, b in zip(whole, unweighted)) > 0.1
+# The micro-batches pad to their own longest sequence, not the batch's; the masks
+# make that irrelevant, which is why the two gradients agree to float64 rounding.
+

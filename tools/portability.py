@@ -98,7 +98,7 @@ def main() -> int:
         numenv.env_for(name)                                   # fails early on a typo
         print(f"{name:15} {numenv.describe(numenv.env_for(name))}", flush=True)
     print(f"running {len(notebooks)} notebook(s) in {len(names)} environment(s), "
-          f"{a.jobs} at a time ...", flush=True)
+          f"at most {a.jobs} BLAS thread(s) at once ...", flush=True)
     t0 = time.perf_counter()
     cores = Cores(a.jobs)
 

@@ -74,6 +74,7 @@ __all__ = [
     "save_model",
     "load_model",
     "load_or_train_reference",
+    "machine",
     "plot_training_curves",
     "forward_with_attention",
     "readout_positions",

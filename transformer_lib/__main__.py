@@ -12,7 +12,6 @@ status 2, without a traceback.
 """
 
 import argparse
-import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,8 +19,8 @@ from pathlib import Path
 from transformer_lib.data import all_examples
 from transformer_lib.evaluation import predict
 from transformer_lib.training import (REFERENCE_EPOCHS, REFERENCE_PATH, SHIPPED_PATH,
-                                      default_splits, evaluate, load_model, save_model,
-                                      train_reference_model)
+                                      default_splits, evaluate, load_model, machine,
+                                      save_model, train_reference_model)
 
 PROG = "python -m transformer_lib"
 
@@ -82,21 +81,6 @@ def default_out(seed: int, epochs: int) -> Path:
     if (seed, epochs) == (0, REFERENCE_EPOCHS):
         return REFERENCE_PATH
     return REFERENCE_PATH.with_name(f"model_seed{seed}_epochs{epochs}.npz")
-
-
-def machine() -> str:
-    """Where a model was trained: the last bits of training depend on it (chapter 5)."""
-    import numpy as np
-    blas = "BLAS unknown"
-    try:
-        import threadpoolctl
-        info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-        if info:
-            blas = (f"{info[0]['internal_api']} {info[0].get('architecture')}, "
-                    f"{info[0]['num_threads']} thread(s)")
-    except ImportError:
-        pass
-    return f"{platform.machine()}, NumPy {np.__version__}, {blas}"
 
 
 def _train(args) -> None:

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import platform
 import tempfile
 import time
 import zipfile
@@ -14,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 import transformer_lib
-from transformer_lib.data import Batch, Example, all_examples, create_batch, split_dataset
+from transformer_lib.data import (Batch, Example, all_examples, create_batch,
+                                  split_dataset)
 from transformer_lib.layers import Parameter
 from transformer_lib.transformer import Transformer
 
@@ -491,6 +493,24 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
     return model
 
 
+def machine() -> str:
+    """What decides the last bits of training here: processor type, NumPy, its BLAS
+    kernel and threads (via threadpoolctl, if installed), NumPy's SIMD level."""
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+    blas = "BLAS unknown"
+    try:
+        import threadpoolctl
+        info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        if info:
+            blas = (f"{info[0]['internal_api']} {info[0].get('architecture')}, "
+                    f"{info[0]['num_threads']} thread(s)")
+    except ImportError:
+        pass
+    simd = [name for name, found in features.items() if found]
+    return (f"{platform.machine()}, NumPy {np.__version__}, {blas}, "
+            f"SIMD {' '.join(simd)}")
+
+
 __all__ = [
     "CrossEntropyLoss",
     "flatten_parameters",
@@ -514,4 +534,5 @@ __all__ = [
     "save_model",
     "load_model",
     "load_or_train_reference",
+    "machine",
 ]
