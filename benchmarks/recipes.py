@@ -1,7 +1,8 @@
 """Which training recipe reaches 100% on all 5,000 inputs for every seed, on every machine?
 
-    python benchmarks/recipes.py                                  # the book's recipe, seeds 0-19
-    python benchmarks/recipes.py --recipes book,book16 --seeds 0-19 --envs native-1t,haswell-1t
+    python benchmarks/recipes.py                        # the book's recipe, seeds 0-19, two machines
+    python benchmarks/recipes.py --recipes book,random-8 --seeds 0-4 --envs native-1t,nehalem-1t
+    python benchmarks/recipes.py --list                 # the recipes
 
 Trains the reference architecture once per (recipe, seed) on the training split only, and
 prints a markdown table per recipe: per seed, the accuracy of the returned model on all
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -123,8 +123,13 @@ def main():
     p.add_argument("--envs", default="native-1t,haswell-1t",
                    help=f"comma-separated, of {list(numenv.environments())}")
     p.add_argument("--jobs", type=int, default=2, help="environments run at once")
+    p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.list:
+        for name, spec in recipes().items():
+            print(f"{name:18} {spec}")
+        return None
     names = a.recipes.split(",")
     for r in names:
         if r not in recipes():
