@@ -152,3 +152,10 @@ def test_only_the_reference_run_writes_the_reference_file(capsys, monkeypatch, t
     assert f"saved {tmp_path / 'model_seed2_epochs1.npz'}" in capsys.readouterr().out
     assert not reference.exists()
     assert load_model(tmp_path / "model_seed2_epochs1.npz").metadata["seed"] == 2
+
+
+def test_predict_uses_the_shipped_model_by_default():
+    """A fresh clone answers without training: predict's default is the book's model."""
+    result = run("predict", "Max(5, 3, 9)", "Min(8, 9, 8)", "Max(0, 0, 1)", "Second(4, 1, 7)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["9", "8", "1", "1"]

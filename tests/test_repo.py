@@ -92,3 +92,21 @@ def test_package_exports_its_public_names():
 
     for name in transformer_lib.__all__:
         assert hasattr(transformer_lib, name), name
+
+
+def test_the_shipped_reference_model():
+    """transformer_lib/reference_model.npz: small, pickle-free, the reference run, and
+    right on every input (chapter 5 checks it bit for bit on a machine of its kind)."""
+    from transformer_lib.data import all_examples
+    from transformer_lib.training import (REFERENCE_CONFIG, REFERENCE_EPOCHS, SHIPPED_PATH,
+                                          evaluate, load_model)
+    assert SHIPPED_PATH.stat().st_size < 1_000_000
+    model = load_model(SHIPPED_PATH)                       # allow_pickle=False inside
+    assert {k: model.config[k] for k in REFERENCE_CONFIG} == REFERENCE_CONFIG
+    meta = model.metadata
+    assert (meta["seed"], meta["epochs"]) == (0, REFERENCE_EPOCHS)
+    assert meta["trained_on"] and len(meta["history"]["step_loss"]) == 8 * 126
+    assert evaluate(model, all_examples())["accuracy"] == 1.0
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(SHIPPED_PATH)],
+                             cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 0, "the shipped model must be committed"
