@@ -1,5 +1,5 @@
-# The README's two commands, and `make lab`. Each creates .venv and installs
-# requirements.txt when needed.
+# The README's two commands (book, test), `make lab` and `make portability`. Each creates
+# .venv and installs requirements.txt when needed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed

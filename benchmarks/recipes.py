@@ -8,14 +8,15 @@ Trains the reference architecture once per (recipe, seed) on the training split 
 prints a markdown table per recipe: per seed, the accuracy of the returned model on all
 5,000 possible inputs, the inputs it gets wrong, and the training seconds; then how many
 seeds reached 100%. With --envs, each environment of tools/numenv.py (OpenBLAS kernel,
-NumPy SIMD level, threads) runs in its own process, two at a time, and the table has one
-column per environment. A script that prints figures, not a test.
+NumPy SIMD level, threads) runs in its own process, with at most one BLAS thread per core at
+once, and the table has one column per environment. A script that prints figures, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))                       # this checkout's transforme
 sys.path.insert(0, str(ROOT / "tools"))
 
 import numenv  # noqa: E402
+from portability import Cores  # noqa: E402
 
 
 def oversample(train, minimum):
@@ -122,7 +124,8 @@ def main():
     p.add_argument("--seeds", type=int_list, default=int_list("0-19"))
     p.add_argument("--envs", default="native-1t,haswell-1t",
                    help=f"comma-separated, of {list(numenv.environments())}")
-    p.add_argument("--jobs", type=int, default=2, help="environments run at once")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="BLAS threads at once (default: the number of cores)")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -140,7 +143,13 @@ def main():
     for e in envs:
         print(f"{e}: {numenv.describe(numenv.env_for(e))}")
 
+    cores = Cores(a.jobs)
+
     def run_env(e):
+        threads = int(numenv.environments()[e].get("OPENBLAS_NUM_THREADS", "1"))
+        return cores.run(threads, lambda: run_env_now(e))
+
+    def run_env_now(e):
         cmd = [sys.executable, __file__, "--child", "--recipes", a.recipes,
                "--seeds", ",".join(map(str, a.seeds))]
         out = subprocess.run(cmd, env=numenv.env_for(e), capture_output=True, text=True)
@@ -149,7 +158,7 @@ def main():
         return e, [json.loads(line) for line in out.stdout.splitlines()]
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(a.jobs) as pool:
+    with ThreadPoolExecutor(len(envs)) as pool:
         results = dict(pool.map(run_env, envs))
     for r in names:
         print(f"\nrecipe {r}: {recipes()[r]}\n")
@@ -172,7 +181,7 @@ def main():
             misses = Counter(w for x in xs for w in x["wrong"])
             print(f"\n{e}: {n} of {len(xs)} seeds at 100% on all 5,000 inputs; training "
                   f"{min(secs):.1f}-{max(secs):.1f} s; most missed: "
-                  + ", ".join(f"{w} ({k})" for w, k in misses.most_common(4)))
+                  + (", ".join(f"{w} ({k})" for w, k in misses.most_common(4)) or "none"))
     print(f"\n(wall time {time.perf_counter() - t0:.0f} s)")
 
 

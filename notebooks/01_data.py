@@ -678,7 +678,7 @@ assert (len(train_all), len(val_all), len(test_all)) == (4000, 500, 500)
 #
 # A split by input is honest, but a random one can still starve an answer of examples. `Max`
 # is 0 only for `Max ( 0 0 0 )`, and 1 for just seven inputs (the digits 0 and 1, at least one
-# 1); `Min` is 9 or 8 just as rarely. How many of those seven does the random split of the
+# 1); `Min` is 9 or 8 just as rarely. How many of these inputs does the random split of the
 # 10,000 draws put into training?
 
 # %%
@@ -691,19 +691,20 @@ def pair_counts(examples):
 
 
 rare = [("Max", 0), ("Max", 1), ("Min", 8), ("Min", 9)]
-exists, drawn = pair_counts(exhaustive), pair_counts(train)
+exists, in_random_train = pair_counts(exhaustive), pair_counts(train)
 for pair in rare:
-    print(f"{pair[0]} = {pair[1]}: {drawn[pair]} of its {exists[pair]} input(s) "
-          "in the random training split")
+    print(f"{pair[0]} = {pair[1]}: {in_random_train[pair]} of its {exists[pair]} "
+          "input(s) in the random training split")
 assert [exists[p] for p in rare] == [1, 7, 7, 1]
-assert drawn[("Max", 1)] == 1           # a single example of "Max is 1"
+assert in_random_train[("Max", 1)] == 1           # a single example of "Max is 1"
 
 # %% [markdown]
-# One. A model cannot learn from a single example that `Max` of some 0s and 1s is 1 wherever
-# the 1 stands. A *stratified* split fixes this: it cuts every (operation, answer) group by
-# 80/10/10 on its own, so each pair gets its share of the training set (rounded: one of one,
-# six of seven). Splitting all 5,000 inputs that way leaves no input outside the three
-# splits, and it is the split the rest of the book trains on.
+# For `Max` = 1: one. A model can hardly learn from a single example that `Max` of some 0s
+# and 1s is 1 wherever the 1 stands. A *stratified* split fixes this: it cuts every
+# (operation, answer) group by 80/10/10 on its own, so each pair gets its share of the
+# training set (rounded: one of one, six of seven). Splitting all 5,000 inputs that way
+# leaves no input outside the three splits, and it is the split the rest of the book trains
+# on.
 
 # %%
 train_s, val_s, test_s = split_dataset(all_examples(), seed=0, stratify=True)
@@ -717,6 +718,9 @@ parts = [{(ex.op, ex.args) for ex in part} for part in (train_s, val_s, test_s)]
 assert sum(map(len, parts)) == 5000 and not (parts[0] & parts[1] or parts[0] & parts[2]
                                              or parts[1] & parts[2])
 assert all(trained[pair] == round(0.8 * n) for pair, n in exists.items())
+validated = pair_counts(val_s)              # and the validation share, after rounding
+assert all(validated[pair] == min(round(0.1 * n), n - round(0.8 * n))
+           for pair, n in exists.items())
 assert (len(train_s), len(val_s), len(test_s)) == (4004, 502, 494)
 assert split_dataset(all_examples(), seed=0, stratify=True) == (train_s, val_s, test_s)
 
@@ -843,9 +847,9 @@ print(", ".join(transformer_lib.data.__all__))
 # - With three digits and five operations there are only 5,000 distinct inputs, so random
 #   examples repeat; `split_dataset` de-duplicates before splitting, and no validation or test
 #   input ever reaches training. `all_examples()` gives the whole language for evaluation.
-# - A random split can leave a rare answer (`Max` = 1, `Min` = 8) with a single training
-#   example. `stratify=True` cuts each (operation, answer) group 80/10/10 on its own; the book
-#   trains on that split of all 5,000 inputs (4,004 / 502 / 494).
+# - A random split can leave a rare answer with a single training example (here `Max` = 1).
+#   `stratify=True` cuts each (operation, answer) group 80/10/10 on its own; the book trains
+#   on that split of all 5,000 inputs (4,004 / 502 / 494).
 # - `create_batch` pads on the right to the longest sequence and returns ids `(B, T)`, a mask
 #   `(B, T)` that is `True` for real tokens, and the answer ids `(B,)`.
 #

@@ -217,7 +217,7 @@ loss_fn(logits, targets)
 analytic = loss_fn.backward()                                            # (B, V)
 numeric = numerical_gradient(lambda: loss_fn(logits, targets), logits)
 error = relative_error(analytic, numeric)
-print("cross-entropy gradient: relative error < 1e-8; rows sum to 0 within 1e-15")
+print("cross-entropy gradient: relative error < 1e-08; rows sum to 0 within 1e-15")
 assert error < 1e-8
 assert np.abs(analytic.sum(axis=1)).max() < 1e-15
 
@@ -739,9 +739,10 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
 # that its library (OpenBLAS, here) chooses for the processor, and floating-point addition
 # is not associative, so two processors can round the same product differently in the last
 # bit. Training feeds every step's result into the next one and amplifies such differences
-# until the weights, and the losses printed with three digits, differ visibly, while what
-# the model learns stays the same. So the book prints training progress in cells whose
-# output the tests do not compare (like timings), and asserts what holds on every machine.
+# until the weights, and the losses printed with three digits, differ visibly; for the
+# book's recipe and seed, the final answers stay the same. So the book prints training
+# progress in cells whose output the tests do not compare (like timings), and asserts what
+# holds on every machine.
 # The time is measured too (`History.seconds`) and printed separately.
 
 # %% tags=["export"]
@@ -868,7 +869,7 @@ errors = {name: relative_error(p.grad, numerical_gradient(loss_of_small_model, p
           for name, p in small.named_parameters()}
 n_numbers = sum(p.data.size for p in small.parameters())
 print(f"{len(errors)} parameter arrays, {n_numbers:,} numbers: "
-      "every relative error < 1e-7")
+      "every relative error < 1e-07")
 assert max(errors.values()) < 1e-7
 
 # %% [markdown]
@@ -887,10 +888,9 @@ tiny_model = Transformer(d_model=64, num_heads=4, num_layers=2, d_ff=256, seed=0
 tiny_history = fit(tiny_model, ten, ten, epochs=20, batch_size=10, warmup=5,
                    progress=False)
 first_perfect = tiny_history.val_accuracy.index(1.0) + 1
-print(f"10 examples: 100% from epoch {first_perfect} of 20; final loss "
-      f"{tiny_history.train_loss[-1]:.2g}")
-assert evaluate(tiny_model, ten)["accuracy"] == 1.0
-assert tiny_history.train_loss[-1] < tiny_history.train_loss[0] / 100
+print("10 examples: 100% by epoch 10 of 20; final loss < 0.01, from above 3")
+assert first_perfect <= 10 and evaluate(tiny_model, ten)["accuracy"] == 1.0
+assert tiny_history.train_loss[-1] < 0.01 and tiny_history.train_loss[0] > 3
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -909,10 +909,13 @@ print(f"20 epochs on 10 examples took {tiny_history.seconds:.2f} s here")
 # test split is not touched until the end. Neither shares a single input with training.
 #
 # This recipe was chosen by a benchmark (`benchmarks/recipes.py`, table in the README) that
-# trains 20 seeds on two imitated machines and counts the runs that end right on all 5,000
-# inputs. The book's first recipe (a random split of 10,000 random puzzles, peak rate
-# $3 \times 10^{-3}$) got there for about half of the seeds, and which half depended on the
-# machine; this one misses at most one input in a few runs of 40.
+# trains 20 seeds on this machine and on one imitated one, and counts the runs that end right
+# on all 5,000 inputs. The book's first recipe (a random split of 10,000 random puzzles, peak
+# rate $3 \times 10^{-3}$) got there for about half of the seeds, and which half depended on
+# the machine; with this one, nearly every run is perfect and the rest miss one input. Note
+# what that benchmark selects on: all 5,000 inputs, the test split included. That is
+# choosing on the test set, acceptable here only because "right on every input" is the
+# claim itself; on a real task the recipe would be chosen on the validation split.
 
 # %% tags=["export"]
 _PACKAGE = Path(transformer_lib.__file__).resolve().parent
@@ -931,7 +934,7 @@ REFERENCE_EPOCHS = 8
 
 def default_splits(seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
     """The book's data: all 5,000 inputs, split 80/10/10 within each (operation, answer)
-    pair (chapter 1's stratified split): 4,004 / 502 / 494 inputs for seed 0."""
+    pair (chapter 1's stratified split): 4,004 / 502 / 494 inputs."""
     return split_dataset(all_examples(), seed=seed, stratify=True)
 
 
@@ -982,10 +985,10 @@ step_loss = np.array(history.step_loss)
 first, last = step_loss[:50].mean(), step_loss[-50:].mean()
 print(f"loss decreases: mean of the first 50 steps {first:.2f}, of the last 50 "
       f"< {first / 1000:.1e} (a thousandth); the last epoch's mean is the lowest")
-assert 1.8 < first < 1.9 and last < first / 1000
+assert 1.855 <= first < 1.865 and last < first / 1000       # as printed
 assert history.train_loss[-1] == min(history.train_loss) < history.train_loss[0] / 1000
 
-print(f"overfits 10 examples: 100% from epoch {first_perfect} (above)")
+print("overfits 10 examples: 100% by epoch 10 (above)")
 assert tiny_history.val_accuracy[-1] == 1.0
 
 print("validation accuracy improves: below 70% after epoch 1, above 95% after epoch 2, "
@@ -1076,25 +1079,26 @@ plt.show()
 
 grad_norms = np.array(history.step_grad_norm).reshape(8, 126)         # (epoch, step)
 per_epoch = (grad_norms > 1.0).sum(axis=1)                            # steps clipped
-print("steps clipped: all 126 in epoch 1, more than 85% in epoch 2, 15-50% in epoch 3, "
-      "fewer than 30 in each of epochs 4-6, none in epochs 7 and 8")
-assert per_epoch[0] == 126 and per_epoch[1] > 0.85 * 126
-assert 0.15 < per_epoch[2] / 126 < 0.5
-assert per_epoch[3:6].max() < 30 and not per_epoch[6:].any()   # a few spikes, then none
+print("steps clipped: all 126 in epoch 1, more than 75% in epoch 2, 15-50% in epoch 3, "
+      "1 to 19 in epoch 4, fewer than 20 in epochs 5 and 6, none in epochs 7 and 8")
+assert per_epoch[0] == 126 and per_epoch[1] > 0.75 * 126
+assert 0.15 < per_epoch[2] / 126 < 0.5 and 1 <= per_epoch[3] < 20
+assert per_epoch[4:6].max() < 20 and not per_epoch[6:].any()   # a few spikes, then none
 median_first, median_last = np.median(grad_norms[0]), np.median(grad_norms[-1])
-print(f"median gradient norm: {median_first:.2f} in the first epoch, "
+print(f"median gradient norm: {median_first:.1f} in the first epoch, "
       "more than 1,000 times smaller in the last")
 assert 1000 < median_first / median_last < 2500          # three orders of magnitude
-assert book["val_accuracy"][4:] == [1.0] * 4 and book["best_epoch"] == 8
+assert 3.65 <= median_first < 3.75                       # as printed
+assert book["val_accuracy"][3:] == [1.0] * 5 and book["best_epoch"] == 8
 
 # %% [markdown]
 # The loss falls by more than three orders of magnitude, and the validation accuracy passes 95%
 # in the second epoch and is 100% from the fifth on (from the fourth on some machines, among
 # them the book's). The gradient norm tells the same story from the inside: above the
-# clipping threshold at every step of the first epoch, almost every step of the second and
-# about a third of the third, while the model works out what the puzzles mean. Then its
-# median falls by three orders of magnitude; clipping acts only on a few spikes in epochs 4
-# to 6, and not at all in the last two. (The bounds in the asserts are what seven imitated
+# clipping threshold at every step of the first epoch, most steps of the second and about a
+# third of the third, while the model works out what the puzzles mean. Then its median falls
+# by three orders of magnitude; clipping acts only on a few spikes in epochs 4 and 5 (and 6,
+# on some machines), and not at all in the last two. (The bounds in the asserts are what seven imitated
 # machines measured, with some margin: the exact counts differ from machine to machine.)
 # Clipping the early steps costs little with Adam, which divides by the gradient's running
 # scale anyway; what it prevents is a single spike (there are a few in the plot) from
@@ -1211,8 +1215,7 @@ def load_model(path: str | Path) -> Transformer:
 # %%
 saved_to = save_model(model, REFERENCE_PATH, seed=0, epochs=REFERENCE_EPOCHS,
                       history=asdict(history))
-print("saved", saved_to.relative_to(ARTIFACTS.parent),
-      f"({saved_to.stat().st_size / 1e6:.2f} MB)")
+print(f"saved {saved_to.name} in ARTIFACTS ({saved_to.stat().st_size / 1e6:.2f} MB)")
 
 loaded = load_model(REFERENCE_PATH)
 ALL = create_batch(all_examples())
@@ -1291,22 +1294,22 @@ show_error(lambda: load_model(Path(scratch, "layers.npz")), ValueError,
 #
 # The command line records where it trained (`trained_on`: processor type, NumPy version,
 # BLAS kernel and threads, NumPy's SIMD level). `load_or_train_reference()` loads that file
-# for chapter 6, for the command line's `predict` and for you; given another path it trains
-# and saves the model there if the file is missing or was trained with another config, seed or
-# number of epochs. A file that is there but is not a model file (say, a truncated copy) is
-# not retrained over: `load_model`'s `ValueError` stops it (checked at the end of the next
-# cell but one).
+# for chapter 6, for the command line's `predict` and for you. If the file is missing or was
+# trained with another config, seed or number of epochs, it trains the model and saves it,
+# to `path` or, instead of the book's copy, to `ARTIFACTS`. A file that is there but is not
+# a model file (say, a truncated copy) is not retrained over: `load_model`'s `ValueError`
+# stops it (checked at the end of the second code cell below).
 
 # %% tags=["export"]
 def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
                             progress: bool = False) -> Transformer:
     """Load the reference model: by default the book's copy that ships with the package.
 
-    Trains it (and saves it to `path`) when the file is missing or was trained with
-    another config, seed or number of epochs. ``model.metadata`` holds the seed, the
-    epochs and the History (a dict of lists, as ``dataclasses.asdict`` makes it). A file
-    that exists but is not a readable model raises ValueError (from ``load_model``)
-    rather than being overwritten.
+    Trains it (and saves it to `path`, or to ARTIFACTS instead of the book's copy) when
+    the file is missing or was trained with another config, seed or number of epochs.
+    ``model.metadata`` holds the seed, the epochs and the History (a dict of lists, as
+    ``dataclasses.asdict`` makes it). A file that exists but is not a readable model
+    raises ValueError (from ``load_model``) rather than being overwritten.
     """
     path = Path(path)
     if path.exists():
@@ -1318,6 +1321,8 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
             return model
     model, history = train_reference_model(seed=seed, progress=progress)
     metadata = {"seed": seed, "epochs": REFERENCE_EPOCHS, "history": asdict(history)}
+    if path.resolve() == SHIPPED_PATH.resolve():      # never overwrite the book's copy
+        path = REFERENCE_PATH if seed == 0 else ARTIFACTS / f"model_seed{seed}.npz"
     save_model(model, path, **metadata)
     model.metadata = metadata
     return model
@@ -1326,27 +1331,31 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
 def machine() -> str:
     """What decides the last bits of training here: processor type, NumPy, its BLAS
     kernel and threads (via threadpoolctl, if installed), NumPy's SIMD level."""
-    from numpy._core._multiarray_umath import __cpu_features__ as features
-    blas = "BLAS unknown"
+    blas, simd = "BLAS unknown", ["unknown"]
     try:
         import threadpoolctl
         info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
         if info:
-            blas = (f"{info[0]['internal_api']} {info[0].get('architecture')}, "
-                    f"{info[0]['num_threads']} thread(s)")
+            kernel = info[0].get("architecture") or ""
+            blas = (f"{info[0]['internal_api']} {kernel}".strip()
+                    + f", {info[0]['num_threads']} thread(s)")
     except ImportError:
         pass
-    simd = [name for name, found in features.items() if found]
+    try:                                      # NumPy 2's record of its SIMD paths
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+        simd = [name for name, found in features.items() if found]
+    except ImportError:
+        pass
     return (f"{platform.machine()}, NumPy {np.__version__}, {blas}, "
             f"SIMD {' '.join(simd)}")
 
 
 # %% [markdown]
-# The book's model is right on every input, and so is yours: both answer all 5,000 puzzles
-# the same way. If your machine is the book's kind (same `machine()`), your run must even be
-# the same bits, and the cell checks that too: it is how the tests notice a shipped file that
-# no longer matches the recipe. On any other machine the weights differ in their last digits,
-# which is the expected, harmless effect described above, so they are not compared.
+# The book's model is right on every input, and so is yours (asserted above). If your
+# machine is the book's kind (the same `machine()` string), your run must even be the same
+# bits, and the cell checks that too: on such a machine it is how the tests notice a shipped
+# file that no longer matches the recipe. On any other machine the weights differ in their
+# last digits, the expected, harmless effect described above, so they are not compared.
 
 # %%
 reference = load_or_train_reference()
@@ -1356,14 +1365,13 @@ print(f"the shipped model: seed {reference.metadata['seed']}, "
       f"{sum(p.data.size for p in reference.parameters()):,} parameters")
 assert reference.config == model.config and Path(SHIPPED_PATH).stat().st_size < 1e6
 assert evaluate(reference, all_examples())["accuracy"] == 1.0
-answers = [m(ALL.ids, ALL.mask).argmax(axis=-1) for m in (reference, model)]  # (5000,)
-same_answers = answers[0] == answers[1]
-print(f"your run and the book's give the same answer to {same_answers.sum():,} "
-      "of the 5,000 puzzles")
-assert same_answers.all()
+print("the shipped model and your run: both right on all 5,000 puzzles")
 if reference.metadata.get("trained_on") == machine():   # the book's kind of machine:
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert np.array_equal(p.data, q.data), f"{name} differs from the shipped model"
+        assert np.array_equal(p.data, q.data), (
+            f"{name} differs from the shipped model: after changing the recipe, "
+            "rewrite it with: python -m transformer_lib train "
+            "--out transformer_lib/reference_model.npz")
 show_error(lambda: load_or_train_reference(Path(scratch, "cut.npz")), ValueError,
            "<tmp>/cut.npz is not a model file", hide=scratch)
 
@@ -1378,14 +1386,14 @@ show_error(lambda: load_or_train_reference(Path(scratch, "cut.npz")), ValueError
 # - **Stabilisers**: global-norm clipping shortens rare huge gradients without turning them;
 #   warm-up protects the random start, cosine decay lets the end settle.
 # - **The loop**: shuffle, forward, loss, backward, clip, step; evaluate each epoch in eval
-#   mode, keep the best epoch, print reproducible progress.
+#   mode, keep the best epoch, print progress (reproducible on the same machine).
 # - **Proof**: the gradient through the loss matches central differences to better than
 #   $10^{-7}$ (relative); the reference model memorises 10 puzzles in a few epochs, and trained
 #   on 4,004 inputs it answers all 5,000 possible puzzles correctly, in seconds rather than
 #   minutes. Other seeds mostly do too, not all (the README's seed table; chapter 7).
 # - **Machines differ in the last bits**, and training amplifies the difference: the same
-#   seed gives slightly different weights on another processor, with the same answers. The
-#   tests compare what every machine computes, not the progress lines.
+#   seed gives slightly different weights on another processor (for the book's seed, with the
+#   same answers). The tests compare what every machine computes, not the progress lines.
 # - **Checkpoints** are `.npz` files without pickles, written atomically, loaded with clear
 #   errors. The book's own run ships with the package, and `load_or_train_reference()` gives
 #   it to chapter 6.
@@ -1432,7 +1440,7 @@ smooth = LabelSmoothingLoss(alpha=0.1)
 smooth(logits, targets)
 numeric = numerical_gradient(lambda: smooth(logits, targets), logits)
 error = relative_error(smooth.backward(), numeric)
-print("label smoothing gradient: relative error < 1e-8")
+print("label smoothing gradient: relative error < 1e-08")
 assert error < 1e-8
 plain = CrossEntropyLoss()(logits, targets)
 assert abs(LabelSmoothingLoss(alpha=0.0)(logits, targets) - plain) < 1e-12
@@ -1469,29 +1477,31 @@ assert np.allclose(adam_1000, adam_1, rtol=1e-3)    # Adam: the same step, about
 # %% tags=["hide-cell"]
 acc_model = Transformer(d_model=16, num_heads=2, num_layers=2, d_ff=32, seed=3)
 acc_model.to(np.float64)
-batch32 = create_batch(train[:32])
+rng = np.random.default_rng(7)
+puzzles = [generate_example(rng, num_args=int(k)) for k in rng.integers(2, 6, size=32)]
 acc_loss = CrossEntropyLoss()
 
 
-def gradients_of(parts):
-    """Sum of the gradients of the mean loss of each part, weighted by its share."""
+def gradients_of(parts, weighted=True):
+    """Sum of the gradients of each part's mean loss, weighted by the part's share."""
     acc_model.zero_grad()
     for part in parts:
         b = create_batch(part)
         acc_loss(acc_model(b.ids, b.mask), b.targets)
-        # each part's mean loss counts len(part)/32 of the batch's mean loss
-        acc_model.backward(acc_loss.backward() * (len(part) / 32))
+        share = len(part) / 32 if weighted else 1.0     # len(part)/32 of the batch mean
+        acc_model.backward(acc_loss.backward() * share)
     return [p.grad.copy() for p in acc_model.parameters()]
 
 
-whole = gradients_of([train[:32]])
-halves = gradients_of([train[:16], train[16:32]])
+whole = gradients_of([puzzles])
+halves = gradients_of([puzzles[:16], puzzles[16:]])
 worst = max(relative_error(a, b) for a, b in zip(whole, halves))
 print(f"batch of 32 vs two micro-batches of 16: every relative error < 1e-12 "
       f"({len(whole)} arrays)")
 assert worst < 1e-12
-unweighted = [2 * g for g in halves]          # forgetting the weights doubles the step
+unweighted = gradients_of([puzzles[:16], puzzles[16:]], weighted=False)
 assert max(relative_error(a, b) for a, b in zip(whole, unweighted)) > 0.1
-# The micro-batches pad to their own longest sequence, not the batch's; the masks
+# Forgetting the weights doubles the gradient. The puzzles have 2 to 5 arguments, so
+# each micro-batch pads to its own longest sequence, not the whole batch's; the masks
 # make that irrelevant, which is why the two gradients agree to float64 rounding.
 

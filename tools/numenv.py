@@ -12,7 +12,9 @@ Three knobs change the last bits of floating-point results without changing the 
 
 from __future__ import annotations
 
+import ast
 import os
+import platform
 import subprocess
 import sys
 
@@ -27,7 +29,7 @@ def npy_features() -> dict[str, bool]:
         [sys.executable, "-c", "from numpy._core._multiarray_umath import "
          "__cpu_features__ as f; print(repr(dict(f)))"],
         capture_output=True, text=True, check=True, env=base_env())
-    return eval(out.stdout)                               # a dict literal NumPy printed
+    return ast.literal_eval(out.stdout)                   # a dict literal NumPy printed
 
 
 def top_simd_disable() -> str:
@@ -58,16 +60,21 @@ def environments() -> dict[str, dict[str, str]]:
     Sandybridge kernels with NumPy's highest SIMD level switched off, with 1 and 2 threads;
     Nehalem (SSE only) as an extra.
     """
-    simd = top_simd_disable()
-    extra = {"NPY_DISABLE_CPU_FEATURES": simd} if simd else {}
     envs = {"native-1t": {"OPENBLAS_NUM_THREADS": "1"},
             "native-2t": {"OPENBLAS_NUM_THREADS": "2"}}
-    for kernel in ("Haswell", "Sandybridge"):
-        for threads in ("1", "2"):
-            envs[f"{kernel.lower()}-{threads}t"] = {
-                "OPENBLAS_CORETYPE": kernel, "OPENBLAS_NUM_THREADS": threads, **extra}
-    envs["nehalem-1t"] = {"OPENBLAS_CORETYPE": "Nehalem", "OPENBLAS_NUM_THREADS": "1",
-                          **extra}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return envs                               # the x86 kernels below need an x86 CPU
+    found = npy_features()
+    simd = top_simd_disable()
+    extra = {"NPY_DISABLE_CPU_FEATURES": simd} if simd else {}
+    # each kernel runs only on a CPU with its instructions: AVX2 (and FMA), AVX, SSE4.2
+    kernels = [("Haswell", found.get("X86_V3")), ("Sandybridge", found.get("AVX")),
+               ("Nehalem", found.get("SSE42"))]
+    for kernel, runs in kernels:
+        for threads in ("1", "2") if kernel != "Nehalem" else ("1",):
+            if runs:
+                envs[f"{kernel.lower()}-{threads}t"] = {
+                    "OPENBLAS_CORETYPE": kernel, "OPENBLAS_NUM_THREADS": threads, **extra}
     return envs
 
 

@@ -1,8 +1,8 @@
 """Does every stored output hold on other machines? Re-run the notebooks under imitated ones.
 
-    python tools/portability.py                               # every chapter, every environment
-    python tools/portability.py notebooks/03_attention.ipynb --envs haswell-1t,sandybridge-2t
-    python tools/portability.py --list                        # the environments and what they load
+    python tools/portability.py                    # every chapter, every environment
+    python tools/portability.py notebooks/03_attention.ipynb --envs haswell-1t,nehalem-1t
+    python tools/portability.py --list             # the environments and what they load
 
 Each environment of tools/numenv.py (an OpenBLAS kernel, NumPy's SIMD level, 1 or 2 BLAS
 threads) runs `pytest --nbval` on the named notebooks in its own process and with its own
@@ -40,9 +40,10 @@ def run(env_name: str, notebooks: list[str], workdir: Path) -> dict:
         [sys.executable, "-m", "pytest", *notebooks, "-q", "-p", "no:cacheprovider",
          f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    if not xml.exists():
+    if not xml.exists() or proc.returncode not in (0, 1):    # 1: some test failed
         return dict(name=env_name, seconds=seconds, passed=0, failed=[],
-                    error=(proc.stdout + proc.stderr)[-2000:])
+                    error=f"pytest exited with {proc.returncode}:\n"
+                          + (proc.stdout + proc.stderr)[-2000:])
     failed, passed = [], 0
     for case in ET.parse(xml).iter("testcase"):
         problem = case.find("failure")
@@ -54,7 +55,8 @@ def run(env_name: str, notebooks: list[str], workdir: Path) -> dict:
         text = (problem.get("message") or "") + "\n" + (problem.text or "")
         lines = [ln for ln in text.splitlines() if ln.strip()]
         failed.append((case.get("name"), case.get("classname"), lines[:12]))
-    return dict(name=env_name, seconds=seconds, passed=passed, failed=failed, error=None)
+    error = None if passed or failed else "no cell ran (wrong notebook path?)"
+    return dict(name=env_name, seconds=seconds, passed=passed, failed=failed, error=error)
 
 
 class Cores:
@@ -91,8 +93,11 @@ def main() -> int:
         for name, variables in numenv.environments().items():
             print(f"{name:15} {numenv.describe(numenv.env_for(name))}   {variables}")
         return 0
-    notebooks = a.notebooks or sorted(str(q.relative_to(ROOT))
-                                      for q in (ROOT / "notebooks").glob("*.ipynb"))
+    notebooks = ([str(Path(n).resolve()) for n in a.notebooks] or
+                 sorted(str(q) for q in (ROOT / "notebooks").glob("*.ipynb")))
+    for n in notebooks:
+        if not Path(n).is_file():
+            p.error(f"no notebook at {n}")
     names = a.envs.split(",")
     for name in names:
         numenv.env_for(name)                                   # fails early on a typo

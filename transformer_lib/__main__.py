@@ -98,7 +98,7 @@ def _train(args) -> None:
     path = save_model(model, out, seed=args.seed, epochs=args.epochs, history=asdict(history),
                       trained_on=machine())
     print(f"saved {path}")
-    if path.resolve() not in (REFERENCE_PATH.resolve(), SHIPPED_PATH.resolve()):
+    if path.resolve() != SHIPPED_PATH.resolve():          # predict's default is the book's
         print(f'ask it with: {PROG} predict "Max(5, 3, 9)" --model {path}')
 
 
@@ -106,6 +106,10 @@ def _predict(args) -> None:
     try:
         model = load_model(args.model)
     except FileNotFoundError:
+        if args.model.resolve() == SHIPPED_PATH.resolve():
+            raise UsageError(f"the book's model is missing from the package ({SHIPPED_PATH}); "
+                             "restore it (git checkout transformer_lib/reference_model.npz) "
+                             "or reinstall, or pass --model PATH") from None
         out = "" if args.model == REFERENCE_PATH else f" --out {args.model}"
         raise UsageError(f"no model file at {args.model}; train one first with: "
                          f"{PROG} train{out}") from None

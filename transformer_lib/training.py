@@ -372,7 +372,7 @@ REFERENCE_EPOCHS = 8
 
 def default_splits(seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
     """The book's data: all 5,000 inputs, split 80/10/10 within each (operation, answer)
-    pair (chapter 1's stratified split): 4,004 / 502 / 494 inputs for seed 0."""
+    pair (chapter 1's stratified split): 4,004 / 502 / 494 inputs."""
     return split_dataset(all_examples(), seed=seed, stratify=True)
 
 
@@ -472,11 +472,11 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
                             progress: bool = False) -> Transformer:
     """Load the reference model: by default the book's copy that ships with the package.
 
-    Trains it (and saves it to `path`) when the file is missing or was trained with
-    another config, seed or number of epochs. ``model.metadata`` holds the seed, the
-    epochs and the History (a dict of lists, as ``dataclasses.asdict`` makes it). A file
-    that exists but is not a readable model raises ValueError (from ``load_model``)
-    rather than being overwritten.
+    Trains it (and saves it to `path`, or to ARTIFACTS instead of the book's copy) when
+    the file is missing or was trained with another config, seed or number of epochs.
+    ``model.metadata`` holds the seed, the epochs and the History (a dict of lists, as
+    ``dataclasses.asdict`` makes it). A file that exists but is not a readable model
+    raises ValueError (from ``load_model``) rather than being overwritten.
     """
     path = Path(path)
     if path.exists():
@@ -488,6 +488,8 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
             return model
     model, history = train_reference_model(seed=seed, progress=progress)
     metadata = {"seed": seed, "epochs": REFERENCE_EPOCHS, "history": asdict(history)}
+    if path.resolve() == SHIPPED_PATH.resolve():      # never overwrite the book's copy
+        path = REFERENCE_PATH if seed == 0 else ARTIFACTS / f"model_seed{seed}.npz"
     save_model(model, path, **metadata)
     model.metadata = metadata
     return model
@@ -496,17 +498,21 @@ def load_or_train_reference(path: str | Path = SHIPPED_PATH, seed: int = 0,
 def machine() -> str:
     """What decides the last bits of training here: processor type, NumPy, its BLAS
     kernel and threads (via threadpoolctl, if installed), NumPy's SIMD level."""
-    from numpy._core._multiarray_umath import __cpu_features__ as features
-    blas = "BLAS unknown"
+    blas, simd = "BLAS unknown", ["unknown"]
     try:
         import threadpoolctl
         info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
         if info:
-            blas = (f"{info[0]['internal_api']} {info[0].get('architecture')}, "
-                    f"{info[0]['num_threads']} thread(s)")
+            kernel = info[0].get("architecture") or ""
+            blas = (f"{info[0]['internal_api']} {kernel}".strip()
+                    + f", {info[0]['num_threads']} thread(s)")
     except ImportError:
         pass
-    simd = [name for name, found in features.items() if found]
+    try:                                      # NumPy 2's record of its SIMD paths
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+        simd = [name for name, found in features.items() if found]
+    except ImportError:
+        pass
     return (f"{platform.machine()}, NumPy {np.__version__}, {blas}, "
             f"SIMD {' '.join(simd)}")
 
