@@ -69,7 +69,7 @@ history = model.metadata["history"]
 train, val, test = default_splits(seed=0)
 everything = all_examples()
 print(model.config)
-print("trained on:", model.metadata["trained_on"])
+print("trained on:", model.metadata["trained_on"].split(", SIMD")[0])  # and SIMD level
 print(f"train {len(train):,}   val {len(val):,}   test {len(test):,}   "
       f"all inputs {len(everything):,}")
 assert model.config["readout"] == "eos" and len(model.blocks) == 2
