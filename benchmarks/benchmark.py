@@ -30,10 +30,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's transformer_lib
 
-from transformer_lib.data import create_batch                       # noqa: E402
-from transformer_lib.training import (REFERENCE_CONFIG, Adam, CrossEntropyLoss,  # noqa: E402
-                                      clip_grad_norm, default_splits)
-from transformer_lib.transformer import Transformer                 # noqa: E402
+from transformer_lib.data import create_batch  # noqa: E402
+from transformer_lib.training import (  # noqa: E402
+    REFERENCE_CONFIG,
+    Adam,
+    CrossEntropyLoss,
+    clip_grad_norm,
+    default_splits,
+)
+from transformer_lib.transformer import Transformer  # noqa: E402
 
 try:
     import torch
@@ -66,7 +71,8 @@ def torch_stepper(dtype, batch):
     class TorchTransformer(nn.Module):
         """Embedding + sinusoidal positions, 2 post-norm encoder layers, read out at [EOS]."""
 
-        def __init__(self, vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256, max_len=64):
+        def __init__(self, vocab_size=20, d_model=64, num_heads=4, num_layers=2, d_ff=256,
+                     max_len=64):
             super().__init__()
             self.embedding = nn.Embedding(vocab_size, d_model)
             pos = torch.arange(max_len)[:, None]
@@ -74,8 +80,9 @@ def torch_stepper(dtype, batch):
             pe = torch.zeros(max_len, d_model)
             pe[:, 0::2], pe[:, 1::2] = torch.sin(angle), torch.cos(angle)
             self.register_buffer("pe", pe)
-            layer = nn.TransformerEncoderLayer(d_model, num_heads, d_ff, dropout=0.0, activation="relu",
-                                               batch_first=True, norm_first=False)    # post-norm
+            layer = nn.TransformerEncoderLayer(d_model, num_heads, d_ff, dropout=0.0,
+                                               activation="relu", batch_first=True,
+                                               norm_first=False)                      # post-norm
             self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
             self.output = nn.Linear(d_model, vocab_size)
 
@@ -109,7 +116,7 @@ def median_step_ms(steppers, steps, rounds=5, warmup=5):
     times = [[] for _ in steppers]
     per_round = max(1, steps // rounds)
     for _ in range(rounds):
-        for step, t in zip(steppers, times):
+        for step, t in zip(steppers, times, strict=True):
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 step()
@@ -132,7 +139,8 @@ def step_table(train):
             ms = median_step_ms(steppers, steps)
             if torch is not None:
                 ratio = ms[0] / ms[1]
-                print(f"| {dtype.__name__} | {size} | {ms[0]:.2f} | {ms[1]:.2f} | {ratio:.2f} |", flush=True)
+                print(f"| {dtype.__name__} | {size} | {ms[0]:.2f} | {ms[1]:.2f} | {ratio:.2f} |",
+                      flush=True)
             else:
                 print(f"| {dtype.__name__} | {size} | {ms[0]:.2f} | (no PyTorch) | |", flush=True)
             rows.append((dtype.__name__, size, ms))
@@ -166,7 +174,7 @@ def phase_table(train, steps=300):
         opt.zero_grad()                                      # for the next step
         t4 = time.perf_counter()
         if i >= 10:                                          # the first steps warm up
-            for key, a, b in zip(times, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            for key, a, b in zip(times, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
                 times[key].append(b - a)
     print("\nOne NumPy step, float32, batch 32, by phase (median ms):\n")
     print("| phase | ms |\n|---|---:|")

@@ -1,8 +1,8 @@
 """Which training recipe reaches 100% on all 5,000 inputs for every seed, on every machine?
 
-    python benchmarks/recipes.py                        # the book's recipe, seeds 0-19, two machines
+    python benchmarks/recipes.py          # the book's recipe, seeds 0-19, two machines
     python benchmarks/recipes.py --recipes book,random-8 --seeds 0-4 --envs native-1t,nehalem-1t
-    python benchmarks/recipes.py --list                 # the recipes
+    python benchmarks/recipes.py --list   # the recipes
 
 Trains the reference architecture once per (recipe, seed) on the training split only, and
 prints a markdown table per recipe: per seed, the accuracy of the returned model on all

@@ -87,10 +87,11 @@ def chromium(*args: str, timeout: int = 120) -> str:
 def site(tmp_path_factory):
     """Build the book from scratch and serve it on 127.0.0.1; yields (html folder, base URL)."""
     out = tmp_path_factory.mktemp("book")
-    build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", "--all", "-W",
-                            "--path-output", str(out), str(ROOT)],
+    build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", "--all",
+                            "-W", "--path-output", str(out), str(ROOT)],
                            capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, f"the book does not build cleanly:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    assert build.returncode == 0, (f"the book does not build cleanly:\n{build.stdout[-3000:]}\n"
+                                   f"{build.stderr[-3000:]}")
     html = out / "_build" / "html"
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -121,12 +122,15 @@ def test_chapter_page_in_browser(report, chapter):
         f"{chapter}: expected a title '{number}. ...', the page shows {page['title']!r}"
     figures = [img for img in page["images"] if img["output"]]
     assert figures, f"{chapter}: no figure in the rendered page (every chapter shows at least one)"
-    broken = [img["src"] for img in page["images"] if not (img["complete"] and img["width"] > 0 and img["height"] > 0)]
+    broken = [img["src"] for img in page["images"]
+              if not (img["complete"] and img["width"] > 0 and img["height"] > 0)]
     assert not broken, f"{chapter}: images that did not load or have no size: {broken}"
-    assert page["tracebacks"] == 0 and not page["traceback_text"], f"{chapter}: the page shows a traceback"
+    assert page["tracebacks"] == 0 and not page["traceback_text"], \
+        f"{chapter}: the page shows a traceback"
     assert not page["stderr"], f"{chapter}: the page shows error output (stderr): {page['stderr']}"
     assert page["typeset"] >= page["math"], \
-        f"{chapter}: {page['math']} equations but only {page['typeset']} typeset by MathJax (is it served locally?)"
+        (f"{chapter}: {page['math']} equations but only {page['typeset']} typeset by MathJax "
+         "(is it served locally?)")
 
 
 def test_screenshots(site):
@@ -134,8 +138,10 @@ def test_screenshots(site):
     html, base = site
     shots = ROOT / "_build" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    for name, url in [("intro", f"{base}/book/intro.html"), ("chapter", f"{base}/{CHAPTERS[-1]}.html")]:
+    pages = [("intro", f"{base}/book/intro.html"), ("chapter", f"{base}/{CHAPTERS[-1]}.html")]
+    for name, url in pages:
         target = shots / f"{name}.png"
         target.unlink(missing_ok=True)
-        chromium("--window-size=1280,1600", "--virtual-time-budget=10000", f"--screenshot={target}", url)
+        chromium("--window-size=1280,1600", "--virtual-time-budget=10000",
+                 f"--screenshot={target}", url)
         assert target.exists() and target.stat().st_size > 10_000, f"no screenshot of {url}"

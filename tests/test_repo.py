@@ -1,6 +1,7 @@
 """Repository checks: the package matches the notebooks, and each notebook is paired, executed,
 titled and listed in the book. (nbval re-runs the notebooks themselves.)"""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -15,6 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIX = "edit notebooks/NN_x.py, then run: .venv/bin/python tools/execute.py notebooks/NN_x.py"
+
+
+def test_ruff_passes():
+    """The hand-written Python files pass `ruff check` with the config in pyproject.toml."""
+    if importlib.util.find_spec("ruff") is None:
+        pytest.fail(f"ruff is not installed for {sys.executable}; install the pinned tools with: "
+                    f"{sys.executable} -m pip install -r requirements.txt")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache",
+                             "--output-format", "concise", "."],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, ("`ruff check .` found problems (`ruff check --fix .` fixes "
+                                    f"some):\n{result.stdout}{result.stderr}")
 
 
 def test_there_are_notebooks():
@@ -98,8 +111,13 @@ def test_the_shipped_reference_model():
     """transformer_lib/reference_model.npz: small, pickle-free, the reference run, and
     right on every input (chapter 5 checks it bit for bit on a machine of its kind)."""
     from transformer_lib.data import all_examples
-    from transformer_lib.training import (REFERENCE_CONFIG, REFERENCE_EPOCHS, SHIPPED_PATH,
-                                          evaluate, load_model)
+    from transformer_lib.training import (
+        REFERENCE_CONFIG,
+        REFERENCE_EPOCHS,
+        SHIPPED_PATH,
+        evaluate,
+        load_model,
+    )
     assert SHIPPED_PATH.stat().st_size < 1_000_000
     model = load_model(SHIPPED_PATH)                       # allow_pickle=False inside
     assert {k: model.config[k] for k in REFERENCE_CONFIG} == REFERENCE_CONFIG

@@ -1,7 +1,7 @@
 """Regenerate the package, then re-execute chapters: notebooks/NN_topic.py -> executed .ipynb.
 
     python tools/execute.py notebooks/04_transformer.py [more.py ...]   # these chapters
-    python tools/execute.py --from 05                                  # chapter 05 and all later ones
+    python tools/execute.py --from 05                                  # chapter 05 and later ones
 
 For each chapter this runs `jupytext --sync --execute` (the working directory is notebooks/,
 as under nbval), then removes the execution timestamps that Jupyter writes into every code

@@ -5,7 +5,7 @@ cells tagged `export`, in order, under a header, followed by `__all__` (the publ
 classes and UPPERCASE constants they define). transformer_lib/__init__.py re-exports them all.
 
     python tools/export.py           # write the package
-    python tools/export.py --check   # write nothing; exit 1 naming each stale, missing or extra module
+    python tools/export.py --check   # write nothing; exit 1 listing stale, missing, extra modules
 """
 
 import ast
@@ -70,7 +70,8 @@ def expected_files() -> dict[Path, str]:
     files[PACKAGE / "__init__.py"] = (
         f"{MARK} from notebooks/*.py — do not edit; edit the notebooks and re-run the export.\n"
         '"""A transformer in plain NumPy, built chapter by chapter in the book\'s notebooks."""\n\n'
-        + "".join(imports) + "\n__all__ = [\n" + "".join(f'    "{n}",\n' for n in everything) + "]\n")
+        + "".join(imports)
+        + "\n__all__ = [\n" + "".join(f'    "{n}",\n' for n in everything) + "]\n")
     return files
 
 
@@ -87,7 +88,8 @@ def main(check: bool) -> int:
         if not path.exists():
             problems.append(f"missing: {rel}")
         elif not is_generated(path):
-            sys.exit(f"export: {rel} is hand-written (no '{MARK}' header); refusing to overwrite it")
+            sys.exit(f"export: {rel} is hand-written (no '{MARK}' header); "
+                     "refusing to overwrite it")
         elif path.read_text(encoding="utf-8") != text:
             problems.append(f"stale: {rel}")
         else:
@@ -96,7 +98,8 @@ def main(check: bool) -> int:
             path.write_text(text, encoding="utf-8", newline="\n")
     for path in sorted(PACKAGE.glob("*.py")):
         if path not in files and is_generated(path):
-            problems.append(f"extra: {path.relative_to(ROOT)} (its notebook is gone or exports nothing)")
+            problems.append(f"extra: {path.relative_to(ROOT)} "
+                            "(its notebook is gone or exports nothing)")
             if not check:
                 path.unlink()
     for problem in problems:

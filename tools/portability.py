@@ -6,9 +6,9 @@
 
 Each environment of tools/numenv.py (an OpenBLAS kernel, NumPy's SIMD level, 1 or 2 BLAS
 threads) runs `pytest --nbval` on the named notebooks in its own process and with its own
-artifacts directory, with at most `--jobs` BLAS threads at once (default: one per core). The report lists, per environment, each cell whose output
-or assert differs from the stored notebook, with the first lines of nbval's diff. Exit status
-1 if any cell fails anywhere.
+artifacts directory, with at most `--jobs` BLAS threads at once (default: one per core). The
+report lists, per environment, each cell whose output or assert differs from the stored
+notebook, with the first lines of nbval's diff. Exit status 1 if any cell fails anywhere.
 """
 
 from __future__ import annotations

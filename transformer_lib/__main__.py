@@ -18,9 +18,17 @@ from pathlib import Path
 
 from transformer_lib.data import all_examples
 from transformer_lib.evaluation import predict
-from transformer_lib.training import (REFERENCE_EPOCHS, REFERENCE_PATH, SHIPPED_PATH,
-                                      default_splits, evaluate, load_model, machine,
-                                      save_model, train_reference_model)
+from transformer_lib.training import (
+    REFERENCE_EPOCHS,
+    REFERENCE_PATH,
+    SHIPPED_PATH,
+    default_splits,
+    evaluate,
+    load_model,
+    machine,
+    save_model,
+    train_reference_model,
+)
 
 PROG = "python -m transformer_lib"
 
@@ -50,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Train the book's transformer, or ask a trained one.",
                      epilog=f'examples:\n  {PROG} train\n  {PROG} predict "Max(5, 3, 9)"',
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,predict}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{train,predict}",
+                                     parser_class=_Parser)
     commands.required = True
 
     train = commands.add_parser(
@@ -68,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     pred = commands.add_parser(
         "predict", help="print a trained model's answer to each puzzle",
         description='Print the answer to each puzzle, one per line: "Max(5, 3, 9)" -> 9.')
-    pred.add_argument("puzzles", nargs="+", metavar="PUZZLE", help='a puzzle such as "Max(5, 3, 9)"')
+    pred.add_argument("puzzles", nargs="+", metavar="PUZZLE",
+                      help='a puzzle such as "Max(5, 3, 9)"')
     pred.add_argument("--model", type=Path, default=SHIPPED_PATH,
                       help="a model file written by train (default: the book's reference "
                            f"model, shipped with the package, {SHIPPED_PATH})")
