@@ -27,7 +27,8 @@
 #
 # Every number in the prose below is computed in this notebook and checked by an `assert`,
 # except the figures quoted from the original project (its six-point spread between runs
-# and its 83.7% on numbers 0–99) and the ranges measured across machines, which say so. To
+# and its 83.7% on numbers 0–99), what the first version of this book measured (in "The
+# last 0.1%"), and the ranges measured across machines, which say so. To
 # keep the whole book testable in a few minutes the experiments are small (mostly three
 # seeds, at most eight epochs). Every experiment function takes arguments to run a bigger
 # version; the text says which.
@@ -950,10 +951,11 @@ assert share_old < 0.15 < 0.75 < share_new
 # %% [markdown]
 # Under the old split, `Max` = 1 had one training example of seven, 14%, while the split as
 # a whole held 69% of all inputs. The stratified split gives every pair its 80% share,
-# rounded (six of seven for `Max` = 1, 15 of 19 for `Max` = 2), so no pair is left with one
-# lonely example. That, together with chapter 5's lower peak learning rate, is why the
-# reference now reaches 100% with every seed above. The README's seed table
-# (`benchmarks/recipes.py`) measures both recipes over twenty seeds and several machines.
+# rounded (six of seven for `Max` = 1, 15 of 19 for `Max` = 2), so no pair with several
+# inputs is left with a single training example. That, together with chapter 5's lower
+# peak learning rate, is why the reference now reaches 100% with every seed above; the
+# README's seed table (`benchmarks/recipes.py`) measures both recipes over more seeds and
+# several machines.
 #
 # With the new split, which runs of this chapter still miss inputs, and which inputs? The
 # runs at 98% or more that still miss some inputs are mostly those of the models that are
@@ -988,9 +990,9 @@ assert sum(r.reached_100 for r in wide) >= len(wide) - 1
 # positional encodings and a learning rate of at most $2 \cdot 10^{-3}$, ablated or not,
 # all get at least 99.9% right, and all of them but at most one reach 100% (on one of the
 # machines measured, one run without LayerNorm ended two inputs short). So with a
-# stratified split, "exactly 100% on all inputs" is again a fair
-# test of the model; with the old split, it was partly a test of a few unseen corner
-# cases, which is why the tables keep reporting the accuracy itself alongside it.
+# stratified split, "exactly 100% on all inputs" is a fair test of the model; with the old
+# split, it was partly a test of a few unseen corner cases. Either way it can hinge on a
+# single input, which is why this chapter reports the accuracy itself alongside it.
 
 # %% [markdown]
 # ## Harder variant 1: longer inputs than in training
@@ -1506,8 +1508,8 @@ plt.show()
 # %% [markdown]
 # ## Findings
 #
-# Everything measured in this chapter, in one table (three seeds and eight epochs unless
-# noted; accuracy on all 5,000 inputs, or where noted on held-out inputs or longer ones).
+# Everything measured in this chapter, in one table (eight epochs unless noted; accuracy
+# on all 5,000 inputs, or where noted on held-out inputs or longer ones).
 # Like the rest of the chapter it gives what held on every machine measured: a bound on
 # every seed's accuracy.
 
@@ -1562,7 +1564,7 @@ HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
 # 5. **The last 0.1% was about data.** With the old random split, near-perfect runs failed
 #    mostly on a few rare inputs that the training split did not contain; the stratified
 #    split gives every (operation, answer) pair its share, and the misses that remain are
-#    underfitting by small or deep models, mostly on inputs they trained on.
+#    mostly underfitting by small or deep models, on inputs they trained on.
 # 6. **Absolute positions do not extrapolate.** `First`, `Max` and `Min` work on longer
 #    inputs; `Last` does not, and even `Second` fails from 7 arguments on.
 # 7. **Numbers 0–99 are learnable with 20 tokens**: two digit tokens per number and two
