@@ -864,8 +864,8 @@ print_grid(ablation_grid)
 # positional encodings `First`, `Second` and `Last` fall to the order-blind ceiling while
 # `Max` and `Min` are untouched. The other four cost nothing that two seeds each can see at
 # this size: every one of their eight runs gets at least 99.9% of the inputs right, and all
-# of them, or all but one, reach exactly 100% (on the machines measured: eight of eight,
-# or seven of eight, missing two inputs). That cannot tell these four variants from the
+# of them but at most two reach exactly 100% (on the machines measured: eight, seven or six
+# of eight; a run that falls short misses one or two inputs). That cannot tell these four variants from the
 # reference; the place where two of them matter is depth, next.
 
 # %%
@@ -874,10 +874,10 @@ mild = [r for name in ("no residual", "no LayerNorm", "one head", "mean read-out
         for r in ablation_grid[name]]
 reached = sum(r.reached_100 for r in mild)
 print(f"the four mild ablations, {len(mild)} runs: every run's accuracy "
-      f"{accuracy_bound(mild)}; all but at most one reached 100%: "
-      f"{reached >= len(mild) - 1}")
+      f"{accuracy_bound(mild)}; all but at most two reached 100%: "
+      f"{reached >= len(mild) - 2}")
 assert min(r.accuracy for r in mild) >= 0.999             # nothing breaks at depth 2
-assert reached >= len(mild) - 1
+assert reached >= len(mild) - 2
 assert ab["reference"]["reached_100"] == len(SEEDS)
 
 # %% [markdown]
@@ -978,18 +978,18 @@ wide = [r for r in cache.values() if (r.config.d_model, r.config.num_layers) == 
         and r.config.lr <= 2e-3 and r.config.positional]
 print(f"two-layer, 64-wide runs with lr at most 2e-3 and positional encodings: "
       f"{len(wide)}; all at 99.9% or more: {min(r.accuracy for r in wide) >= 0.999}; "
-      "all but at most one at 100%: "
-      f"{sum(r.reached_100 for r in wide) >= len(wide) - 1}")
+      "all but at most three at 100%: "
+      f"{sum(r.reached_100 for r in wide) >= len(wide) - 3}")
 assert min(r.accuracy for r in wide) >= 0.999
-assert sum(r.reached_100 for r in wide) >= len(wide) - 1
+assert sum(r.reached_100 for r in wide) >= len(wide) - 3
 
 # %% [markdown]
 # A model that gets inputs wrong that it was trained on is underfitting: it has not the
 # capacity or the training to fit everything, which is a statement about the model, not
 # about a corner of the data it never saw. The two-layer, 64-wide runs of this chapter with
 # positional encodings and a learning rate of at most $2 \cdot 10^{-3}$, ablated or not,
-# all get at least 99.9% right, and all of them but at most one reach 100% (on one of the
-# machines measured, one run without LayerNorm ended two inputs short). So with a
+# all get at least 99.9% right, and all of them but at most three reach 100% (on the
+# machines measured, 12 to 14 of the 14; the others ended one or two inputs short). So with a
 # stratified split, "exactly 100% on all inputs" is a fair test of the model; with the old
 # split, it was partly a test of a few unseen corner cases. Either way it can hinge on a
 # single input, which is why this chapter reports the accuracy itself alongside it.
@@ -1085,8 +1085,8 @@ plt.show()
 # predicted: below 30% at 7 and 8 arguments, not far from the 10% of random guessing.
 #
 # The surprise is `Second`, which the prediction got wrong. Its position is fixed, and at 6
-# arguments it still holds (95% or more), but at 7 and 8 arguments it falls below 80%
-# (the heatmap shows by how much, on this machine). Something else moves with the length:
+# arguments it still holds (95% or more), but from 7 arguments on it drops, and at 8 it is
+# below 70% (the heatmap shows by how much, on this machine). Something else moves with the length:
 # the read-out position. `[EOS]` sits at position $k + 3$ for $k$ arguments, so at 6 to 8
 # arguments the model reads its answer from positions it never read from in training.
 # `First`, `Max` and `Min` survive that; `Second`, apparently, only one step beyond.
@@ -1104,7 +1104,7 @@ assert all(len({(ex.op, ex.args) for ex in run["test"]}) == len(run["test"])
 for op in ("First", "Max", "Min"):
     assert table[:, OP[op], 4:].min() >= 0.95, op
 assert table[:, OP["Second"], 4].min() >= 0.95                 # 6 arguments
-assert table[:, OP["Second"], 5:].max() < 0.8                  # 7 and 8 arguments
+assert table[:, OP["Second"], 6].max() < 0.7                   # 8 arguments
 assert table[:, OP["Last"], 5:].max() < 0.3
 
 for run in length_runs:
@@ -1538,7 +1538,7 @@ add_rows("ablation", {k + (" (4 epochs)" if v[0].config.epochs == 4 else ""): v
 add_rows("depth (4 epochs, 2 seeds)", deep_grid)
 rows.append(["length (1 seed)", "train on 2–5 arguments, test on 6–8",
              f"{length_runs[0]['result'].num_parameters:,}",
-             "1", "First, Max, Min ≥ 95%; Second < 80% and Last < 30% at 7–8"])
+             "1", "First, Max, Min ≥ 95%; Second < 70% at 8, Last < 30% at 7–8"])
 rows.append(["numbers 0–99 (1 seed, 3 epochs)", "two output heads",
              f"{two_digit.num_parameters:,}", "1", "≥ 99% (held-out)"])
 header = ["experiment", "variant", "parameters", "seeds", "accuracy, every seed"]
@@ -1569,7 +1569,7 @@ HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
 #    split gives every (operation, answer) pair its share, and the misses that remain are
 #    mostly underfitting by small or deep models, on inputs they trained on.
 # 6. **Absolute positions do not extrapolate.** `First`, `Max` and `Min` work on longer
-#    inputs; `Last` does not, and even `Second` fails from 7 arguments on.
+#    inputs; `Last` does not, and even `Second` fails at 8 arguments.
 # 7. **Numbers 0–99 are learnable with 20 tokens**: two digit tokens per number and two
 #    output heads reach more than 99% on held-out puzzles.
 
@@ -1606,7 +1606,7 @@ print(f"  {'numbers 0-99':16} {two_digit.seconds:5.1f} s")
 # - The misses of near-perfect models on the old random split were rare (operation,
 #   answer) pairs with almost no training examples; the stratified split removes them.
 # - Trained on 2–5 arguments, the model keeps `First`, `Max` and `Min` up to 8 arguments,
-#   but `Last` collapses and `Second` fails from 7 arguments: it learned absolute positions.
+#   but `Last` collapses and `Second` fails at 8 arguments: it learned absolute positions.
 # - With two digit tokens per number and two output heads, numbers 0–99 reach more than 99%.
 #
 # ## Exercises
