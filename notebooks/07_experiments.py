@@ -1417,7 +1417,7 @@ show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-two_digit = two_digit_experiment(progress=True)          # progress: digits vary by machine
+two_digit = two_digit_experiment(progress=True)      # progress digits vary by machine
 
 # %%
 print("held-out accuracy at least 99% (the original project: 83.7%): "
