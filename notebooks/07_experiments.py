@@ -18,7 +18,7 @@
 #
 # - a small experiment runner (config in, metrics out) that the rest of the chapter uses and
 #   that you can use for your own experiments;
-# - how much results vary between seeds, and learning rate and batch size, three seeds each;
+# - how much results vary between seeds, and the learning rate, three seeds each;
 # - model size: how small the model can get, and what it costs;
 # - ablations: no positional encoding, no residual connections, no LayerNorm, one head, and
 #   the read-out, each with a prediction written down *before* the result;
@@ -26,11 +26,22 @@
 # - a summary table of everything measured, and what to take away.
 #
 # Every number in the prose below is computed in this notebook and checked by an `assert`,
-# except the figures quoted from the repository's README (runs over more seeds) and from the
-# original project (its six-point spread between runs and its 83.7% on numbers 0–99). To
+# except the figures quoted from the original project (its six-point spread between runs
+# and its 83.7% on numbers 0–99), what the first version of this book measured (in "The
+# last 0.1%"), and the ranges measured across machines, which say so. To
 # keep the whole book testable in a few minutes the experiments are small (mostly three
 # seeds, at most eight epochs). Every experiment function takes arguments to run a bigger
 # version; the text says which.
+#
+# One warning before any result. Training amplifies differences in the last bit of a
+# floating-point sum: a different matrix kernel (a newer or older CPU), a different SIMD
+# level or number of threads rounds a few sums differently, and after a thousand steps the
+# same seed gives a different model. The experiments below were run on several such
+# machines (four kernel and SIMD combinations of one CPU, with one and two threads). What
+# this notebook prints and asserts is what held on all of them, at the precision it held:
+# counts such as "3 of 3 seeds reached 100%", bounds, and orderings. The figures show every
+# run's own numbers as they came out on the machine that ran the notebook; yours may differ
+# in the last digits, or by an input or two.
 
 # %% [markdown]
 # ## A runner: config in, metrics out
@@ -82,7 +93,7 @@ class ExperimentConfig:
     residual: bool = True
     layer_norm: bool = True
     # training (chapter 5)
-    lr: float = 3e-3
+    lr: float = 2e-3
     batch_size: int = 32
     epochs: int = 8
     warmup: int = 50
@@ -131,7 +142,7 @@ def parameter_count(model) -> int:
 # operation, because the operations fail in different ways. The held-out accuracy counts only
 # the inputs the model never trained on. "Steps to 100%" is when every one of the 5,000 inputs
 # is first answered correctly. It is checked at the end of each epoch, but only once the
-# validation accuracy (431 inputs, cheap) is 100%, and the inputs that were wrong at the
+# validation accuracy (502 inputs, cheap) is 100%, and the inputs that were wrong at the
 # previous check are tried first: if one of them is still wrong, the model need not be run
 # on all 5,000.
 #
@@ -334,23 +345,26 @@ from transformer_lib.experiments import (ExperimentConfig, accuracy_by, paramete
 from transformer_lib.training import default_splits
 
 notebook_start = time.perf_counter()
-reference = run_experiment(ExperimentConfig(), progress=True)
-print(f"{reference.num_parameters:,} parameters; accuracy on all 5,000 inputs "
-      f"{reference.accuracy:.2%} (held-out only: {reference.heldout_accuracy:.2%}); "
-      f"100% first reached after epoch {reference.epochs_to_100} "
-      f"= step {reference.steps_to_100}")
-assert reference.accuracy == reference.heldout_accuracy == 1.0
-assert reference.num_parameters == 102_420 and reference.steps_to_100 <= 8 * 108
-
-# %% [markdown]
-# The wall-clock time is printed separately, because it depends on the machine (and this
-# cell's output is not compared when the book is tested):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+reference = run_experiment(ExperimentConfig(), progress=True)
 print(f"trained in {reference.seconds:.1f} s; "
       f"100% after {reference.seconds_to_100:.1f} s")
 
+# %% [markdown]
+# The progress lines (loss and validation accuracy per epoch) and the wall-clock time are
+# not compared when the book is tested: their digits depend on the machine. What holds on
+# every machine:
+
+# %%
+print(f"{reference.num_parameters:,} parameters; accuracy on all 5,000 inputs "
+      f"{reference.accuracy:.0%} (held-out only: {reference.heldout_accuracy:.0%}); "
+      "100% reached within 7 of the 8 epochs (882 of 1,008 steps)")
+assert reference.accuracy == reference.heldout_accuracy == 1.0
+assert reference.num_parameters == 102_420
+assert reference.curve[0]["step"] == 126                # 4,004 inputs in batches of 32
+assert reference.epochs_to_100 <= 7                   # measured: 5 or 6
 
 # %% [markdown]
 # Bad configs are refused with a message that says what is wrong:
@@ -436,10 +450,15 @@ def summarize(runs: Sequence[ExperimentResult]) -> dict:
 
 
 # %% [markdown]
-# The three seeds of the reference config (seed 0 is the run above, taken from the cache):
+# The three seeds of the reference config (seed 0 is the run above, taken from the cache).
+# `print_grid` prints, per variant, a bound that every seed's accuracy on all 5,000 inputs
+# meets (at least 99.9%, that is at most five inputs wrong; at least 99% or 95%; or below
+# 95%), at a precision that held on every machine the chapter was run on. Whether a run
+# reaches *exactly* 100% can hinge on one input, and that can differ between machines, so
+# the text counts it only where the count held everywhere. Each seed's own numbers are in
+# the figures.
 
 # %%
-from transformer_lib.data import ID_TO_TOKEN
 from transformer_lib.experiments import run_grid, summarize
 
 SEEDS = (0, 1, 2)                       # more seeds: SEEDS = range(10)
@@ -447,82 +466,31 @@ REFERENCE = ExperimentConfig()
 cache = {REFERENCE: reference}          # every run of this chapter, by config
 
 
+def accuracy_bound(runs) -> str:
+    """A bound that every run's accuracy meets: '≥ 99.9%', '≥ 99%', '≥ 95%' or '< 95%'.
+    """
+    lowest = min(r.accuracy for r in runs)
+    for level in (0.999, 0.99, 0.95):
+        if lowest >= level:
+            return f"≥ {100 * level:g}%"
+    return "< 95%" if max(r.accuracy for r in runs) < 0.95 else "mixed"
+
+
 def print_grid(grid: dict) -> None:
-    """One line per variant: accuracy per seed and per operation, steps to 100%."""
-    print(f"{'variant':<22}{'params':>8}  {'accuracy per seed':<26}{'reached':>8}  "
-          f"{'steps to 100%':<18}" + "".join(f"{op:>7}" for op in OPERATIONS))
+    """One line per variant: parameters, seeds, the accuracy bound of every seed."""
+    print(f"{'variant':<24}{'params':>8}  {'seeds':>5}  every seed's accuracy")
     for name, runs in grid.items():
         s = summarize(runs)
-        accs = " ".join(f"{r.accuracy:7.2%}" for r in runs)
-        steps = " ".join("-" if r.steps_to_100 is None else str(r.steps_to_100)
-                         for r in runs)
-        print(f"{name:<22}{s['parameters']:>8,}  {accs:<26}"
-              f"{s['reached_100']:>5}/{s['runs']}  {steps:<18}"
-              + "".join(f"{s['by_op_mean'][op]:7.1%}" for op in OPERATIONS))
+        print(f"{name:<24}{s['parameters']:>8,}  {s['runs']:>5}  "
+              f"{accuracy_bound(runs)}")
 
 
 seed_grid = run_grid(REFERENCE, {"reference": {}}, SEEDS, cache)
 print_grid(seed_grid)
 reference_runs = seed_grid["reference"]
-train_inputs = {(ex.op, ex.args) for ex in default_splits(0)[0]}
-
-
-def model_answers(run) -> dict:
-    """The model's answer to each input it gets wrong: {text: answer token}."""
-    if not run.wrong:
-        return {}
-    answers = predictions(run.model, create_batch(run.wrong))
-    return {ex.text: ID_TO_TOKEN[int(a)] for ex, a in zip(run.wrong, answers)}
-
-
-for r in reference_runs:
-    given = model_answers(r)
-    print(f"seed {r.config.seed}: {len(r.wrong)} of 5,000 inputs wrong" + "".join(
-        f"; {ex.text} (answer {ex.answer}, model {given[ex.text]}, "
-        f"{'in' if (ex.op, ex.args) in train_inputs else 'not in'} the training set)"
-        for ex in r.wrong))
-by_seed = {r.config.seed: r for r in reference_runs}
-assert not by_seed[0].wrong and by_seed[0].steps_to_100 == 540  # seed 0: all right
-assert model_answers(by_seed[1]) == {"Second ( 9 1 9 )": "9"}   # one input wrong each
-assert model_answers(by_seed[2]) == {"Min ( 8 8 8 )": "7"}
-assert not any((ex.op, ex.args) in train_inputs
-               for seed in (1, 2) for ex in by_seed[seed].wrong)
-
-# %% [markdown]
-# With the eight-epoch budget, seed 0 (chapter 5's model) is first found right on all 5,000
-# inputs at the end of epoch 5 (step 540), where the run stops. Seeds 1 and 2 end one input
-# short, at 99.98%: seed 1 answers 9 to `Second ( 9 1 9 )` (the 9s are `First`, `Last` and
-# `Max` at once), seed 2 answers 7 to `Min ( 8 8 8 )`. Neither input is in the training set.
-#
-# This is not bad luck in our three seeds. The repository's benchmark (README) ran the same
-# recipe on more seeds: 23 of 60 reach 100% on all inputs at eight epochs, and more epochs
-# help only partly (seeds 0–9: 4 of 10 at eight epochs, 8 of 10 at sixteen). In that
-# ten-seed table, the models that fall short miss one or two inputs, each with a repeated
-# digit. Which inputs
-# such misses are, and why, is the subject of the section "The last 0.1%" below.
-#
-# So "the reference reaches 100%" is a claim about seed 0, and the seed spread gives two
-# yardsticks for everything below: the reference's seeds differ by at most one input in
-# 5,000 in accuracy, and one of its three seeds reaches exactly 100%. A setting whose
-# difference from the reference is within that spread, measured on three seeds, has not
-# been shown to change anything.
-#
-# ## Hyperparameters: learning rate and batch size
-#
-# The reference recipe uses a peak learning rate of $3 \cdot 10^{-3}$ and batches of 32
-# (chapter 5). We try a learning rate three times smaller and three times larger, and batches
-# four times larger, each for three seeds, with everything else fixed, including the
-# eight-epoch budget and the 50-step warm-up. For a finer grid, pass more variants to
-# `run_grid`, e.g. `{"batch 16": {"batch_size": 16}, "batch 64": {"batch_size": 64}}`.
-
-# %%
-hyper_grid = run_grid(REFERENCE, {
-    "lr 1e-3": {"lr": 1e-3},
-    "lr 3e-3 (reference)": {},
-    "lr 1e-2": {"lr": 1e-2},
-    "batch 128": {"batch_size": 128},
-}, SEEDS, cache)
-print_grid(hyper_grid)
+print("every seed is right on all 5,000 inputs within the 8 epochs:",
+      all(r.reached_100 and not r.wrong for r in reference_runs))
+assert all(r.reached_100 and not r.wrong for r in reference_runs)
 
 
 # %%
@@ -556,31 +524,75 @@ def plot_grid(grid: dict, title: str, epochs: int = 8) -> None:
     plt.show()
 
 
-plot_grid(hyper_grid, "Learning rate and batch size, three seeds each")
+plot_grid(seed_grid, "The reference config, three seeds (this machine's runs)")
 
 # %% [markdown]
-# Three things stand out.
+# With the eight-epoch budget every seed of the reference ends right on all 5,000 inputs.
+# *When* it first gets there differs: on the machines measured, between the end of epoch 4
+# and of epoch 7, and not only from seed to seed: the same seed can need an epoch more or
+# less on another machine, because its model is not bit-for-bit the same (the figure shows
+# this machine's runs). A difference of an epoch or two in "steps to
+# 100%" is therefore noise, not a finding.
+#
+# It was not always this clean. The first version of this book trained on a random split
+# of 10,000 random draws with a peak learning rate of $3 \cdot 10^{-3}$, and there the seed
+# decided whether a run reached exactly 100% at all: near-perfect runs kept missing one or
+# two rare inputs. Why, and what fixed it, is the subject of the section "The last 0.1%"
+# below; the README's seed table (`benchmarks/recipes.py`) compares the two recipes over
+# more seeds and machines.
+#
+# The seed spread gives the yardstick for everything below: the reference reaches 100% with
+# all three seeds. A variant that also does cannot be ranked against it by that count, and
+# a variant that misses by an input or two with one seed has not been shown to be worse.
+#
+# ## Hyperparameters: the learning rate
+#
+# The reference recipe uses a peak learning rate of $2 \cdot 10^{-3}$ and batches of 32
+# (chapter 5). We try a learning rate half as large and one five times larger, each for
+# three seeds, with everything else fixed, including the eight-epoch budget and the 50-step
+# warm-up. The batch size is yours to try: pass more variants to `run_grid`, e.g.
+# `{"batch 128": {"batch_size": 128}}` (four times fewer steps per epoch; on the machines
+# measured, each of its seeds ended at 100% or one input short, which of the two depending
+# on the machine).
+
+# %%
+hyper_grid = run_grid(REFERENCE, {
+    "lr 1e-3": {"lr": 1e-3},
+    "lr 2e-3 (reference)": {},
+    "lr 1e-2": {"lr": 1e-2},
+}, SEEDS, cache)
+print_grid(hyper_grid)
+
+
+
+# %%
+plot_grid(hyper_grid, "Peak learning rate, three seeds each (this machine's runs)")
+
+# %% [markdown]
+# Two things stand out.
 #
 # - **Too large a learning rate breaks the positional operations.** At $10^{-2}$ every seed
-#   ends far below 100%, and the damage is in `First`, `Second` and `Last`, while `Max` and
-#   `Min` stay near 100%. Remember this pattern: it will come back in the ablations.
-# - **$10^{-3}$ is as good as the reference.** Three times smaller, and every seed still
-#   misses at most one input within the same budget, like the reference's seeds; two of its
-#   seeds reach 100%, one of the reference's, a difference within the seed spread. The
-#   reference learning rate is not on a knife's edge.
-# - **Larger batches work per epoch.** With 128 examples per step the model sees the same data
-#   in four times fewer steps, and every seed still gets all but a handful of inputs right in
-#   eight epochs (which inputs, is the subject of a later section).
+#   ends far below 100%, and the damage is in `First`, `Second` and `Last`: in every seed at
+#   least one of them stays below 60%, while `Max` and `Min` stay above 95% on average.
+#   Remember this pattern: it will come back in the ablations.
+# - **$10^{-3}$ is as good as the reference.** Half the learning rate, and every seed still
+#   reaches 100% within the same budget, like the reference's seeds. The reference learning
+#   rate is not on a knife's edge, at least not on the small side.
 
 # %%
 hs = {name: summarize(runs) for name, runs in hyper_grid.items()}
-assert hs["lr 1e-2"]["accuracy_max"] < 0.8                       # all three seeds fail
-assert max(hs["lr 1e-2"]["by_op_mean"][op] for op in ("First", "Second", "Last")) < 0.7
+POSITIONAL = ("First", "Second", "Last")
+weakest = [min(r.accuracy_by_op[op] for op in POSITIONAL)
+           for r in hyper_grid["lr 1e-2"]]
+print(f"lr 1e-2: weakest positional operation below 60% in "
+      f"{sum(w < 0.6 for w in weakest)} of 3 seeds; Max and Min on average above 95%: "
+      f"{min(hs['lr 1e-2']['by_op_mean'][op] for op in ('Max', 'Min')) > 0.95}")
+assert hs["lr 1e-2"]["accuracy_max"] < 0.95                      # all three seeds fail
+assert max(weakest) < 0.6
 assert min(hs["lr 1e-2"]["by_op_mean"][op] for op in ("Max", "Min")) > 0.95
-for name in ("lr 1e-3", "lr 3e-3 (reference)"):
-    assert max(len(r.wrong) for r in hyper_grid[name]) <= 1, name
-assert hs["lr 1e-3"]["reached_100"] >= hs["lr 3e-3 (reference)"]["reached_100"] >= 1
-assert hs["batch 128"]["accuracy_min"] >= 0.995
+print("lr 1e-3: every seed reached 100%:", hs["lr 1e-3"]["reached_100"] == len(SEEDS))
+for name in ("lr 1e-3", "lr 2e-3 (reference)"):
+    assert hs[name]["reached_100"] == len(SEEDS), name
 
 # %% [markdown]
 # ## Model size: how small can it get?
@@ -654,46 +666,48 @@ plt.show()
 
 # %% [markdown]
 # The prediction holds. One layer is not enough, at least at the reference width of 64:
-# `First`, `Second` and `Last` stay below 50% while `Max` and `Min` are almost perfect. Width
-# matters much less: a $d_\text{model} = 16$ model with 7,188 parameters, 14 times fewer than
-# the reference, still gets more than 99% of all inputs right with every seed. At
-# $d_\text{model} = 8$ (2,068 parameters) training no longer works within eight epochs.
+# `First`, `Second` and `Last` stay below 50% with every seed while `Max` and `Min` are
+# above 99%. Width matters much less: a $d_\text{model} = 32$ model, with a quarter of the
+# reference's parameters, reaches 100% with every seed, as the reference does; a
+# $d_\text{model} = 16$ model with 7,188 parameters, 14 times fewer than the reference,
+# still gets more than 98% of all inputs right with every seed, but no seed of it reaches
+# 100% in eight epochs. At $d_\text{model} = 8$ (2,068 parameters) training no longer works
+# within eight epochs: every seed stays below 60%.
 #
-# Reaching *exactly* 100% is another matter: among these sizes only the reference does it at
-# all in eight epochs (with seed 0). Every seed of the smaller models misses some inputs:
-# 1 to 3 of the 5,000 at $d_\text{model} = 32$, 3 to 43 at $d_\text{model} = 16$, on average
-# more than the reference's seeds, which miss at most one (which inputs is the subject of a
-# later section). The timing cell between the table and the plot prints the cost per run
-# and per step on the machine that ran this notebook. To search further, give the small
-# models more epochs, e.g. `run_grid(REFERENCE.but(epochs=16), SIZES, range(10))`.
+# The timing cell between the table and the plot prints the cost per run and per step on
+# the machine that ran this notebook. To search further, give the small models more
+# epochs, e.g. `run_grid(REFERENCE.but(epochs=16), SIZES, range(10))`.
 
 # %%
 ss = {name: summarize(runs) for name, runs in size_grid.items()}
 one_layer = size_grid["d 64, 1 layer"]
-assert max(r.accuracy_by_op[op] for r in one_layer
-           for op in ("First", "Second", "Last")) < 0.5
+print("one layer: First/Second/Last below 50% in every seed:",
+      max(r.accuracy_by_op[op] for r in one_layer for op in POSITIONAL) < 0.5,
+      "; Max/Min above 99%:",
+      min(r.accuracy_by_op[op] for r in one_layer for op in ("Max", "Min")) > 0.99)
+d16 = ss["d 16, 2 layers"]
+print("d 32: every seed reached 100%:", ss["d 32, 2 layers"]["reached_100"] == 3,
+      "; d 16: no seed reached 100%, every seed above 98%:",
+      d16["reached_100"] == 0 and d16["accuracy_min"] > 0.98)
+assert max(r.accuracy_by_op[op] for r in one_layer for op in POSITIONAL) < 0.5
 assert min(r.accuracy_by_op[op] for r in one_layer for op in ("Max", "Min")) > 0.99
 assert ss["d 16, 2 layers"]["parameters"] == 7_188
-assert ss["d 16, 2 layers"]["accuracy_min"] > 0.99
 assert (ss["d 64, 2 layers (ref.)"]["parameters"]
         / ss["d 16, 2 layers"]["parameters"] > 14)
-assert ss["d 8, 2 layers"]["accuracy_max"] < 0.95
-assert ss["d 64, 2 layers (ref.)"]["reached_100"] >= 1
-assert all(ss[name]["reached_100"] == 0
-           for name in SIZES if name != "d 64, 2 layers (ref.)")
-for name in ("d 32, 2 layers", "d 16, 2 layers"):
-    assert (ss[name]["accuracy_mean"]
-            < ss["d 64, 2 layers (ref.)"]["accuracy_mean"]), name
-misses_by_size = {name: [len(r.wrong) for r in size_grid[name]]
-                  for name in ("d 32, 2 layers", "d 16, 2 layers")}
-assert misses_by_size == {"d 32, 2 layers": [1, 3, 2], "d 16, 2 layers": [43, 14, 3]}
-assert max(len(r.wrong) for r in size_grid["d 64, 2 layers (ref.)"]) == 1
+reference_size = ss["d 64, 2 layers (ref.)"]["parameters"]
+assert ss["d 32, 2 layers"]["parameters"] < reference_size / 3.8      # a quarter
+assert ss["d 64, 2 layers (ref.)"]["reached_100"] == 3
+assert ss["d 32, 2 layers"]["reached_100"] == 3
+assert ss["d 16, 2 layers"]["accuracy_min"] > 0.98
+assert ss["d 16, 2 layers"]["reached_100"] == 0
+assert ss["d 8, 2 layers"]["accuracy_max"] < 0.6
 
 # %% [markdown]
 # ## Ablations: what each part is for
 #
 # An ablation removes one part and measures what breaks. Each subsection writes down the
-# prediction first, then runs three seeds, then checks the prediction against the numbers.
+# prediction first, then runs three seeds (two for the last four, to keep the chapter
+# quick), then checks the prediction against the numbers.
 #
 # ### No positional encoding
 #
@@ -737,7 +751,7 @@ print_grid(ablation_grid)
 # The trained models obey the argument exactly: reordering the digits of any input does not
 # change the logits (up to float32 rounding). It is enough to check a swap of the first two
 # digits and a rotation of all three, since every order of three digits is a combination of
-# those two. The models come close to the ceiling, and cannot beat it.
+# those two. The models come within two points of the ceiling, and cannot beat it.
 
 # %%
 no_pos = ablation_grid["no positional encoding"]
@@ -751,13 +765,13 @@ for run in no_pos:
         ids = batch.ids.copy()
         ids[:, 2:5] = batch.ids[:, 2:5][:, perm]             # reorder the three digits
         assert np.allclose(run.model(ids, batch.mask), logits, atol=1e-4)
-    for op in ("First", "Second", "Last"):
-        assert 0.3 < run.accuracy_by_op[op] <= ceiling + 1e-12, (
+    for op in POSITIONAL:
+        assert ceiling - 0.02 < run.accuracy_by_op[op] <= ceiling + 1e-12, (
             op, run.accuracy_by_op[op])
     assert min(run.accuracy_by_op["Max"], run.accuracy_by_op["Min"]) > 0.99
-print("permuting the digits never changes the logits; First/Second/Last:",
-      [[f"{r.accuracy_by_op[op]:.1%}" for op in ("First", "Second", "Last")]
-       for r in no_pos])
+print("permuting the digits never changes the logits; in every seed First, Second and "
+      f"Last are within 2 points below the ceiling of {ceiling:.0%}, "
+      "Max and Min above 99%")
 
 # %% [markdown]
 # ### No residual connections
@@ -769,7 +783,9 @@ print("permuting the digits never changes the logits; First/Second/Last:",
 # argument itself further below.)
 
 # %%
-ablation_grid |= run_grid(REFERENCE, {"no residual": {"residual": False}}, SEEDS, cache)
+MILD_SEEDS = (0, 1)                     # more seeds: SEEDS
+ablation_grid |= run_grid(REFERENCE, {"no residual": {"residual": False}}, MILD_SEEDS,
+                          cache)
 print_grid({k: ablation_grid[k] for k in ("reference", "no residual")})
 
 # %% [markdown]
@@ -782,7 +798,7 @@ print_grid({k: ablation_grid[k] for k in ("reference", "no residual")})
 
 # %%
 ablation_grid |= run_grid(REFERENCE, {"no LayerNorm": {"layer_norm": False}},
-                          SEEDS, cache)
+                          MILD_SEEDS, cache)
 print_grid({k: ablation_grid[k] for k in ("reference", "no LayerNorm")})
 
 # %% [markdown]
@@ -794,7 +810,7 @@ print_grid({k: ablation_grid[k] for k in ("reference", "no LayerNorm")})
 # head per layer should be enough, though possibly less reliably. Prediction: close to 100%.
 
 # %%
-ablation_grid |= run_grid(REFERENCE, {"one head": {"num_heads": 1}}, SEEDS, cache)
+ablation_grid |= run_grid(REFERENCE, {"one head": {"num_heads": 1}}, MILD_SEEDS, cache)
 print_grid({k: ablation_grid[k] for k in ("reference", "one head")})
 
 # %% [markdown]
@@ -808,7 +824,7 @@ print_grid({k: ablation_grid[k] for k in ("reference", "one head")})
 
 # %%
 ablation_grid |= run_grid(REFERENCE, {"mean read-out": {"readout": "mean"}},
-                          SEEDS, cache)
+                          MILD_SEEDS, cache)
 print_grid({k: ablation_grid[k] for k in ("reference", "mean read-out")})
 
 # %% [markdown]
@@ -839,30 +855,30 @@ def plot_by_operation(grid: dict, title: str) -> None:
     plt.show()
 
 
-plot_by_operation(ablation_grid, "Ablations: mean accuracy per operation over three "
-                                 "seeds (whiskers: min to max)")
+plot_by_operation(ablation_grid, "Ablations: mean accuracy per operation over the "
+                                 "seeds (whiskers: min to max; this machine's runs)")
 print_grid(ablation_grid)
 
 # %% [markdown]
 # Only one ablation breaks the model, and it breaks exactly what was predicted: without
 # positional encodings `First`, `Second` and `Last` fall to the order-blind ceiling while
-# `Max` and `Min` are untouched. The other four cost little or nothing at this size: every
-# one of their twelve runs stays above 95%, and most are above 99.9%. They reach *exactly*
-# 100% in at most half of their runs; so does the reference, with one seed of three. With
-# three seeds each, that measure cannot tell these four variants from the reference.
+# `Max` and `Min` are untouched. The other four cost nothing that two seeds each can see at
+# this size: every one of their eight runs gets at least 99.9% of the inputs right, and all
+# of them but at most two reach exactly 100% (on the machines measured: eight, seven or six
+# of eight; a run that falls short misses one or two inputs). That cannot tell these four variants from the
+# reference; the place where two of them matter is depth, next.
 
 # %%
 ab = {name: summarize(runs) for name, runs in ablation_grid.items()}
 mild = [r for name in ("no residual", "no LayerNorm", "one head", "mean read-out")
         for r in ablation_grid[name]]
-print(f"the four mild ablations: lowest accuracy {min(r.accuracy for r in mild):.2%}, "
-      f"{sum(r.accuracy >= 0.999 for r in mild)} of {len(mild)} runs at 99.9% or more, "
-      f"{sum(r.reached_100 for r in mild)} of {len(mild)} reached 100%")
-assert min(r.accuracy for r in mild) > 0.95                # nothing breaks at depth 2
-assert sum(r.accuracy >= 0.999 for r in mild) > len(mild) / 2
-assert sum(r.reached_100 for r in mild) <= len(mild) / 2   # 100% is not reliable ...
-# ... for the reference either
-assert 1 <= ab["reference"]["reached_100"] <= len(SEEDS) / 2
+reached = sum(r.reached_100 for r in mild)
+print(f"the four mild ablations, {len(mild)} runs: every run's accuracy "
+      f"{accuracy_bound(mild)}; all but at most two reached 100%: "
+      f"{reached >= len(mild) - 2}")
+assert min(r.accuracy for r in mild) >= 0.999             # nothing breaks at depth 2
+assert reached >= len(mild) - 2
+assert ab["reference"]["reached_100"] == len(SEEDS)
 
 # %% [markdown]
 # ### Depth: where residual connections and LayerNorm earn their keep
@@ -890,61 +906,93 @@ assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.15
 
 # %% [markdown]
 # With six blocks, removing the residual connections or LayerNorm leaves both seeds more than
-# 15 points below the worst seed of the complete six-block model, which gets more than 95% in
-# the same four epochs. Residual connections and LayerNorm are what make depth trainable; a two-block model
-# hardly needs them.
+# 15 points below the worst seed of the complete six-block model, which gets more than 95%
+# in the same four epochs. Residual connections and LayerNorm are what make depth
+# trainable; a two-block model hardly needs them.
 
 # %% [markdown]
 # ## The last 0.1%: which inputs do near-perfect models get wrong?
 #
-# Many runs above ended between 99.9% and 100%. Collecting every wrong answer of every run
-# with an accuracy of at least 99.5% shows that they are not spread over the inputs at all:
+# In the first version of this book many runs of this chapter ended between 99.9% and 100%,
+# the reference's seeds among them, and their wrong answers were not spread over the
+# inputs: they piled up on a handful of rare ones, above all `Max ( 0 0 1 )`,
+# `Max ( 1 0 0 )` and `Max ( 0 1 0 )`, `Max` inputs whose answer is 1. Only 7 of the 1,000
+# `Max` inputs have the answer 1 (digits 0 and 1 only, at least one 1), and that book's
+# training split, a random split of 10,000 random draws (chapter 1), happened to contain
+# just one of them, `Max ( 1 1 0 )`. A model never saw what to do with `Max ( 0 0 1 )` and
+# had to get it right by generalising from other inputs; whether it did depended on the
+# seed. That part of the story is about data, so it can be checked here without training:
+# how many training examples each (operation, answer) pair gets under the old random split
+# and under chapter 1's stratified split, which this book now trains on.
 
 # %%
-near_perfect = [r for r in cache.values() if 0.995 <= r.accuracy < 1.0]
-misses = Counter(ex.text for r in near_perfect for ex in r.wrong)
-print(f"{len(near_perfect)} runs between 99.5% and 100% got {sum(misses.values())} "
-      f"answers wrong, on {len(misses)} different inputs:")
-for text, count in misses.most_common(8):
-    print(f"  {text:18} wrong in {count:2d} run{'s' if count > 1 else ''}")
-wrong_examples = {ex for r in near_perfect for ex in r.wrong}
-in_training = sum((ex.op, ex.args) in train_inputs for ex in wrong_examples)
-print(f"of these inputs, {in_training} are in the training set "
-      f"(which holds {len(train_inputs):,} of the 5,000)")
+from transformer_lib.data import generate_dataset, split_dataset
 
-max_answer_1 = [ex for ex in exhaustive if ex.op == "Max" and ex.answer == 1]
-print("the Max inputs whose answer is 1:")
-for ex in max_answer_1:
-    print(f"  {ex.text:18} {'in' if (ex.op, ex.args) in train_inputs else 'not in'} "
-          "the training set")
-
-# %%
-untrained_max_1 = {ex.text for ex in max_answer_1
-                   if (ex.op, ex.args) not in train_inputs}
-on_max_1 = sum(count for text, count in misses.items() if text in untrained_max_1)
-print(f"{on_max_1} of the {sum(misses.values())} wrong answers are on the 6 Max inputs "
-      "with answer 1 that are not in the training set")
-assert len(max_answer_1) == 7 and len(untrained_max_1) == 6
-assert len(wrong_examples) == len(misses) == 27 and in_training == 5
-assert len(train_inputs) == 3_450
-assert {text for text, _ in misses.most_common(3)} <= untrained_max_1
-assert on_max_1 > 0.6 * sum(misses.values())
+train_inputs = {(ex.op, ex.args) for ex in default_splits(0)[0]}
+old_train, _, _ = split_dataset(generate_dataset(10_000, seed=0), seed=0)
+exists = Counter((ex.op, ex.answer) for ex in exhaustive)
+in_old = Counter((ex.op, ex.answer) for ex in old_train)
+in_new = Counter((ex.op, ex.answer) for ex in default_splits(0)[0])
+rarest = sorted(pair for pair, n in exists.items() if n < 20)
+print(f"{'pair':10}{'inputs':>7}{'old random split':>18}{'stratified split':>18}")
+for op, answer in rarest:
+    print(f"{op} = {answer:<4}{exists[op, answer]:>7}{in_old[op, answer]:>18}"
+          f"{in_new[op, answer]:>18}")
+share_old = min(in_old[p] / n for p, n in exists.items())
+share_new = min(in_new[p] / n for p, n in exists.items())
+print(f"smallest share of a pair's inputs in training: old {share_old:.0%}, "
+      f"stratified {share_new:.0%} (all inputs: {len(old_train) / 5000:.0%} and "
+      f"{len(train_inputs) / 5000:.0%})")
+assert len(rarest) == 6 and sum(exists[p] for p in rarest) == 54
+assert in_old["Max", 1] == 1 and in_new["Max", 1] == 6 and exists["Max", 1] == 7
+assert len(old_train) == 3_450 and len(train_inputs) == 4_004
+assert share_old < 0.15 < 0.75 < share_new
 
 # %% [markdown]
-# The misses are concentrated on a few rare inputs: `Max` with the answer 1. Only 7 of the
-# 1,000 `Max` inputs have the answer 1 (digits 0 and 1 only, at least one 1), and the book's
-# random training split happens to contain just one of them, `Max ( 1 1 0 )`. The other six
-# collect most of the wrong answers of all these runs. A model never
-# sees what to do with `Max ( 0 0 1 )` and has to get it right by generalising from other
-# inputs. The reference's seeds 1 and 2 fail in the same way on other rare unseen inputs,
-# `Second ( 9 1 9 )` and `Min ( 8 8 8 )` (above); seed 0 happens to get every one of them
-# right, and smaller or ablated models more often get some of them wrong.
+# Under the old split, `Max` = 1 had one training example of seven, 14%, while the split as
+# a whole held 69% of all inputs. The stratified split gives every pair its 80% share,
+# rounded (six of seven for `Max` = 1, 15 of 19 for `Max` = 2), so no pair with several
+# inputs is left with a single training example. That, together with chapter 5's lower
+# peak learning rate, is why the reference now reaches 100% with every seed above; the
+# README's seed table (`benchmarks/recipes.py`) measures both recipes over more seeds and
+# several machines.
 #
-# More generally, 22 of the 27 inputs that some near-perfect run got wrong are outside the
-# training set, although it holds 3,450 of the 5,000 inputs (69%). The other 5 show that having trained on
-# an input does not guarantee that the final model answers it correctly.
-# So "exactly 100% on all inputs" is partly a test of these few unseen corner cases, which
-# is why the tables report the accuracy itself alongside it.
+# With the new split, which runs of this chapter still miss inputs, and which inputs? The
+# runs at 98% or more that still miss some inputs are mostly those of the models that are
+# too small or too deep for the budget (the 16-wide model, the six-block one). Their wrong
+# answers are no longer piled on rare pairs, and most of them are on inputs the model
+# *trained on*:
+
+# %%
+near_perfect = [r for r in cache.values() if 0.98 <= r.accuracy < 1.0]
+wrong = [ex for r in near_perfect for ex in r.wrong]
+seen = sum((ex.op, ex.args) in train_inputs for ex in wrong) / len(wrong)
+rare = sum((ex.op, ex.answer) in rarest for ex in wrong) / len(wrong)
+print("of the wrong answers of the runs at 98% or more but below 100%, more than half "
+      f"are on training inputs: {seen > 0.5}; fewer than a quarter are on the 54 "
+      f"inputs of the six rarest pairs: {rare < 0.25}")
+assert seen > 0.5 and rare < 0.25
+assert {(16, 2), (32, 6)} <= {(r.config.d_model, r.config.num_layers)
+                              for r in near_perfect}
+wide = [r for r in cache.values() if (r.config.d_model, r.config.num_layers) == (64, 2)
+        and r.config.lr <= 2e-3 and r.config.positional]
+print(f"two-layer, 64-wide runs with lr at most 2e-3 and positional encodings: "
+      f"{len(wide)}; all at 99.9% or more: {min(r.accuracy for r in wide) >= 0.999}; "
+      "all but at most three at 100%: "
+      f"{sum(r.reached_100 for r in wide) >= len(wide) - 3}")
+assert min(r.accuracy for r in wide) >= 0.999
+assert sum(r.reached_100 for r in wide) >= len(wide) - 3
+
+# %% [markdown]
+# A model that gets inputs wrong that it was trained on is underfitting: it has not the
+# capacity or the training to fit everything, which is a statement about the model, not
+# about a corner of the data it never saw. The two-layer, 64-wide runs of this chapter with
+# positional encodings and a learning rate of at most $2 \cdot 10^{-3}$, ablated or not,
+# all get at least 99.9% right, and all of them but at most three reach 100% (on the
+# machines measured, 12 to 14 of the 14; the others ended one or two inputs short). So with a
+# stratified split, "exactly 100% on all inputs" is a fair test of the model; with the old
+# split, it was partly a test of a few unseen corner cases. Either way it can hinge on a
+# single input, which is why this chapter reports the accuracy itself alongside it.
 
 # %% [markdown]
 # ## Harder variant 1: longer inputs than in training
@@ -1001,9 +1049,8 @@ length_runs = length_experiment(seeds=(0,))  # bigger: seeds=range(5), per_lengt
 lengths = range(2, 9)
 for run in length_runs:
     r = run["result"]
-    print(f"seed {r.config.seed}: in-distribution test accuracy {r.accuracy:.2%} "
-          f"({len(run['test'])} inputs, 2-5 arguments), "
-          f"wrong: {[ex.text for ex in r.wrong]}")
+    print(f"seed {r.config.seed}: in-distribution test accuracy at least 99.5%: "
+          f"{r.accuracy >= 0.995} ({len(run['test'])} inputs, 2-5 arguments)")
 test_lengths = Counter(len(ex.args) for ex in length_runs[0]["test"])
 test_groups = Counter((len(ex.args), ex.op) for ex in length_runs[0]["test"])
 two_args = [test_groups[(2, op)] for op in OPERATIONS]
@@ -1032,16 +1079,23 @@ plt.show()
 
 # %% [markdown]
 # On the lengths it trained on, the model is near-perfect: at least 99.5% of the
-# in-distribution test inputs, and at least 98% for every operation and length (with two
-# arguments, a check on only 9 to 12 test inputs per operation).
-# `First`, `Second`, `Max` and `Min` generalise to lengths the model has never seen; `Last`
-# collapses, towards random guessing at 7 and 8 arguments. What does the model answer for
-# `Last` instead? Mostly the fifth argument, the digit that sat at the last position in the
-# longest training inputs:
+# in-distribution test inputs, and at least 95% for every operation and length (with two
+# arguments, a check on only 9 to 12 test inputs per operation). `First`, `Max` and `Min`
+# generalise to lengths the model has never seen, at 95% or more. `Last` collapses, as
+# predicted: below 30% at 7 and 8 arguments, not far from the 10% of random guessing.
+#
+# The surprise is `Second`, which the prediction got wrong. Its position is fixed, and at 6
+# arguments it still holds (95% or more), but from 7 arguments on it drops, and at 8 it is
+# below 70% (the heatmap shows by how much, on this machine). Something else moves with the length:
+# the read-out position. `[EOS]` sits at position $k + 3$ for $k$ arguments, so at 6 to 8
+# arguments the model reads its answer from positions it never read from in training.
+# `First`, `Max` and `Min` survive that; `Second`, apparently, only one step beyond.
+# What does the model answer for `Last` on the longest inputs? Rarely the real last
+# argument:
 
 # %%
 OP = {op: i for i, op in enumerate(OPERATIONS)}
-assert table[:, :, :4].min() >= 0.98              # every seed, every op, lengths 2-5
+assert table[:, :, :4].min() >= 0.95              # every seed, every op, lengths 2-5
 assert all(r["result"].accuracy >= 0.995 for r in length_runs)
 assert len(length_runs[0]["test"]) == 739 and test_lengths[2] == 48
 assert (min(two_args), max(two_args)) == (9, 12)
@@ -1049,26 +1103,26 @@ assert all(len({(ex.op, ex.args) for ex in run["test"]}) == len(run["test"])
            for run in length_runs)                # the test inputs are distinct
 for op in ("First", "Max", "Min"):
     assert table[:, OP[op], 4:].min() >= 0.95, op
-assert table[:, OP["Second"], 4:].min() >= 0.85
-assert table[:, OP["Last"], 5:].max() < 0.3                    # 7 and 8 arguments
+assert table[:, OP["Second"], 4].min() >= 0.95                 # 6 arguments
+assert table[:, OP["Second"], 6].max() < 0.7                   # 8 arguments
+assert table[:, OP["Last"], 5:].max() < 0.3
 
 for run in length_runs:
     last_long = [ex for ex in run["longer"] if ex.op == "Last" and len(ex.args) >= 7]
     # id -> digit
     answers = predictions(run["result"].model, create_batch(last_long)) - 2
-    is_fifth = np.mean([a == ex.args[4] for a, ex in zip(answers, last_long)])
     is_last = np.mean([a == ex.args[-1] for a, ex in zip(answers, last_long)])
-    print(f"seed {run['result'].config.seed}: Last with 7-8 arguments answers the 5th "
-          f"argument {is_fifth:.0%} of the time, the real last one {is_last:.0%}")
-    assert is_fifth > 0.5 > 0.3 > is_last
+    print(f"seed {run['result'].config.seed}: Last with 7-8 arguments answers the real "
+          f"last argument less than 30% of the time: {is_last < 0.3}")
+    assert is_last < 0.3
 
 # %% [markdown]
-# The model did not learn "the digit before `)`"; it mostly learned where the last digit was in
-# the training data. With absolute positional encodings that is the cheaper solution, and the
-# training data never told it otherwise. The fixes are known, and left as experiments: train
-# on more lengths, or use relative positions (the score depends on the distance between two
-# tokens rather than on where they are) so that "the token just before `)`" means the same at
-# every length.
+# The model did not learn "the digit before `)`"; with absolute positional encodings,
+# tying each operation to the positions seen in training is the cheaper solution, and the
+# training data never told it otherwise. The fixes are known, and left as experiments:
+# train on more lengths, or use relative positions (the score depends on the distance
+# between two tokens rather than on where they are) so that "the token just before `)`"
+# means the same at every length.
 #
 # ## Harder variant 2: numbers from 0 to 99
 #
@@ -1332,9 +1386,9 @@ assert (sample.text(0) == "Max ( 5 7 0 3 9 9 ) [EOS]"
 small = TwoDigitTransformer(d_model=8, num_heads=2, num_layers=2, d_ff=16, seed=0)
 small.to(np.float64)
 errors = gradient_check(small, sample.batch.ids, sample.batch.mask)
-print(f"largest relative error over {len(errors)} parameter arrays: "
-      f"{max(errors.values()):.1e}")
-assert max(errors.values()) < 1e-6
+print(f"largest relative error over {len(errors)} parameter arrays below 1e-8: "
+      f"{max(errors.values()) < 1e-8}")
+assert max(errors.values()) < 1e-8
 
 logits = np.random.default_rng(0).normal(size=(3, 2, 20))
 loss_fn = TwoTokenLoss()
@@ -1343,8 +1397,8 @@ numeric = numerical_gradient(lambda: loss_fn.forward(logits, sample.batch.target
                              logits)
 loss_fn(logits, sample.batch.targets)
 loss_error = relative_error(loss_fn.backward(), numeric)
-print(f"TwoTokenLoss backward: relative error {loss_error:.1e}")
-assert loss_error < 1e-6
+print(f"TwoTokenLoss backward: relative error below 1e-8: {loss_error < 1e-8}")
+assert loss_error < 1e-8
 
 show_error(lambda: two_digit_data(["Max"], [[5, 100, 7]]),
            ValueError, "numbers must be integers 0-99")
@@ -1357,15 +1411,18 @@ show_error(lambda: loss_fn(logits, sample.batch.targets[:, 0]),
 # Now the real model, the reference shape with two output heads, trained on 50,000 puzzles
 # for three epochs (2,346 steps of 64) and tested on 5,000 held-out puzzles. This is the
 # chapter's longest single training run: more steps than any run above, and it processes
-# more than three times as many examples (steps times batch size) as the largest of them. For a spread over seeds, call
-# `two_digit_experiment(seed=s)` for a few values of `s`; for more data, raise `n_train`.
+# more than three times as many examples (steps times batch size) as the largest of them.
+# For a spread over seeds, call `two_digit_experiment(seed=s)` for a few values of `s`; for
+# more data, raise `n_train`.
 
 # %%
-two_digit = two_digit_experiment(progress=True)
-print(f"held-out accuracy: {two_digit.heldout_accuracy:.2%} "
-      "(the original project: 83.7%)")
-for op, acc in two_digit.heldout_by_op.items():
-    print(f"  {op:7} {acc:.2%}")
+# NBVAL_IGNORE_OUTPUT
+two_digit = two_digit_experiment(progress=True)      # progress digits vary by machine
+
+# %%
+print("held-out accuracy at least 99% (the original project: 83.7%): "
+      f"{two_digit.heldout_accuracy >= 0.99}; every operation at least 98%: "
+      f"{min(two_digit.heldout_by_op.values()) >= 0.98}")
 assert two_digit.heldout_accuracy >= 0.99
 assert min(two_digit.heldout_by_op.values()) >= 0.98
 first_epoch = two_digit.curve[0]["heldout_by_op"]
@@ -1402,8 +1459,10 @@ plt.show()
 # The model answers more than 99% of held-out puzzles correctly, both digits, against the
 # original 83.7%. The positional operations are above 97% after the first epoch, although
 # they are drawn only 10% of the time each; `Max` and `Min` need the rest of the training.
-# Where do the remaining errors sit? All on `Max` and `Min`, and more often when the numbers
-# being compared are close:
+# (The learning curve shows this machine's run; the first epoch's `Max` and `Min` differ by
+# several points between machines, the final accuracies by a few wrong answers.) Where do
+# the remaining errors sit? All on `Max` and `Min`, and more often when the numbers being
+# compared are close:
 
 # %%
 test = two_digit.test
@@ -1415,38 +1474,47 @@ gap = np.where(test.ops == "Max",
                ordered[:, -1] - ordered[:, -2],   # best minus runner-up
                ordered[:, 1] - ordered[:, 0])
 close = compare & (gap <= 2)
-print("Max/Min puzzles whose two best candidates differ by at most 2: "
-      f"{close.sum()} of {compare.sum()}, error rate {wrong[close].mean():.1%}; "
-      f"the other Max/Min puzzles: {wrong[compare & ~close].mean():.2%}")
-ratio = wrong[close].mean() / wrong[compare & ~close].mean()
+rate_close, rate_other = wrong[close].mean(), wrong[compare & ~close].mean()
 answered = 10 * (pred[:, 0] - 2) + (pred[:, 1] - 2)                     # (N,)
 mixed = wrong & ~(test.numbers == answered[:, None]).any(axis=1)  # none of the numbers
-print(f"{wrong.sum()} wrong answers, {(wrong & compare).sum()} of them on Max/Min: "
-      f"{(wrong & close).sum()} on close puzzles ({ratio:.0f} times the error rate), "
-      f"{(wrong & compare & ~close).sum()} on the others; "
-      f"{mixed.sum()} answers are none of the puzzle's numbers")
-assert wrong.sum() == (wrong & compare).sum() == 15
-assert (wrong & close).sum() == 8 and (wrong & compare & ~close).sum() == 7
-assert 12 < ratio < 14 and mixed.sum() == 4
+print("Max/Min puzzles whose two best candidates differ by at most 2: "
+      f"{close.sum()} of {compare.sum()}")
+print(f"every wrong answer is on Max or Min: {wrong.sum() == (wrong & compare).sum()}; "
+      f"close puzzles go wrong more than 5 times as often as the others: "
+      f"{rate_close > 5 * rate_other}; some wrong answers are none of the puzzle's "
+      f"numbers: {mixed.any()}")
+assert wrong.sum() == (wrong & compare).sum() > 0
+assert rate_close > 5 * rate_other and mixed.any()
 assert close.sum() == 158 and compare.sum() == 1_965
-for i in np.flatnonzero(wrong)[:4]:
-    print(f"  {test.text(i):32} answer {test.answers[i]:2d}, model "
-          f"{pred[i, 0] - 2}{pred[i, 1] - 2}")
-example = [i for i in np.flatnonzero(mixed) if test.numbers[i].tolist() == [13, 20, 17]]
-assert len(example) == 1 and answered[example[0]] == 23       # 2 from 20, 3 from 13
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 2.8))
+ax.axis("off")
+lines = [f"{test.text(i):30} answer {test.answers[i]:2d}, model {answered[i]:2d}"
+         + ("   (none of the numbers)" if mixed[i] else "")
+         for i in np.flatnonzero(wrong)[:10]]
+ax.text(0, 1, "\n".join(lines), family="monospace", fontsize=8, va="top")
+ax.set_title(f"This machine's run: {wrong.sum()} wrong answers of {len(wrong):,}, "
+             f"{(wrong & close).sum()} on close puzzles, {mixed.sum()} none of the "
+             "numbers (first 10 shown)", fontsize=9)
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
-# A close call is 13 times as likely to go wrong as another `Max` or `Min` puzzle, but close
-# calls are rare (158 of 1,965), so they account for only 8 of the 15 wrong answers; the
-# other 7 are on puzzles whose numbers lie further apart. Four wrong answers are none of the
-# puzzle's numbers, which the two independent heads make possible (see above): the model
-# answers 23 to `Max ( 1 3 2 0 1 7 )`, the tens digit of 20 with the units digit of 13.
+# A close call is many times as likely to go wrong as another `Max` or `Min` puzzle (more
+# than five times on every machine measured), but close calls are rare (158 of 1,965
+# puzzles, 8%), so the error rate on them costs little overall. Some wrong
+# answers are none of the puzzle's numbers, which the two independent heads make possible
+# (see above): an answer of 23 to `Max ( 1 3 2 0 1 7 )` would take the tens digit of 20 and
+# the units digit of 13. The figure lists this machine's wrong answers.
 
 # %% [markdown]
 # ## Findings
 #
-# Everything measured in this chapter, in one table (three seeds and eight epochs unless
-# noted; accuracy on all 5,000 inputs, or where noted on held-out inputs or longer ones):
+# Everything measured in this chapter, in one table (eight epochs unless noted; accuracy
+# on all 5,000 inputs, or where noted on held-out inputs or longer ones).
+# Like the rest of the chapter it gives what held on every machine measured: a bound on
+# every seed's accuracy.
 
 # %%
 from IPython.display import HTML
@@ -1457,12 +1525,8 @@ rows = []
 def add_rows(section, grid):
     for name, runs in grid.items():
         s = summarize(runs)
-        steps = ("—" if s["steps_to_100_mean"] is None
-                 else f"{s['steps_to_100_mean']:.0f}")
-        accuracy = (f"{100 * s['accuracy_mean']:.2f} "
-                    f"({100 * s['accuracy_min']:.2f}–{100 * s['accuracy_max']:.2f})")
-        rows.append([section, name, f"{s['parameters']:,}", accuracy,
-                     f"{s['reached_100']}/{s['runs']}", steps])
+        rows.append([section, name, f"{s['parameters']:,}", f"{s['runs']}",
+                     accuracy_bound(runs)])
 
 
 add_rows("seeds", seed_grid)
@@ -1472,16 +1536,12 @@ add_rows("size", {k: v for k, v in size_grid.items() if "ref." not in k})
 add_rows("ablation", {k + (" (4 epochs)" if v[0].config.epochs == 4 else ""): v
                       for k, v in ablation_grid.items() if k != "reference"})
 add_rows("depth (4 epochs, 2 seeds)", deep_grid)
-long_acc = table[:, :, 4:].mean(axis=(0, 2))  # per operation, lengths 6-8
-per_op = "on 6–8 arguments: " + ", ".join(f"{op} {100 * a:.0f}"
-                                         for op, a in zip(OPERATIONS, long_acc))
 rows.append(["length (1 seed)", "train on 2–5 arguments, test on 6–8",
-             f"{length_runs[0]['result'].num_parameters:,}", per_op, "—", "—"])
+             f"{length_runs[0]['result'].num_parameters:,}",
+             "1", "First, Max, Min ≥ 95%; Second < 70% at 8, Last < 30% at 7–8"])
 rows.append(["numbers 0–99 (1 seed, 3 epochs)", "two output heads",
-             f"{two_digit.num_parameters:,}",
-             f"{100 * two_digit.heldout_accuracy:.2f} (held-out)", "—", "—"])
-header = ["experiment", "variant", "parameters", "accuracy %, mean (min–max)",
-          "reached 100%", "mean steps to 100%"]
+             f"{two_digit.num_parameters:,}", "1", "≥ 99% (held-out)"])
+header = ["experiment", "variant", "parameters", "seeds", "accuracy, every seed"]
 HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
      + "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
                  for row in rows)
@@ -1490,24 +1550,26 @@ HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
 # %% [markdown]
 # What to take away:
 #
-# 1. **Look at the spread before the mean.** Whether the reference config gets exactly 100%
-#    of the inputs in eight epochs depends on the seed alone: seed 0 does, seeds 1 and 2 miss
-#    one rare input each (in the README's 60 seeds, 23 reach it). Single runs cannot rank
-#    settings that differ by less than that.
+# 1. **Look at the spread before the mean.** With chapter 1's stratified split and chapter
+#    5's recipe every seed of the reference reaches exactly 100% in eight epochs, but when
+#    it gets there moves by epochs between seeds, and even between machines for the same
+#    seed. Single runs cannot rank settings by such differences.
 # 2. **Positional encodings are the one part this task cannot do without**, and the failure
 #    is exactly predictable: an order-blind model is capped at 43% on `First`, `Second` and
 #    `Last`, and `Max` and `Min` do not care.
 # 3. **Depth beats width here.** Two layers are needed (one attention step to read the
-#    operation, one to fetch the answer); a 16-wide two-layer model with 7% of the reference's
-#    parameters still gets more than 99% right, a 64-wide one-layer model does not get past 50%
-#    on the positional operations.
+#    operation, one to fetch the answer); a 16-wide two-layer model with 7% of the
+#    reference's parameters still gets more than 98% right, a 64-wide one-layer model does
+#    not get past 50% on the positional operations.
 # 4. **Residual connections and LayerNorm are about depth.** At two blocks removing them costs
-#    almost nothing; at six blocks the model no longer trains in the same budget.
-# 5. **The last 0.1% is about data.** Near-perfect runs fail mostly on a few rare inputs that
-#    the training split does not contain. Exact 100% on all inputs is a strict test of
-#    generalisation to those corners, worth keeping in mind before calling a variant better.
-# 6. **Absolute positions do not extrapolate.** Operations that find their answer by content
-#    or at a fixed position work on longer inputs; `Last` does not.
+#    nothing two seeds can see; at six blocks the model no longer trains in the same
+#    budget.
+# 5. **The last 0.1% was about data.** With the old random split, near-perfect runs failed
+#    mostly on a few rare inputs that the training split did not contain; the stratified
+#    split gives every (operation, answer) pair its share, and the misses that remain are
+#    mostly underfitting by small or deep models, on inputs they trained on.
+# 6. **Absolute positions do not extrapolate.** `First`, `Max` and `Min` work on longer
+#    inputs; `Last` does not, and even `Second` fails at 8 arguments.
 # 7. **Numbers 0–99 are learnable with 20 tokens**: two digit tokens per number and two
 #    output heads reach more than 99% on held-out puzzles.
 
@@ -1534,15 +1596,17 @@ print(f"  {'numbers 0-99':16} {two_digit.seconds:5.1f} s")
 # - `ExperimentConfig` + `run_experiment` turn a config into measurements: accuracy per
 #   operation on all 5,000 inputs, held-out accuracy, steps and seconds to 100%, parameter
 #   count. `run_grid` runs variants for several seeds and reuses runs through a cache.
-# - The seed decides whether the reference reaches exactly 100% in eight epochs: seed 0
-#   does, seeds 1 and 2 end at 99.98%, one rare unseen input wrong each. Learning rates of $10^{-3}$ and
-#   $3 \cdot 10^{-3}$ both work, $10^{-2}$ breaks the positional operations.
-# - Two layers are necessary (one layer fails at width 64); width can shrink to 16 with
-#   little loss.
+# - Every seed of the reference reaches 100% in eight epochs; when it does varies by seed
+#   and by machine. Learning rates of $10^{-3}$ and $2 \cdot 10^{-3}$ both reach 100%,
+#   $10^{-2}$ breaks the positional operations.
+# - Two layers are necessary (one layer fails at width 64); width can shrink to 32 with no
+#   loss and to 16 with little.
 # - Without positional encodings, `First`/`Second`/`Last` hit the order-blind ceiling of 43%;
 #   without residuals or LayerNorm a two-block model is fine but a six-block one is not.
-# - Trained on 2–5 arguments, the model keeps `First`, `Second`, `Max` and `Min` up to 8
-#   arguments, but `Last` collapses: it learned an absolute position.
+# - The misses of near-perfect models on the old random split were rare (operation,
+#   answer) pairs with almost no training examples; the stratified split removes them.
+# - Trained on 2–5 arguments, the model keeps `First`, `Max` and `Min` up to 8 arguments,
+#   but `Last` collapses and `Second` fails at 8 arguments: it learned absolute positions.
 # - With two digit tokens per number and two output heads, numbers 0–99 reach more than 99%.
 #
 # ## Exercises
@@ -1579,8 +1643,9 @@ for run in no_pos:
     answers = predictions(run.model, create_batch(positional_ops)) - 2
     in_args = np.mean([a in ex.args for a, ex in zip(answers, positional_ops)])
     picks_pair = np.mean(answers[pairs] == mode[pairs])
-    print(f"seed {run.config.seed}: answers one of the digits {in_args:.1%}, "
-          f"the repeated digit of a pair {picks_pair:.0%}")
+    print(f"seed {run.config.seed}: answers one of the digits more than 99% of the "
+          f"time: {in_args > 0.99}; the repeated digit of a pair more than half the "
+          f"time: {picks_pair > 0.5}")
     assert in_args > 0.99 and picks_pair > 0.5
 
 # %% [markdown]

@@ -40,7 +40,7 @@ class ExperimentConfig:
     residual: bool = True
     layer_norm: bool = True
     # training (chapter 5)
-    lr: float = 3e-3
+    lr: float = 2e-3
     batch_size: int = 32
     epochs: int = 8
     warmup: int = 50
