@@ -529,6 +529,9 @@ def principal_components(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndar
     Xc = np.asarray(X, dtype=np.float64)
     Xc = Xc - Xc.mean(axis=0)                                          # (N, D)
     _, s, Vt = np.linalg.svd(Xc, full_matrices=False)
+    # a singular vector's sign is arbitrary, and LAPACK builds differ: fix it so
+    # that the largest component of each direction is positive, on every machine
+    Vt = Vt * np.sign(Vt[np.arange(len(Vt)), np.abs(Vt).argmax(axis=1)])[:, None]
     return Xc @ Vt[:k].T, (s ** 2 / (s ** 2).sum())[:k]
 
 
