@@ -70,8 +70,17 @@ def recipes():
         "strat-12": dict(strat, epochs=12),
         "strat-16": dict(strat, epochs=16),
         "strat-8-wd": dict(strat, epochs=8, weight_decay=0.05),
-        "book": dict(split=BOOK, lr=2e-3, epochs=8),             # chapter 5's recipe
+        "book": book_recipe(),                                   # chapter 5's recipe
     }
+
+
+def book_recipe():
+    """Chapter 5's recipe, read from the library so that it cannot drift from the book."""
+    import inspect
+
+    from transformer_lib.training import REFERENCE_EPOCHS, fit
+    lr = inspect.signature(fit).parameters["lr"].default
+    return dict(split=BOOK, lr=lr, epochs=REFERENCE_EPOCHS)
 
 
 def splits(name):

@@ -141,7 +141,7 @@ def test_missing_default_model_suggests_plain_train(capsys, monkeypatch, tmp_pat
 
 
 def test_only_the_reference_run_writes_the_reference_file(capsys, monkeypatch, tmp_path):
-    """train --seed 2 without --out must not replace the model chapter 6 reads."""
+    """train --seed 2 without --out must not replace chapter 5's reference run."""
     import transformer_lib.__main__ as cli
 
     reference = tmp_path / "reference_model.npz"

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def default_out(seed: int, epochs: int) -> Path:
     """Where train saves by default: the reference file only for the reference run (seed 0,
-    REFERENCE_EPOCHS), so that another run never replaces the model chapter 6 reads."""
+    REFERENCE_EPOCHS), so that another run never replaces chapter 5's reference run."""
     if (seed, epochs) == (0, REFERENCE_EPOCHS):
         return REFERENCE_PATH
     return REFERENCE_PATH.with_name(f"model_seed{seed}_epochs{epochs}.npz")
