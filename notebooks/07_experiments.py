@@ -908,8 +908,8 @@ assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.15
 # %% [markdown]
 # With six blocks, removing the residual connections or LayerNorm leaves both seeds more than
 # 15 points below the worst seed of the complete six-block model, which gets more than 95%
-# (the table's tighter bound: at least 99%) in the same four epochs. Residual connections and LayerNorm are what make depth
-# trainable; a two-block model hardly needs them.
+# in the same four epochs. Residual connections and LayerNorm are what make depth trainable;
+# a two-block model hardly needs them.
 
 # %% [markdown]
 # ## The last 0.1%: which inputs do near-perfect models get wrong?
@@ -962,7 +962,7 @@ assert share_old < 0.15 < 0.75 < share_new
 # With the new split, which runs of this chapter still miss inputs, and which inputs? The
 # runs at 98% or more that still miss some inputs are mostly those of the models that are
 # too small for the budget or deep and short of epochs (the 16-wide model, and the 32-wide
-# six-block one, which at four epochs gets at least 99% but not always 100%). Their wrong
+# six-block one, which at four epochs gets more than 95% but not always 100%). Their wrong
 # answers are no longer piled on rare pairs, and most of them are on inputs the model
 # *trained on*:
 
@@ -1507,8 +1507,8 @@ plt.show()
 # %% [markdown]
 # A close call is many times as likely to go wrong as another `Max` or `Min` puzzle (more
 # than five times on every machine measured). Close calls are only 8% of them (158 of
-# 1,965), yet in the run the figure shows they account for about half of the wrong answers
-# (its title). Some wrong
+# 1,965), yet they account for a large share of the wrong answers (the figure's title
+# counts them for the run shown; the share differs from machine to machine). Some wrong
 # answers are none of the puzzle's numbers, which the two independent heads make possible
 # (see above): an answer of 23 to `Max ( 1 3 2 0 1 7 )` would take the tens digit of 20 and
 # the units digit of 13. The figure lists this machine's wrong answers.
