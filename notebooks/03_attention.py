@@ -146,6 +146,14 @@ assert saturation["scaled"][2] > 3 * saturation["unscaled"][2]
 # that nothing downstream reads. Masking keys is what keeps real positions clean.
 
 # %% [markdown]
+# **Masking the future.** The same trick hides other keys. A model that writes text one token
+# at a time (chapter 8's decoder) must not let position $i$ see positions after it, so its mask
+# is lower-triangular: query $i$ may look at key $j$ only if $j \le i$. `causal_mask(T)` is that
+# `(T, T)` matrix. A mask with as many axes as the scores, such as
+# `causal_mask(T)[None, None] & mask[:, None, None, :]` of shape `(B, 1, T, T)` (causal *and*
+# padding), is applied as it is; a `(B, T)` mask is a key mask, as above.
+
+# %% [markdown]
 # ## The code
 #
 # The library function works on any number of leading batch axes, so the same code serves a
@@ -175,6 +183,11 @@ def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
+def causal_mask(T: int) -> np.ndarray:
+    """(T, T) bool, True where query i may see key j, that is j <= i (chapter 8)."""
+    return np.tril(np.ones((T, T), dtype=bool))
+
+
 def scaled_dot_product_attention(
     Q: np.ndarray, K: np.ndarray, V: np.ndarray, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -188,9 +201,11 @@ def scaled_dot_product_attention(
         Keys.
     V : array, shape (..., T_k, d_v)
         Values.
-    mask : bool array, shape (B, T_k), optional
-        True for real keys, False for padding (``B`` is the first axis of ``K``).
-        Padding keys get exactly zero weight.
+    mask : bool array, shape (B, T_k) or one that broadcasts to the scores, optional
+        True where a query may look. A 2-D mask is a key mask, True for real keys and
+        False for padding (``B`` is the first axis of ``K``). A mask with as many axes
+        as the scores ``(..., T_q, T_k)`` is applied as it is: a causal mask, or causal
+        and padding together (chapter 8). Masked keys get exactly zero weight.
 
     Returns
     -------
@@ -209,7 +224,16 @@ def scaled_dot_product_attention(
                          "Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v)")
     d_k = Q.shape[-1]
     scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)     # (..., T_q, T_k)
-    if mask is not None:
+    if mask is not None and np.ndim(mask) == scores.ndim > 2:   # a full mask
+        try:
+            fits = np.broadcast_shapes(np.shape(mask), scores.shape) == scores.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask has shape {np.shape(mask)}, which does not "
+                             f"broadcast to the scores' shape {scores.shape}")
+        scores = np.where(mask, scores, NEG_INF)
+    elif mask is not None:                                       # a key mask
         if K.ndim < 3 or np.shape(mask) != (K.shape[0], K.shape[-2]):
             raise ValueError(f"mask has shape {np.shape(mask)} but the keys have shape "
                              f"{K.shape}; expected (B, T_k): "
@@ -323,6 +347,30 @@ show_error(lambda: scaled_dot_product_attention(Q, K, V, mask[:, :5]),
            ValueError, "mask has shape (2, 5) but the keys have shape (2, 2, 7, 4)")
 show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V),
            ValueError, "do not fit")
+
+# %% [markdown]
+# And the causal mask: each query's weights end at its own position, so changing the values
+# of later positions leaves the earlier outputs exactly as they were.
+
+# %%
+from transformer_lib.attention import causal_mask
+
+both = causal_mask(T)[None, None] & mask[:, None, None, :]      # (B, 1, T, T)
+out_c, weights_c = scaled_dot_product_attention(Q, K, V, both)
+print("causal weights of sequence 1, head 0:")
+print(np.round(weights_c[1, 0], 3))
+assert (np.triu(weights_c, k=1) == 0.0).all()                   # no key after its query
+assert (weights_c[1][..., ~mask[1]] == 0.0).all()               # nor padding
+assert np.allclose(weights_c.sum(axis=-1), 1.0)
+V_later = V.copy()
+V_later[:, :, 3:] += 100.0                                      # change positions 3...
+K_later = K.copy()
+K_later[:, :, 3:] -= 5.0
+out_later, _ = scaled_dot_product_attention(Q, K_later, V_later, both)
+assert (out_later[:, :, :3] == out_c[:, :, :3]).all()           # 0-2: bit for bit
+assert not np.allclose(out_later[:, :, 3:], out_c[:, :, 3:])
+show_error(lambda: scaled_dot_product_attention(Q, K, V, causal_mask(T + 1)[None, None]),
+           ValueError, "does not broadcast to the scores' shape (2, 2, 7, 7)")
 
 # %% [markdown]
 # ## The backward pass, step by step
@@ -575,14 +623,20 @@ class MultiHeadAttention(Module):
         self.attn_weights = None          # (B, H, T, T) of the last forward, for plots
         self._cache = None
 
-    def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, mask: np.ndarray | None = None,
+                cache=None) -> np.ndarray:
         """Self-attention over the positions of ``x``.
 
         Parameters
         ----------
         x : array, shape (B, T, d_model)
-        mask : bool array, shape (B, T), optional
-            True for real tokens, False for padding; padding keys get zero weight.
+        mask : bool array, shape (B, T) or (B or 1, H or 1, T, T_k), optional
+            (B, T): True for real tokens, False for padding; padding keys get zero
+            weight. 4-D: True where query i may look at key j (causal, chapter 8).
+        cache : optional, chapter 8's ``KVCache`` for this layer
+            Its ``append(K, V)`` stores the new keys and values (B, H, T, d_k) and
+            returns all of them so far, (B, H, T_k, d_k): the queries of ``x`` then
+            attend to earlier positions too (incremental decoding, eval mode only).
 
         Returns
         -------
@@ -597,10 +651,13 @@ class MultiHeadAttention(Module):
         B, T, D = x.shape
         if D != self.d_model:
             raise ValueError(f"x has last dimension {D} but d_model is {self.d_model}")
-        if mask is not None and np.shape(mask) != (B, T):
+        if mask is not None and np.ndim(mask) != 4 and np.shape(mask) != (B, T):
             raise ValueError(f"mask has shape {np.shape(mask)} but x has batch {B} and "
                              f"length {T}; expected a (B, T) mask, "
                              "True for real tokens")
+        if cache is not None and self.training:
+            raise RuntimeError("a KV cache is for generation: call .eval() first "
+                               "(backward cannot reach the cached keys)")
         H, d_k = self.num_heads, self.d_k
         # Q, K and V in one matmul: [W_q | W_k | W_v] is (D, 3D); the key bias is zero
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
@@ -610,10 +667,12 @@ class MultiHeadAttention(Module):
         # split into Q, K, V and heads; the transpose is a view, no copy
         # (B, H, T, d_k)
         Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
+        if cache is not None:       # keys and values of earlier positions too
+            K, V = cache.append(K, V)                                   # (B, H, T_k, d_k)
         # one batched attention over all B*H (example, head) pairs
         heads, weights = scaled_dot_product_attention(Q, K, V, mask)    # (B, H, T, d_k)
         concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)           # (B, T, D)
-        self.attn_weights = weights                                     # (B, H, T, T)
+        self.attn_weights = weights                                   # (B, H, T, T_k)
         if self.training:
             self._cache = (x, Q, K, V, weights)
         return self.W_o(concat)                                         # (B, T, D)

@@ -320,9 +320,13 @@ class TransformerBlock(Module):
         self.ffn = FeedForward(d_model, d_ff, rng, dtype=dtype)
         self.norm2 = LayerNorm(d_model, dtype=dtype) if layer_norm else None
 
-    def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """x (B, T, D), mask (B, T) True for real tokens -> (B, T, D)."""
-        a = self.attention(x, mask)           # (B, T, D): positions look at each other
+    def forward(self, x: np.ndarray, mask: np.ndarray | None = None,
+                cache=None) -> np.ndarray:
+        """x (B, T, D), mask (B, T) True for real tokens -> (B, T, D).
+
+        ``mask`` and ``cache`` go to the attention as they are (chapter 8 passes a
+        causal mask and a KV cache)."""
+        a = self.attention(x, mask, cache)    # (B, T, D): positions look at each other
         x = x + a if self.residual else a     # Add
         if self.norm1 is not None:
             x = self.norm1(x)                 # Norm

@@ -1160,8 +1160,11 @@ def save_model(model: Transformer, path: str | Path, **metadata) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> Transformer:
-    """Rebuild a Transformer from a file written by save_model (allow_pickle=False).
+def load_model(path: str | Path, model_class: type = Transformer) -> Transformer:
+    """Rebuild a model from a file written by save_model (allow_pickle=False).
+
+    ``model_class(**config)`` rebuilds it: chapter 4's Transformer by default
+    (chapter 8 passes its Decoder).
 
     The model is returned in training mode, with its metadata in ``model.metadata``.
     Raises FileNotFoundError if there is no file, ValueError if it is not a model file
@@ -1178,7 +1181,7 @@ def load_model(path: str | Path) -> Transformer:
             arrays = {k: f[k] for k in f.files}
         config = json.loads(str(arrays.pop("config")))
         metadata = json.loads(str(arrays.pop("metadata")))
-        model = Transformer(**config)
+        model = model_class(**config)
     except KeyError as e:
         raise ValueError(f"{path} is not a model file written by save_model: "
                          f"no {e} array") from None

@@ -110,7 +110,7 @@ def test_predict_bad_puzzle(trained, capsys, puzzle, words):
 
 
 @pytest.mark.parametrize("args, words", [
-    ([], ["required: {train,predict}"]),
+    ([], ["required: {train,predict,generate,train-decoder}"]),
     (["fly"], ["invalid choice: 'fly'"]),
     (["predict"], ["the following arguments are required: PUZZLE"]),
     (["train", "--epochs", "0"], ["--epochs", "must be at least 1, got 0"]),
@@ -159,3 +159,29 @@ def test_predict_uses_the_shipped_model_by_default():
     result = run("predict", "Max(5, 3, 9)", "Min(8, 9, 8)", "Max(0, 0, 1)", "Second(4, 1, 7)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["9", "8", "1", "1"]
+
+
+def test_generate_uses_the_shipped_decoders_by_default():
+    """Chapter 8: numbers 0-99 through the numbers decoder, nested puzzles through the
+    scratchpad decoder, one line per puzzle."""
+    result = run("generate", "Max(57, 3, 99)", "Min(40, 8, 61)", "Second(5, 12, 7)",
+                 "Max(First(2 8) Second(5 1))", "Min(Last(2 8) Max(5 1 7) First(3 4))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["99", "8", "12", "2 1 → 2", "8 7 3 → 3"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "Max(57, 3"], ["cannot read 'Max(57, 3'", "missing ')'"]),
+    (["generate", "Max(57, 300, 1)"], ["numbers 0-99"]),
+    (["generate", "Mux(5, 7, 1)"], ["unknown operation 'Mux'"]),
+    (["generate", "Max(57, 3)"], ["trained on three numbers 0-99"]),
+    (["generate", "Max(1, 2, 3)", "--model", "/no/such/decoder.npz"],
+     ["no decoder file at /no/such/decoder.npz", "train-decoder --task numbers"]),
+    (["train-decoder", "--task", "words"], ["invalid choice: 'words'"]),
+])
+def test_generate_bad_input(capsys, args, words):
+    assert_one_line_error(run_main(capsys, *args), *words)
+
+
+def test_generate_bad_input_in_a_subprocess():
+    assert_one_line_error(run("generate", "Max(First(2 8) 3)"), "mixes numbers")

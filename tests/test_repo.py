@@ -128,3 +128,27 @@ def test_the_shipped_reference_model():
     tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(SHIPPED_PATH)],
                              cwd=ROOT, capture_output=True)
     assert tracked.returncode == 0, "the shipped model must be committed"
+
+
+def test_the_shipped_decoders():
+    """transformer_lib/decoder_<task>.npz (chapter 8): small, pickle-free, trained with
+    DECODER_RECIPE on their task, committed."""
+    from transformer_lib.decoder import (
+        DECODER_RECIPE,
+        DECODER_TASKS,
+        Decoder,
+        load_decoder,
+        shipped_decoder_path,
+    )
+    for task in DECODER_TASKS:
+        path = shipped_decoder_path(task)
+        assert path.stat().st_size < 500_000, path
+        model = load_decoder(path)                          # allow_pickle=False inside
+        assert model.config == Decoder(seed=0).config, task
+        meta = model.metadata
+        assert (meta["task"], meta["seed"]) == (task, 0) and meta["trained_on"]
+        assert {k: meta[k] for k in DECODER_RECIPE} == DECODER_RECIPE
+        assert len(meta["exact_match"]) == DECODER_RECIPE["epochs"]
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)],
+                                 cwd=ROOT, capture_output=True)
+        assert tracked.returncode == 0, f"{path.name} must be committed"

@@ -8,6 +8,7 @@ from .transformer import *  # noqa: F403  (notebooks/04_transformer.py)
 from .training import *  # noqa: F403  (notebooks/05_training.py)
 from .evaluation import *  # noqa: F403  (notebooks/06_evaluation.py)
 from .experiments import *  # noqa: F403  (notebooks/07_experiments.py)
+from .decoder import *  # noqa: F403  (notebooks/08_decoder.py)
 
 __all__ = [
     "OPERATIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "ReLU",
     "Softmax",
     "NEG_INF",
+    "causal_mask",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "MultiHeadAttention",
@@ -112,4 +114,37 @@ __all__ = [
     "two_digit_keys",
     "TwoDigitResult",
     "two_digit_experiment",
+    "ARROW",
+    "DECODER_VOCAB",
+    "DECODER_VOCAB_SIZE",
+    "DECODER_TOKEN_TO_ID",
+    "END",
+    "END_ID",
+    "to_ids",
+    "to_tokens",
+    "Puzzle",
+    "number_puzzle",
+    "nested_puzzle",
+    "teacher_forcing_batch",
+    "parse_puzzle",
+    "random_puzzles",
+    "split_puzzles",
+    "KVCache",
+    "Decoder",
+    "NextTokenLoss",
+    "Generation",
+    "generate",
+    "exact_match",
+    "DECODER_TASKS",
+    "shipped_decoder_path",
+    "load_decoder",
+    "generation_speed",
+    "train_steps",
+    "train_decoder",
+    "classifier_batch",
+    "classifier_exact_match",
+    "DECODER_RECIPE",
+    "DECODER_TEST_SIZE",
+    "decoder_task_data",
+    "train_decoder_task",
 ]

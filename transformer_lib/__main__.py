@@ -2,10 +2,17 @@
 
     python -m transformer_lib train [--seed N] [--epochs N] [--out PATH]
     python -m transformer_lib predict "Max(5, 3, 9)" ["Min(4, 2, 7)" ...] [--model PATH]
+    python -m transformer_lib generate "Max(57, 3, 99)" ["Max(First(2 8) Second(5 1))" ...]
+                                       [--model PATH]
+    python -m transformer_lib train-decoder [--task numbers|nested|scratchpad] [--seed N]
+                                            [--out PATH]
 
 predict uses the book's reference model shipped with the package unless --model names
 another; train saves to artifacts/ (see README). The shipped file is written by
     OPENBLAS_NUM_THREADS=1 python -m transformer_lib train --out transformer_lib/reference_model.npz
+and chapter 8's decoders by
+    OPENBLAS_NUM_THREADS=1 python -m transformer_lib train-decoder --task T \
+        --out transformer_lib/decoder_T.npz          # T = numbers, nested, scratchpad
 
 Errors (bad input, a missing or unreadable model file) print one line on stderr and exit with
 status 2, without a traceback.
@@ -17,6 +24,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from transformer_lib.data import all_examples
+from transformer_lib.decoder import (
+    DECODER_TASKS,
+    generate,
+    load_decoder,
+    parse_puzzle,
+    shipped_decoder_path,
+    train_decoder_task,
+)
 from transformer_lib.evaluation import predict
 from transformer_lib.training import (
     REFERENCE_EPOCHS,
@@ -58,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Train the book's transformer, or ask a trained one.",
                      epilog=f'examples:\n  {PROG} train\n  {PROG} predict "Max(5, 3, 9)"',
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,predict}",
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{train,predict,generate,train-decoder}",
                                      parser_class=_Parser)
     commands.required = True
 
@@ -82,7 +98,77 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", type=Path, default=SHIPPED_PATH,
                       help="a model file written by train (default: the book's reference "
                            f"model, shipped with the package, {SHIPPED_PATH})")
+
+    gen = commands.add_parser(
+        "generate", help="print a decoder's written answer to each puzzle (chapter 8)",
+        description='Print the generated answer to each puzzle, one per line: '
+                    '"Max(57, 3, 99)" -> 9 9 as "99"; "Max(First(2 8) Second(5 1))" -> '
+                    'the scratchpad and the answer, "2 1 → 2".')
+    gen.add_argument("puzzles", nargs="+", metavar="PUZZLE",
+                     help='a puzzle on numbers 0-99 such as "Max(57, 3, 99)", or a nested '
+                          'one such as "Max(First(2 8) Second(5 1))"')
+    gen.add_argument("--model", type=Path, default=None,
+                     help="a decoder file written by train-decoder (default: the book's "
+                          "decoder for the puzzle's kind, shipped with the package)")
+
+    dec = commands.add_parser(
+        "train-decoder", help="train one of chapter 8's decoders and save it",
+        description="Train a decoder (d_model 64, 4 heads, 2 layers, d_ff 256) with "
+                    "chapter 8's recipe, print its held-out exact match, and save it.")
+    dec.add_argument("--task", choices=DECODER_TASKS, default="numbers",
+                     help="numbers 0-99, nested puzzles, or nested with a scratchpad "
+                          "(default numbers)")
+    dec.add_argument("--seed", type=_int_at_least(0), default=0,
+                     help="random seed (default 0)")
+    dec.add_argument("--out", type=Path, default=None,
+                     help=f"where to save (default {REFERENCE_PATH.parent}/"
+                          "decoder_<task>_seed<N>.npz)")
     return parser
+
+
+def _trained_on(puzzle) -> bool:
+    """Is the puzzle of the shape the shipped decoders were trained on?"""
+    if isinstance(puzzle.args[0], int):
+        return len(puzzle.args) == 3
+    return 2 <= len(puzzle.args) <= 3 and all(2 <= len(d) <= 3 for _, d in puzzle.args)
+
+
+def _generate(args) -> None:
+    puzzles = []
+    for text in args.puzzles:                   # check every puzzle before printing anything
+        try:
+            puzzles.append(parse_puzzle(text))
+        except ValueError as error:
+            raise UsageError(f"cannot read {text!r}: {error}") from None
+    lines = []
+    for text, puzzle in zip(args.puzzles, puzzles, strict=True):
+        task = "numbers" if isinstance(puzzle.args[0], int) else "scratchpad"
+        if args.model is None and not _trained_on(puzzle):
+            raise UsageError(f"cannot answer {text!r}: the book's decoders were trained on "
+                             "three numbers 0-99, or on two or three inner puzzles of 2-3 "
+                             "digits; pass --model for another decoder")
+        path = args.model if args.model is not None else shipped_decoder_path(task)
+        try:
+            model = load_decoder(path)
+        except FileNotFoundError:
+            raise UsageError(f"no decoder file at {path}; train one with: "
+                             f"{PROG} train-decoder --task {task} --out {path}") from None
+        written = generate(model, [puzzle.prompt]).tokens[0]
+        if written[-1:] == ["[EOS]"]:
+            written = written[:-1]
+        # digits of one number are written together: 9 9 -> 99
+        lines.append(" ".join(written) if task != "numbers" else "".join(written))
+    print("\n".join(lines))
+
+
+def _train_decoder(args) -> None:
+    print(f"training a decoder on the {args.task} task (seed {args.seed})", flush=True)
+    model, record = train_decoder_task(args.task, args.seed, progress=True)
+    out = args.out if args.out is not None else (
+        REFERENCE_PATH.parent / f"decoder_{args.task}_seed{args.seed}.npz")
+    record.pop("step_loss")
+    path = save_model(model, out, **record, trained_on=machine())
+    print(f"trained in {record['seconds']:.1f} s; saved {path}")
 
 
 def default_out(seed: int, epochs: int) -> Path:
@@ -136,7 +222,8 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input or model file)."""
     try:
         args = _parser().parse_args(argv)
-        (_train if args.command == "train" else _predict)(args)
+        {"train": _train, "predict": _predict, "generate": _generate,
+         "train-decoder": _train_decoder}[args.command](args)
     except (UsageError, ValueError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,11 @@ def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
+def causal_mask(T: int) -> np.ndarray:
+    """(T, T) bool, True where query i may see key j, that is j <= i (chapter 8)."""
+    return np.tril(np.ones((T, T), dtype=bool))
+
+
 def scaled_dot_product_attention(
     Q: np.ndarray, K: np.ndarray, V: np.ndarray, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -26,9 +31,11 @@ def scaled_dot_product_attention(
         Keys.
     V : array, shape (..., T_k, d_v)
         Values.
-    mask : bool array, shape (B, T_k), optional
-        True for real keys, False for padding (``B`` is the first axis of ``K``).
-        Padding keys get exactly zero weight.
+    mask : bool array, shape (B, T_k) or one that broadcasts to the scores, optional
+        True where a query may look. A 2-D mask is a key mask, True for real keys and
+        False for padding (``B`` is the first axis of ``K``). A mask with as many axes
+        as the scores ``(..., T_q, T_k)`` is applied as it is: a causal mask, or causal
+        and padding together (chapter 8). Masked keys get exactly zero weight.
 
     Returns
     -------
@@ -47,7 +54,16 @@ def scaled_dot_product_attention(
                          "Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v)")
     d_k = Q.shape[-1]
     scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)     # (..., T_q, T_k)
-    if mask is not None:
+    if mask is not None and np.ndim(mask) == scores.ndim > 2:   # a full mask
+        try:
+            fits = np.broadcast_shapes(np.shape(mask), scores.shape) == scores.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask has shape {np.shape(mask)}, which does not "
+                             f"broadcast to the scores' shape {scores.shape}")
+        scores = np.where(mask, scores, NEG_INF)
+    elif mask is not None:                                       # a key mask
         if K.ndim < 3 or np.shape(mask) != (K.shape[0], K.shape[-2]):
             raise ValueError(f"mask has shape {np.shape(mask)} but the keys have shape "
                              f"{K.shape}; expected (B, T_k): "
@@ -134,14 +150,20 @@ class MultiHeadAttention(Module):
         self.attn_weights = None          # (B, H, T, T) of the last forward, for plots
         self._cache = None
 
-    def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, mask: np.ndarray | None = None,
+                cache=None) -> np.ndarray:
         """Self-attention over the positions of ``x``.
 
         Parameters
         ----------
         x : array, shape (B, T, d_model)
-        mask : bool array, shape (B, T), optional
-            True for real tokens, False for padding; padding keys get zero weight.
+        mask : bool array, shape (B, T) or (B or 1, H or 1, T, T_k), optional
+            (B, T): True for real tokens, False for padding; padding keys get zero
+            weight. 4-D: True where query i may look at key j (causal, chapter 8).
+        cache : optional, chapter 8's ``KVCache`` for this layer
+            Its ``append(K, V)`` stores the new keys and values (B, H, T, d_k) and
+            returns all of them so far, (B, H, T_k, d_k): the queries of ``x`` then
+            attend to earlier positions too (incremental decoding, eval mode only).
 
         Returns
         -------
@@ -156,10 +178,13 @@ class MultiHeadAttention(Module):
         B, T, D = x.shape
         if D != self.d_model:
             raise ValueError(f"x has last dimension {D} but d_model is {self.d_model}")
-        if mask is not None and np.shape(mask) != (B, T):
+        if mask is not None and np.ndim(mask) != 4 and np.shape(mask) != (B, T):
             raise ValueError(f"mask has shape {np.shape(mask)} but x has batch {B} and "
                              f"length {T}; expected a (B, T) mask, "
                              "True for real tokens")
+        if cache is not None and self.training:
+            raise RuntimeError("a KV cache is for generation: call .eval() first "
+                               "(backward cannot reach the cached keys)")
         H, d_k = self.num_heads, self.d_k
         # Q, K and V in one matmul: [W_q | W_k | W_v] is (D, 3D); the key bias is zero
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
@@ -169,10 +194,12 @@ class MultiHeadAttention(Module):
         # split into Q, K, V and heads; the transpose is a view, no copy
         # (B, H, T, d_k)
         Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
+        if cache is not None:       # keys and values of earlier positions too
+            K, V = cache.append(K, V)                                   # (B, H, T_k, d_k)
         # one batched attention over all B*H (example, head) pairs
         heads, weights = scaled_dot_product_attention(Q, K, V, mask)    # (B, H, T, d_k)
         concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)           # (B, T, D)
-        self.attn_weights = weights                                     # (B, H, T, T)
+        self.attn_weights = weights                                   # (B, H, T, T_k)
         if self.training:
             self._cache = (x, Q, K, V, weights)
         return self.W_o(concat)                                         # (B, T, D)
@@ -200,6 +227,7 @@ class MultiHeadAttention(Module):
 
 __all__ = [
     "NEG_INF",
+    "causal_mask",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "MultiHeadAttention",
