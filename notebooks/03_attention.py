@@ -369,7 +369,8 @@ K_later[:, :, 3:] -= 5.0
 out_later, _ = scaled_dot_product_attention(Q, K_later, V_later, both)
 assert (out_later[:, :, :3] == out_c[:, :, :3]).all()           # 0-2: bit for bit
 assert not np.allclose(out_later[:, :, 3:], out_c[:, :, 3:])
-show_error(lambda: scaled_dot_product_attention(Q, K, V, causal_mask(T + 1)[None, None]),
+too_long = causal_mask(T + 1)[None, None]                       # (1, 1, 8, 8)
+show_error(lambda: scaled_dot_product_attention(Q, K, V, too_long),
            ValueError, "does not broadcast to the scores' shape (2, 2, 7, 7)")
 
 # %% [markdown]
@@ -668,7 +669,7 @@ class MultiHeadAttention(Module):
         # (B, H, T, d_k)
         Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
         if cache is not None:       # keys and values of earlier positions too
-            K, V = cache.append(K, V)                                   # (B, H, T_k, d_k)
+            K, V = cache.append(K, V)                             # (B, H, T_k, d_k)
         # one batched attention over all B*H (example, head) pairs
         heads, weights = scaled_dot_product_attention(Q, K, V, mask)    # (B, H, T, d_k)
         concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)           # (B, T, D)

@@ -195,7 +195,7 @@ class MultiHeadAttention(Module):
         # (B, H, T, d_k)
         Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
         if cache is not None:       # keys and values of earlier positions too
-            K, V = cache.append(K, V)                                   # (B, H, T_k, d_k)
+            K, V = cache.append(K, V)                             # (B, H, T_k, d_k)
         # one batched attention over all B*H (example, head) pairs
         heads, weights = scaled_dot_product_attention(Q, K, V, mask)    # (B, H, T, d_k)
         concat = heads.transpose(0, 2, 1, 3).reshape(B, T, D)           # (B, T, D)

@@ -463,7 +463,7 @@ def generation_speed(lengths: Sequence[int], batch: int = 1, repeats: int = 3,
     model = Decoder(max_len=max(lengths) + 1, seed=seed).eval()
     model.output.b.data[END_ID] = -1e9
     prompts, rows = [["Max"]] * batch, []
-    generate(model, prompts, min(lengths))                 # warm-up: first calls are slow
+    generate(model, prompts, min(lengths))            # warm-up: first calls are slow
     for n in lengths:
         row = {"length": n}
         for use_cache in (False, True):
