@@ -2,7 +2,7 @@
 
     python benchmarks/decoder.py train [--tasks numbers,nested,scratchpad] [--seeds 0,1,2]
                                       [--classifier] [--save-shipped]
-    python benchmarks/decoder.py cache [--lengths 16,32,64,128,256] [--batch 1]
+    python benchmarks/decoder.py cache [--lengths 16,32,64,128,256,512] [--batch 1]
 
 `train` trains a Decoder with DECODER_RECIPE per (task, seed) and prints a markdown table:
 held-out exact match of the generated answers (2,000 puzzles, none in training), after each
@@ -21,12 +21,9 @@ test; run it with OPENBLAS_NUM_THREADS=1 on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                       # this checkout's transformer_lib
@@ -34,48 +31,34 @@ sys.path.insert(0, str(ROOT))                       # this checkout's transforme
 from transformer_lib.decoder import (  # noqa: E402
     DECODER_RECIPE,
     DECODER_TASKS,
+    classifier_batch,
+    classifier_exact_match,
     decoder_task_data,
     generation_speed,
     shipped_decoder_path,
     train_decoder_task,
+    train_steps,
 )
-from transformer_lib.experiments import (  # noqa: E402
-    TwoDigitTransformer,
-    TwoTokenLoss,
-    predictions,
-    two_digit_data,
-)
-from transformer_lib.training import (  # noqa: E402
-    Adam,
-    machine,
-    save_model,
-    train_one_epoch,
-    warmup_cosine,
-)
+from transformer_lib.experiments import TwoDigitTransformer, TwoTokenLoss  # noqa: E402
+from transformer_lib.training import machine, save_model  # noqa: E402
 
 
 def classifier_run(seed: int) -> dict:
     """Chapter 7's classifier on the decoder's numbers data, with the decoder's recipe."""
     train, test = decoder_task_data("numbers")
-    data = two_digit_data([p.op for p in train], [p.args for p in train])
-    held = two_digit_data([p.op for p in test], [p.args for p in test])
-    model = TwoDigitTransformer(seed=seed)
-    r = DECODER_RECIPE
-    optimizer, loss_fn = Adam(model.parameters(), lr=r["lr"]), TwoTokenLoss()
-    steps = -(-len(train) // r["batch_size"])
-    schedule = functools.partial(warmup_cosine, total_steps=r["epochs"] * steps,
-                                 warmup=r["warmup"], peak_lr=r["lr"])
-    rng, curve, seconds = np.random.default_rng(seed), [], 0.0
-    for epoch in range(r["epochs"]):
-        start = time.perf_counter()
+    recipe = {k: v for k, v in DECODER_RECIPE.items() if k != "n_train"}
+    model, curve, seconds = TwoDigitTransformer(seed=seed), [], [0.0]
+    start = [time.perf_counter()]
+
+    def after_epoch(epoch, losses):
+        seconds[0] += time.perf_counter() - start[0]
+        curve.append(float(classifier_exact_match(model.eval(), test).mean()))
         model.train()
-        train_one_epoch(model, loss_fn, optimizer, data.batch, r["batch_size"], rng,
-                        schedule, epoch * steps, clip=1.0)
-        seconds += time.perf_counter() - start
-        model.eval()
-        right = (predictions(model, held.batch) == held.batch.targets).all(axis=1)
-        curve.append(float(right.mean()))
-    return {"exact_match": curve, "seconds": seconds}
+        start[0] = time.perf_counter()
+
+    train_steps(model, TwoTokenLoss(), classifier_batch(train), seed=seed,
+                on_epoch=after_epoch, **recipe)
+    return {"exact_match": curve, "seconds": seconds[0]}
 
 
 def train_table(tasks, seeds, classifier: bool, save: bool) -> None:
@@ -127,7 +110,7 @@ def main() -> None:
     train.add_argument("--classifier", action="store_true")
     train.add_argument("--save-shipped", action="store_true")
     cache = commands.add_parser("cache")
-    cache.add_argument("--lengths", default="16,32,64,128,256")
+    cache.add_argument("--lengths", default="16,32,64,128,256,512")
     cache.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     if args.command == "train":

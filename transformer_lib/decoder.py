@@ -91,7 +91,8 @@ def nested_puzzle(op: str, inner: Sequence[tuple[str, Sequence[int]]],
         _check_op(inner_op)
         digits = tuple(int(d) for d in digits)
         if len(digits) < 2 or not all(0 <= d <= 9 for d in digits):
-            raise ValueError(f"inner puzzles take two or more digits, got {digits}")
+            raise ValueError(f"an inner puzzle takes two or more digits 0-9, got "
+                             f"{digits}")
         prompt += [inner_op, "(", *map(str, digits), ")"]
         results.append(_APPLY[inner_op](digits))
     if len(results) < 2:
@@ -112,6 +113,8 @@ def teacher_forcing_batch(puzzles: Sequence[Puzzle]) -> Batch:
     (not scored) except where the next token is part of the answer.
     Returns Batch(ids (N, T), mask (N, T), targets (N, T)).
     """
+    if not puzzles:
+        raise ValueError("no puzzles to batch")
     seqs = [to_ids(p.prompt + p.answer) for p in puzzles]
     N, T = len(seqs), max(map(len, seqs)) - 1
     ids = np.full((N, T), PAD_ID, dtype=np.int64)
@@ -129,7 +132,8 @@ _PIECES = re.compile(r"\s*(?:([A-Za-z]+)|([0-9]+)|([(),]))")
 def parse_puzzle(text: str, scratchpad: bool = True) -> Puzzle:
     """Read ``"Max(57, 3, 99)"`` (numbers 0-99) or ``"Max(First(2 8) Second(5 1))"``
     (inner puzzles on digits; their answer has the scratchpad unless
-    ``scratchpad=False``). Commas between arguments are optional."""
+    ``scratchpad=False``). Commas between arguments are optional, so ``Max(5 7, 3)``
+    is three numbers, 5, 7 and 3: write 57 as ``57``."""
     pieces, at = [], 0
     text = text.rstrip()
     while at < len(text):
@@ -181,8 +185,14 @@ def random_puzzles(n: int, rng: np.random.Generator, kind: str = "numbers",
     """
     if kind not in ("numbers", "nested"):
         raise ValueError(f"kind must be 'numbers' or 'nested', got {kind!r}")
-    seen, out = set(), []
+    if num_args < 2:
+        raise ValueError(f"num_args must be at least 2, got {num_args}")
+    seen, out, draws = set(), [], 0
     while len(out) < n:
+        draws += 1
+        if draws > 100 * n + 1000:        # duplicates only: fewer puzzles than asked
+            raise ValueError(f"could not draw {n} distinct puzzles "
+                             f"(found {len(out)})")
         op = OPERATIONS[rng.integers(len(OPERATIONS))]
         if kind == "numbers":
             p = number_puzzle(op, rng.integers(0, 100, size=num_args))
@@ -267,7 +277,7 @@ class Decoder(Module):
 
         ids : (B, T) int; mask : (B, T_k) bool, True for real tokens (default
         ids != PAD_ID); with ``caches`` the keys are the cached tokens and then
-        these, T_k = cache length + T. positions : (B, T) int, where each token sits
+        these, T_k = cache length + T, and the mask must be given. positions : (B, T) int, where each token sits
         in its sequence (default cache length + 0, 1, ..., T - 1).
         """
         ids = np.asarray(ids)
@@ -279,21 +289,25 @@ class Decoder(Module):
             raise ValueError(f"token ids must be in 0..{V - 1}")
         B, T = ids.shape
         past = 0 if caches is None else caches[0].length
+        if mask is None and past:
+            raise ValueError("with a filled cache, pass the mask of all keys, the cached "
+                             "ones and these: (B, cache length + T)")
         mask = ids != PAD_ID if mask is None else np.asarray(mask, dtype=bool)
         if mask.shape != (B, past + T):
             raise ValueError(f"mask has shape {mask.shape}; expected (B, T_k) = "
                              f"{(B, past + T)}")
         if positions is None:
             positions = np.broadcast_to(np.arange(past, past + T), (B, T))
-        if np.max(positions, initial=0) >= max_len:
-            raise ValueError(f"position {np.max(positions)} is beyond the model's "
-                             f"context of max_len={max_len} tokens")
+        if np.max(positions, initial=0) >= max_len or np.min(positions, initial=0) < 0:
+            raise ValueError(f"positions must be in 0..{max_len - 1} (the model's "
+                             f"context, max_len={max_len}); got {np.min(positions)} "
+                             f"to {np.max(positions)}")
         x = self.embedding(ids) + self.pos_encoding.pe[positions]   # (B, T, D)
         # query i (at cache index past + i) sees real keys j <= past + i: rows past...
         # of causal_mask(past + T), without building all of it (T, T_k)
         causal = np.arange(past + T) <= np.arange(past, past + T)[:, None]
-        attend = causal[None, None] & mask[:, None, None, :]
-        for i, block in enumerate(self.blocks):                      # (B, 1, T, T_k)
+        attend = causal[None, None] & mask[:, None, None, :]         # (B, 1, T, T_k)
+        for i, block in enumerate(self.blocks):
             x = block(x, attend, None if caches is None else caches[i])   # (B, T, D)
         return self.output(x)                                        # (B, T, V)
 
@@ -315,6 +329,8 @@ class NextTokenLoss(CrossEntropyLoss):
             raise ValueError(f"expected logits (B, T, V) and targets (B, T), "
                              f"got {logits.shape} and {targets.shape}")
         self._scored, self._shape = targets != PAD_ID, logits.shape     # (B, T)
+        if not self._scored.any():
+            raise ValueError("no scored targets: every target is [PAD]")
         return super().forward(logits[self._scored], targets[self._scored])
 
     __call__ = forward
@@ -366,8 +382,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[str]],
     """
     if not prompts:
         raise ValueError("no prompts to continue")
-    if temperature is not None and not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature} "
+    if temperature is not None and not 0 < temperature < np.inf:
+        raise ValueError(f"temperature must be positive and finite, got {temperature} "
                          "(leave it None for greedy decoding)")
     V = model.config["vocab_size"]
     if top_k is not None and not (isinstance(top_k, (int, np.integer))
@@ -381,6 +397,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[str]],
     seqs = [to_ids(p) for p in prompts]
     if min(map(len, seqs)) == 0:
         raise ValueError("every prompt needs at least one token")
+    padded = next((b for b, s in enumerate(seqs) if PAD_ID in s), None)
+    if padded is not None:
+        raise ValueError(f"prompt {padded} contains [PAD]; generate pads the prompts "
+                         "itself, pass them unpadded")
     longest, context = max(map(len, seqs)), model.config["max_len"]
     if longest + max_new_tokens > context:
         raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new "
@@ -426,6 +446,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[str]],
 def exact_match(model: Decoder, puzzles: Sequence[Puzzle],
                 batch_size: int = 1000) -> np.ndarray:
     """(N,) bool: did greedy generation write exactly each puzzle's answer?"""
+    if not puzzles:
+        raise ValueError("no puzzles to check")
     most = max(len(p.answer) for p in puzzles)
     correct = []
     for i in range(0, len(puzzles), batch_size):
