@@ -1480,7 +1480,7 @@ report("ReLU", gradient_check(ReLU(), away_from_kink))
 # = y_k \Big(G_k - \sum_i G_i y_i\Big),
 # $$
 #
-# so `y * (G - row_sum(G * y))`. The forward pass caches $y$. This is a *Jacobian-vector
+# so `y * (G - row_sum(G * y))`. The forward pass caches $y$. This is a *vector-Jacobian
 # product*: it costs $O(T)$ per row, while $J$ itself has $T^2$ entries.
 
 # %% tags=["export"]
@@ -1510,7 +1510,7 @@ class Softmax(Module):
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Jacobian-vector product without building the Jacobian:
+        """Vector-Jacobian product without building the Jacobian:
         dx = y * (g - sum(g * y)).
 
         Parameters
@@ -1663,7 +1663,7 @@ plt.show()
 # - `LayerNorm`: $\partial L/\partial x = r\,(g - \bar{g} - \hat{x}\,\overline{g\hat{x}})$, two row
 #   means and no $D \times D$ matrix.
 # - `ReLU` masks the gradient. `Softmax` subtracts the row maximum for stability, and its backward
-#   pass is the Jacobian-vector product $y \odot (G - \langle G, y\rangle)$, $O(T)$ per row
+#   pass is the vector-Jacobian product $y \odot (G - \langle G, y\rangle)$, $O(T)$ per row
 #   instead of $O(T^2)$.
 # - `gradient_check` compares every input and parameter gradient with central differences in
 #   float64 under a random upstream gradient. All errors here are at most $10^{-6}$ (in practice

@@ -121,8 +121,8 @@ assert saturation["scaled"][2] > 3 * saturation["unscaled"][2]
 # %% [markdown]
 # Without the scaling, a third of the rows are already one-hot before training starts, and the
 # scores receive about four times less gradient: the layer would start out committed to random
-# choices and learn slowly to undo them. With it, attention starts broad and sharpens only as
-# training finds reasons to.
+# choices and learn slowly to undo them. With it, no row starts one-hot (the top weight
+# averages under one half here) and attention sharpens only as training finds reasons to.
 
 # %% [markdown]
 # ## Masking the padding
@@ -398,7 +398,7 @@ show_error(lambda: scaled_dot_product_attention(Q, K, V, too_long),
 #    dS = P \odot \big(dP - \mathrm{rowsum}(dP \odot P)\big).
 #    $$
 #
-#    This is the Jacobian-vector product of chapter 2: we never build the $T \times T$
+#    This is the vector-Jacobian product of chapter 2: we never build the $T \times T$
 #    Jacobian of each row. If a row of $P$ is nearly one-hot, then for every $m$ one of the
 #    two factors is close to 0: $p_m$ for the keys that get no weight, and
 #    $dp_m - \sum_j dp_j p_j \approx dp_m - dp_m$ for the one that gets it all. That is the

@@ -1637,9 +1637,11 @@ print(f"the answer is argument 3 or argument 4 in {copies_3_or_4:.1%} of the "
       f"{len(last4)} puzzles")
 
 # %% [markdown]
-# In the positional heads, `[EOS]` splits its attention between argument 3 (the old "last"
-# position) and argument 4 (the position that `)` held in training), leaning to argument 4
-# (0.56 against 0.43), and the answer is always one of those two digits. The four-argument
+# Averaged over the four-argument `Last` puzzles, the positional heads of `[EOS]` split
+# their attention between argument 3 (the old "last" position) and argument 4 (the position
+# that `)` held in training), leaning to argument 4 (0.56 against 0.43); in any one puzzle,
+# like the one in the figure, most of the weight can sit on one of them. The answer is
+# always one of those two digits. The four-argument
 # confusion matrix of `Last` shows what such a failure looks like: the diagonal still holds
 # the largest entry in every row, because two times out of three the model copies the right
 # digit, and the rest is spread over the row.

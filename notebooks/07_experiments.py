@@ -635,8 +635,9 @@ for name, changes in SIZES.items():
 # `[EOS]` read-out, the answer is assembled at the `[EOS]` position. In a one-layer model its
 # single attention step uses a query computed from the `[EOS]` token alone, which is the same
 # for every operation: it cannot look up "the second digit" only when the operation is
-# `Second`. Two layers can: the first lets `[EOS]` read the operation, the second looks up the
-# position that operation needs. (`Max` and `Min` need no position, so they should survive.)
+# `Second`. Two layers can: after the first, the other positions have mixed in the
+# operation (chapter 6 found that the arguments' keys carry it), so the second can look up
+# the position that operation needs. (`Max` and `Min` need no position, so they should survive.)
 
 # %%
 size_grid = run_grid(REFERENCE, SIZES, SEEDS, cache)

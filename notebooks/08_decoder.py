@@ -450,8 +450,9 @@ class Decoder(Module):
 
         ids : (B, T) int; mask : (B, T_k) bool, True for real tokens (default
         ids != PAD_ID); with ``caches`` the keys are the cached tokens and then
-        these, T_k = cache length + T, and the mask must be given. positions : (B, T) int, where each token sits
-        in its sequence (default cache length + 0, 1, ..., T - 1).
+        these, T_k = cache length + T, and the mask must be given. positions :
+        (B, T) int, where each token sits in its sequence (default cache length +
+        0, 1, ..., T - 1).
         """
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -463,8 +464,8 @@ class Decoder(Module):
         B, T = ids.shape
         past = 0 if caches is None else caches[0].length
         if mask is None and past:
-            raise ValueError("with a filled cache, pass the mask of all keys, the cached "
-                             "ones and these: (B, cache length + T)")
+            raise ValueError("with a filled cache, pass the mask of all keys, the "
+                             "cached ones and these: (B, cache length + T)")
         mask = ids != PAD_ID if mask is None else np.asarray(mask, dtype=bool)
         if mask.shape != (B, past + T):
             raise ValueError(f"mask has shape {mask.shape}; expected (B, T_k) = "
@@ -1022,8 +1023,8 @@ print(f"held-out exact match at least 99.5%: {right.mean() >= 0.995} "
       f"(wrong: at most {int(0.005 * len(right))} of {len(right):,})")
 assert right.mean() >= 0.995
 mixed_widths = np.array([min(p.args) < 10 <= max(p.args) for p in test_numbers])
-print(f"{mixed_widths.sum()} held-out puzzles mix one- and two-digit numbers; every wrong "
-      f"answer is among them: {bool(mixed_widths[~right].all())}")
+print(f"{mixed_widths.sum()} held-out puzzles mix one- and two-digit numbers; every "
+      f"wrong answer is among them: {bool(mixed_widths[~right].all())}")
 assert mixed_widths[~right].all()
 for op in OPERATIONS:
     of_op = np.array([p.op == op for p in test_numbers])

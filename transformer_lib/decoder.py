@@ -277,8 +277,9 @@ class Decoder(Module):
 
         ids : (B, T) int; mask : (B, T_k) bool, True for real tokens (default
         ids != PAD_ID); with ``caches`` the keys are the cached tokens and then
-        these, T_k = cache length + T, and the mask must be given. positions : (B, T) int, where each token sits
-        in its sequence (default cache length + 0, 1, ..., T - 1).
+        these, T_k = cache length + T, and the mask must be given. positions :
+        (B, T) int, where each token sits in its sequence (default cache length +
+        0, 1, ..., T - 1).
         """
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -290,8 +291,8 @@ class Decoder(Module):
         B, T = ids.shape
         past = 0 if caches is None else caches[0].length
         if mask is None and past:
-            raise ValueError("with a filled cache, pass the mask of all keys, the cached "
-                             "ones and these: (B, cache length + T)")
+            raise ValueError("with a filled cache, pass the mask of all keys, the "
+                             "cached ones and these: (B, cache length + T)")
         mask = ids != PAD_ID if mask is None else np.asarray(mask, dtype=bool)
         if mask.shape != (B, past + T):
             raise ValueError(f"mask has shape {mask.shape}; expected (B, T_k) = "

@@ -664,7 +664,7 @@ class Softmax(Module):
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Jacobian-vector product without building the Jacobian:
+        """Vector-Jacobian product without building the Jacobian:
         dx = y * (g - sum(g * y)).
 
         Parameters
