@@ -37,10 +37,9 @@ from transformer_lib.decoder import (  # noqa: E402
     generation_speed,
     shipped_decoder_path,
     train_decoder_task,
-    train_steps,
 )
 from transformer_lib.experiments import TwoDigitTransformer, TwoTokenLoss  # noqa: E402
-from transformer_lib.training import machine, save_model  # noqa: E402
+from transformer_lib.training import machine, save_model, train_steps  # noqa: E402
 
 
 def classifier_run(seed: int) -> dict:

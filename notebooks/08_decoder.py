@@ -107,8 +107,8 @@ import numpy as np
 from transformer_lib.data import _APPLY, OPERATIONS, PAD_ID, VOCAB, Batch
 from transformer_lib.layers import (DEFAULT_DTYPE, Embedding, Linear, Module,
                                     PositionalEncoding)
-from transformer_lib.training import (SHIPPED_PATH, Adam, CrossEntropyLoss, load_model,
-                                      train_one_epoch, warmup_cosine)
+from transformer_lib.training import (SHIPPED_PATH, CrossEntropyLoss, load_model,
+                                      train_steps)
 from transformer_lib.experiments import predictions, two_digit_data
 from transformer_lib.transformer import TransformerBlock
 
@@ -872,38 +872,14 @@ plt.show()
 # %% [markdown]
 # ## Training, and the recipe
 #
-# Training is chapter 5's: Adam, warm-up then cosine decay, gradient clipping, and its
-# `train_one_epoch`, here with the next-token loss. `train_steps` is the loop for any model
-# and loss; `train_decoder` feeds it teacher-forcing batches. The recipe for every task of
+# Training is chapter 5's `train_steps`: Adam, warm-up then cosine decay, gradient clipping
+# and `train_one_epoch`, here with the next-token loss: `train_decoder` feeds it
+# teacher-forcing batches. The recipe for every task of
 # this chapter: 50,000 training puzzles, 6 epochs of batches of 128, peak learning rate
 # $3 \cdot 10^{-3}$, 100 warm-up steps, on the reference shape (`d_model` 64, 4 heads, 2
 # layers, `d_ff` 256).
 
 # %% tags=["export"]
-def train_steps(model: Module, loss_fn: CrossEntropyLoss, data: Batch,
-                epochs: int = 6, batch_size: int = 128, lr: float = 3e-3,
-                warmup: int = 100, clip: float | None = 1.0, seed: int = 0,
-                on_epoch=None) -> list[float]:
-    """Chapter 5's Adam, warm-up + cosine schedule and epoch loop, for any model and
-    loss; returns every step's loss. ``on_epoch(epoch, losses)`` after each epoch."""
-    optimizer = Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    steps_per_epoch = -(-len(data.ids) // batch_size)
-    total = epochs * steps_per_epoch
-
-    def schedule(step):
-        return warmup_cosine(step, total, warmup, lr)
-
-    model.train()
-    losses = []
-    for epoch in range(epochs):
-        losses += train_one_epoch(model, loss_fn, optimizer, data, batch_size, rng,
-                                  schedule, epoch * steps_per_epoch, clip)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, losses)
-    return losses
-
-
 def train_decoder(model: Decoder, train: Sequence[Puzzle], **recipe) -> list[float]:
     """Teacher forcing: ``train_steps`` on ``teacher_forcing_batch(train)``."""
     return train_steps(model, NextTokenLoss(), teacher_forcing_batch(train), **recipe)

@@ -12,8 +12,8 @@ import numpy as np
 from transformer_lib.data import _APPLY, OPERATIONS, PAD_ID, VOCAB, Batch
 from transformer_lib.layers import (DEFAULT_DTYPE, Embedding, Linear, Module,
                                     PositionalEncoding)
-from transformer_lib.training import (SHIPPED_PATH, Adam, CrossEntropyLoss, load_model,
-                                      train_one_epoch, warmup_cosine)
+from transformer_lib.training import (SHIPPED_PATH, CrossEntropyLoss, load_model,
+                                      train_steps)
 from transformer_lib.experiments import predictions, two_digit_data
 from transformer_lib.transformer import TransformerBlock
 
@@ -500,30 +500,6 @@ def generation_speed(lengths: Sequence[int], batch: int = 1, repeats: int = 3,
     return rows
 
 
-def train_steps(model: Module, loss_fn: CrossEntropyLoss, data: Batch,
-                epochs: int = 6, batch_size: int = 128, lr: float = 3e-3,
-                warmup: int = 100, clip: float | None = 1.0, seed: int = 0,
-                on_epoch=None) -> list[float]:
-    """Chapter 5's Adam, warm-up + cosine schedule and epoch loop, for any model and
-    loss; returns every step's loss. ``on_epoch(epoch, losses)`` after each epoch."""
-    optimizer = Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    steps_per_epoch = -(-len(data.ids) // batch_size)
-    total = epochs * steps_per_epoch
-
-    def schedule(step):
-        return warmup_cosine(step, total, warmup, lr)
-
-    model.train()
-    losses = []
-    for epoch in range(epochs):
-        losses += train_one_epoch(model, loss_fn, optimizer, data, batch_size, rng,
-                                  schedule, epoch * steps_per_epoch, clip)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, losses)
-    return losses
-
-
 def train_decoder(model: Decoder, train: Sequence[Puzzle], **recipe) -> list[float]:
     """Teacher forcing: ``train_steps`` on ``teacher_forcing_batch(train)``."""
     return train_steps(model, NextTokenLoss(), teacher_forcing_batch(train), **recipe)
@@ -613,7 +589,6 @@ __all__ = [
     "shipped_decoder_path",
     "load_decoder",
     "generation_speed",
-    "train_steps",
     "train_decoder",
     "classifier_batch",
     "classifier_exact_match",

@@ -14,8 +14,8 @@ from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, Batch, E
                                   all_examples, create_batch, generate_dataset,
                                   split_dataset)
 from transformer_lib.layers import Linear
-from transformer_lib.training import (Adam, CrossEntropyLoss, default_splits, evaluate,
-                                      train_one_epoch, warmup_cosine)
+from transformer_lib.training import (CrossEntropyLoss, default_splits, evaluate,
+                                      train_steps)
 from transformer_lib.transformer import Transformer
 
 
@@ -185,10 +185,9 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
         Including the trained model (``.model``) and the wrongly answered inputs
         (``.wrong``).
 
-    The recipe is chapter 5's ``fit`` (Adam, warm-up then cosine decay over
-    ``config.epochs``, gradient clipping, the same ``train_one_epoch``), except that the
-    model is measured as it is when training stops rather than at its best validation
-    epoch.
+    The recipe is chapter 5's, as in ``fit`` (``train_steps``: Adam, warm-up then
+    cosine decay over ``config.epochs``, gradient clipping), except that the model is
+    measured as it is when training stops rather than at its best validation epoch.
     """
     if data is None:
         train, val, default_eval = _standard_data()
@@ -202,13 +201,6 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
     eval_batch = _batch_of(tuple(evaluate_on))
 
     model = config.model()
-    optimizer = Adam(model.parameters(), lr=config.lr)
-    loss_fn = CrossEntropyLoss()
-    rng = np.random.default_rng(config.seed)
-    total_steps = config.epochs * -(-len(train) // config.batch_size)
-    schedule = functools.partial(warmup_cosine, total_steps=total_steps,
-                                 warmup=config.warmup, peak_lr=config.lr)
-
     suspects = None             # inputs found wrong by the last full check
 
     def all_right() -> bool:
@@ -224,24 +216,28 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
         suspects = np.flatnonzero(predictions(model, eval_batch) != eval_batch.targets)
         return len(suspects) == 0
 
-    step, first_100, curve = 0, None, []
-    model.train()
-    start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        losses = train_one_epoch(model, loss_fn, optimizer, train_batch,
-                                 config.batch_size, rng, schedule, step, config.clip)
-        step += len(losses)
+    first_100, curve = None, []
+
+    def after_epoch(epoch, losses) -> bool:         # losses: every step so far
+        nonlocal first_100
+        step, previous = len(losses), curve[-1]["step"] if curve else 0
+        epoch_loss = float(np.mean(losses[previous:]))
         val_accuracy = evaluate(model, val_batch)["accuracy"]
-        curve.append({"epoch": epoch, "step": step,
-                      "train_loss": float(np.mean(losses)),
+        curve.append({"epoch": epoch, "step": step, "train_loss": epoch_loss,
                       "val_accuracy": val_accuracy})
         if progress:
-            print(f"epoch {epoch}  step {step:4d}  train loss {np.mean(losses):.4f}  "
+            print(f"epoch {epoch}  step {step:4d}  train loss {epoch_loss:.4f}  "
                   f"val acc {val_accuracy:.2%}", flush=True)
         if first_100 is None and val_accuracy == 1.0 and all_right():
             first_100 = (step, epoch, time.perf_counter() - start)
-            if stop_at_100:
-                break
+            return stop_at_100                      # True: stop here
+        return False
+
+    start = time.perf_counter()
+    step = len(train_steps(model, CrossEntropyLoss(), train_batch, epochs=config.epochs,
+                           batch_size=config.batch_size, lr=config.lr,
+                           warmup=config.warmup, clip=config.clip, seed=config.seed,
+                           on_epoch=after_epoch))
     seconds = time.perf_counter() - start
 
     correct = predictions(model, eval_batch) == eval_batch.targets      # (N,)
@@ -515,34 +511,28 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
     train = generate_two_digit(n_train, seed=1, op_weights=op_weights)
     test = generate_two_digit(n_test, seed=2, exclude=two_digit_keys(train))
     model = TwoDigitTransformer(seed=seed, **model_kwargs)
-    optimizer = Adam(model.parameters(), lr=lr)
-    loss_fn = TwoTokenLoss()
-    rng = np.random.default_rng(seed)
-    total_steps = epochs * -(-n_train // batch_size)
-    schedule = functools.partial(warmup_cosine, total_steps=total_steps, warmup=warmup,
-                                 peak_lr=lr)
+    curve = []
 
-    def heldout():
+    def after_epoch(epoch, losses):          # losses: every step so far
         # (N,)
         correct = (predictions(model, test.batch) == test.batch.targets).all(axis=1)
         by_op = {op: float(correct[test.ops == op].mean()) for op in OPERATIONS}
-        return float(correct.mean()), by_op
-
-    step, curve = 0, []
-    model.train()
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        losses = train_one_epoch(model, loss_fn, optimizer, train.batch, batch_size,
-                                 rng, schedule, step, clip=1.0)
-        step += len(losses)
-        accuracy, by_op = heldout()
-        curve.append({"epoch": epoch, "step": step,
-                      "train_loss": float(np.mean(losses)),
-                      "heldout_accuracy": accuracy, "heldout_by_op": by_op})
+        previous = curve[-1]["step"] if curve else 0
+        epoch_loss = float(np.mean(losses[previous:]))
+        curve.append({"epoch": epoch, "step": len(losses), "train_loss": epoch_loss,
+                      "heldout_accuracy": float(correct.mean()),
+                      "heldout_by_op": by_op})
         if progress:
-            print(f"epoch {epoch}  step {step}  train loss {np.mean(losses):.4f}  "
-                  f"held-out accuracy {accuracy:.2%}", flush=True)
-    return TwoDigitResult(accuracy, by_op, curve, parameter_count(model), step,
+            print(f"epoch {epoch}  step {len(losses)}  train loss {epoch_loss:.4f}  "
+                  f"held-out accuracy {correct.mean():.2%}", flush=True)
+
+    start = time.perf_counter()
+    train_steps(model, TwoTokenLoss(), train.batch, epochs=epochs,
+                batch_size=batch_size, lr=lr, warmup=warmup, clip=1.0, seed=seed,
+                on_epoch=after_epoch)
+    last = curve[-1]
+    return TwoDigitResult(last["heldout_accuracy"], last["heldout_by_op"], curve,
+                          parameter_count(model), last["step"],
                           time.perf_counter() - start, model, test)
 
 

@@ -267,6 +267,31 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
     return losses
 
 
+def train_steps(model, loss_fn: CrossEntropyLoss, data: Batch, *, epochs: int,
+                batch_size: int, lr: float, warmup: int, clip: float | None = 1.0,
+                seed: int = 0, on_epoch=None) -> list[float]:
+    """``epochs`` of ``train_one_epoch`` with Adam and ``warmup_cosine`` (peak ``lr``);
+    batches shuffled by ``np.random.default_rng(seed)``. Returns every step's loss;
+    ``on_epoch(epoch, losses)`` is called after each epoch with all losses so far, and
+    stops the training when it returns True."""
+    optimizer = Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = -(-len(data.ids) // batch_size)        # ceiling division
+    total = epochs * steps_per_epoch
+
+    def schedule(step):
+        return warmup_cosine(step, total, warmup, lr)
+
+    model.train()
+    losses = []
+    for epoch in range(epochs):
+        losses += train_one_epoch(model, loss_fn, optimizer, data, batch_size, rng,
+                                  schedule, epoch * steps_per_epoch, clip)
+        if on_epoch is not None and on_epoch(epoch + 1, losses):
+            break
+    return losses
+
+
 @dataclass
 class History:
     """What fit recorded: per step, per epoch, the best epoch and the training time."""
@@ -530,6 +555,7 @@ __all__ = [
     "warmup_cosine",
     "evaluate",
     "train_one_epoch",
+    "train_steps",
     "History",
     "OPTIMIZERS",
     "fit",
