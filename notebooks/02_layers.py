@@ -32,6 +32,7 @@
 
 # %% tags=["export"]
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -195,6 +196,17 @@ class Module:
         """Switch to eval mode: forward passes cache nothing
         and backward raises RuntimeError."""
         return self.train(False)
+
+    @contextmanager
+    def evaluating(self) -> Iterator["Module"]:
+        """``with model.evaluating():`` runs the block in eval mode, then restores the
+        previous mode, also when the block raises."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def to(self, dtype: type | np.dtype) -> "Module":
         """Cast every parameter and float buffer to a floating ``dtype``;
@@ -783,7 +795,8 @@ show_error(lambda: gradient_check(Linear(4, 3), x), ValueError,
 # Now we can test the three rules of the module protocol on a real layer.
 #
 # **Eval mode keeps no cache, so backward refuses.** The same goes for a backward pass before
-# any forward pass.
+# any forward pass. `with model.evaluating():` switches to eval mode for a block of code and
+# restores the previous mode afterwards; the later chapters evaluate that way.
 
 # %%
 rng = np.random.default_rng(0)
@@ -798,6 +811,15 @@ show_error(lambda: layer.backward(g), RuntimeError,
 show_error(lambda: Linear(3, 2).backward(g), RuntimeError, "before any forward pass")
 layer.train()
 assert np.array_equal(layer(x), y_eval)  # the mode changes caching, not the result
+
+# evaluating(): eval mode for a block, then the previous mode again, even after an error
+try:
+    with layer.evaluating():
+        assert not layer.training
+        raise KeyboardInterrupt              # an interrupted evaluation
+except KeyboardInterrupt:
+    pass
+assert layer.training                        # back in training mode
 
 # %% [markdown]
 # **Gradients accumulate.** Two forward/backward passes without `zero_grad()` leave twice the

@@ -156,11 +156,9 @@ def predictions(model, batch: Batch, chunk: int = 4096) -> np.ndarray:
     Returns an int array of shape (B,) for a single read-out, or (B, K) if the model
     returns K logit rows per example (the two-digit model below, K = 2).
     """
-    was_training = model.training
-    model.eval()
-    out = [model(batch.ids[i:i + chunk], batch.mask[i:i + chunk]).argmax(axis=-1)
-           for i in range(0, len(batch.ids), chunk)]
-    model.train(was_training)
+    with model.evaluating():
+        out = [model(batch.ids[i:i + chunk], batch.mask[i:i + chunk]).argmax(axis=-1)
+               for i in range(0, len(batch.ids), chunk)]
     return np.concatenate(out)
 
 

@@ -420,9 +420,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[str]],
     mask = ids != PAD_ID                                      # (B, T)
     lengths = np.array([len(s) for s in seqs])                # (B,)
     rng = np.random.default_rng(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         caches = model.new_caches(B, T + max_new_tokens) if use_cache else None
         logits = model(ids, mask, None, caches)               # (B, T, V)
         last = logits[np.arange(B), lengths - 1]              # (B, V)
@@ -446,8 +444,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[str]],
                 ids = np.concatenate([ids, new[:, None]], axis=1)
                 positions = np.concatenate([positions, here], axis=1)
                 last = model(ids, mask, positions)[:, -1]     # every position again
-    finally:
-        model.train(was_training)
     return Generation(written, np.stack(history))
 
 

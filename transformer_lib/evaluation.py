@@ -86,12 +86,8 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
     logits : (B, V) array
     attention : list of (B, H, T, T) arrays, one per layer (copies)
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         logits = model(ids, mask)                                     # (B, V)
-    finally:
-        model.train(was_training)
     return logits, [block.attention.attn_weights.copy() for block in model.blocks]
 
 
@@ -472,9 +468,7 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
         raise ValueError(f"blocked names layer {unknown[0]}, but the model has layers "
                          f"0..{len(model.blocks) - 1}")
     B, T = ids.shape
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         x = model.embedding(ids)                                        # (B, T, D)
         if model.pos_encoding is not None:
             x = model.pos_encoding(x)
@@ -518,8 +512,6 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
             w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)
             pooled = np.einsum("btd,bt->bd", x, w)
         return model.output(pooled), attention
-    finally:
-        model.train(was_training)
 
 
 # notebooks/06_evaluation.py, "Does the model know that 3 < 7?"

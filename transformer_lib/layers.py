@@ -3,6 +3,7 @@
 
 # notebooks/02_layers.py, the introduction
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -122,6 +123,17 @@ class Module:
         """Switch to eval mode: forward passes cache nothing
         and backward raises RuntimeError."""
         return self.train(False)
+
+    @contextmanager
+    def evaluating(self) -> Iterator["Module"]:
+        """``with model.evaluating():`` runs the block in eval mode, then restores the
+        previous mode, also when the block raises."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def to(self, dtype: type | np.dtype) -> "Module":
         """Cast every parameter and float buffer to a floating ``dtype``;

@@ -226,16 +226,14 @@ def evaluate(model: Transformer, data: Batch | Sequence[Example],
     model's previous mode. Returns ``{"loss": float, "accuracy": float}``.
     """
     data = _as_batch(data)
-    was_training = model.training
-    model.eval()
     loss_fn, total_loss, correct = CrossEntropyLoss(), 0.0, 0
-    for i in range(0, len(data.ids), batch_size):
-        chunk = slice(i, i + batch_size)
-        logits = model(data.ids[chunk], data.mask[chunk])          # (b, V)
-        t = data.targets[chunk]                                    # (b,)
-        total_loss += loss_fn(logits, t) * len(t)
-        correct += int((logits.argmax(axis=-1) == t).sum())
-    model.train(was_training)
+    with model.evaluating():
+        for i in range(0, len(data.ids), batch_size):
+            chunk = slice(i, i + batch_size)
+            logits = model(data.ids[chunk], data.mask[chunk])      # (b, V)
+            t = data.targets[chunk]                                # (b,)
+            total_loss += loss_fn(logits, t) * len(t)
+            correct += int((logits.argmax(axis=-1) == t).sum())
     n = len(data.ids)
     return {"loss": total_loss / n, "accuracy": correct / n}
 
