@@ -424,26 +424,29 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
 
 def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"),
                    ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
-                   extra_label: str = "other") -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a
-    colour bar.
+                   extra_label: str = "other", vmax: float | None = None,
+                   colorbar: bool = True) -> "plt.Axes":
+    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, and
+    a colour bar unless ``colorbar=False`` (panels that share ``vmax`` need one).
 
     Returns the matplotlib Axes (a new figure if ``ax`` is None).
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
     return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
                         xlabel="predicted answer", ylabel="true answer", cmap="Blues",
-                        vmin=0, colorbar_label="inputs", fmt="{:d}", hide_below=1,
-                        fontsize=7)
+                        vmin=0, vmax=vmax,
+                        colorbar_label="inputs" if colorbar else None, fmt="{:d}",
+                        hide_below=1, fontsize=9)
 
 
 # %% tags=["full-width"]
-fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), constrained_layout=True)
-matrices = {}
+matrices = {op: confusion_matrix(batch.targets[ops == op], predicted[ops == op])
+            for op in OPERATIONS}
+most = max(m.max() for m in matrices.values())          # one colour scale for all five
+fig, axes = plt.subplots(1, 5, figsize=(17, 4), constrained_layout=True)
 for ax, op in zip(axes, OPERATIONS):
-    rows = ops == op
-    matrices[op] = confusion_matrix(batch.targets[rows], predicted[rows])
-    plot_confusion(matrices[op], ax=ax, title=f"{op}: all 1,000 inputs")
+    plot_confusion(matrices[op], ax=ax, title=f"{op}: all 1,000 inputs", vmax=most,
+                   colorbar=op == OPERATIONS[-1])
 fig.suptitle("Predicted vs true answer, per operation (the diagonal is correct)")
 plt.show()
 

@@ -219,17 +219,19 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
 
 def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789"),
                    ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
-                   extra_label: str = "other") -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, a
-    colour bar.
+                   extra_label: str = "other", vmax: float | None = None,
+                   colorbar: bool = True) -> "plt.Axes":
+    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, and
+    a colour bar unless ``colorbar=False`` (panels that share ``vmax`` need one).
 
     Returns the matplotlib Axes (a new figure if ``ax`` is None).
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
     return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
                         xlabel="predicted answer", ylabel="true answer", cmap="Blues",
-                        vmin=0, colorbar_label="inputs", fmt="{:d}", hide_below=1,
-                        fontsize=7)
+                        vmin=0, vmax=vmax,
+                        colorbar_label="inputs" if colorbar else None, fmt="{:d}",
+                        hide_below=1, fontsize=9)
 
 
 # notebooks/06_evaluation.py, "`predict`: asking the model"
