@@ -149,7 +149,8 @@ assert saturation["scaled"][2] > 3 * saturation["unscaled"][2]
 # **Masking the future.** The same trick hides other keys. A model that writes text one token
 # at a time (chapter 8's decoder) must not let position $i$ see positions after it, so its mask
 # is lower-triangular: query $i$ may look at key $j$ only if $j \le i$. `causal_mask(T)` is that
-# `(T, T)` matrix. A mask with as many axes as the scores, such as
+# `(T, T)` matrix (`causal_mask(T, past)` adds `past` earlier keys, for chapter 8's
+# cache). A mask with as many axes as the scores, such as
 # `causal_mask(T)[None, None] & mask[:, None, None, :]` of shape `(B, 1, T, T)` (causal *and*
 # padding), is applied as it is; a `(B, T)` mask is a key mask, as above.
 
@@ -183,9 +184,12 @@ def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
-def causal_mask(T: int) -> np.ndarray:
-    """(T, T) bool, True where query i may see key j, that is j <= i (chapter 8)."""
-    return np.tril(np.ones((T, T), dtype=bool))
+def causal_mask(T: int, past: int = 0) -> np.ndarray:
+    """(T, past + T) bool, True where query i may see key j, that is j <= past + i.
+
+    ``past`` keys come before the T queries (chapter 8's KV cache); with ``past=0``
+    this is the lower-triangular (T, T) matrix."""
+    return np.arange(past + T) <= np.arange(past, past + T)[:, None]
 
 
 def scaled_dot_product_attention(
@@ -355,6 +359,8 @@ show_error(lambda: scaled_dot_product_attention(Q, K[..., :3], V),
 # %%
 from transformer_lib.attention import causal_mask
 
+assert (causal_mask(T) == np.tril(np.ones((T, T), dtype=bool))).all()
+assert (causal_mask(3, past=4) == causal_mask(7)[4:]).all()    # the last 3 queries
 both = causal_mask(T)[None, None] & mask[:, None, None, :]      # (B, 1, T, T)
 out_c, weights_c = scaled_dot_product_attention(Q, K, V, both)
 print("causal weights of sequence 1, head 0:")

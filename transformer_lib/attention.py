@@ -15,9 +15,12 @@ def _key_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
     return mask.reshape(mask.shape[0], *([1] * (ndim - 2)), mask.shape[-1])
 
 
-def causal_mask(T: int) -> np.ndarray:
-    """(T, T) bool, True where query i may see key j, that is j <= i (chapter 8)."""
-    return np.tril(np.ones((T, T), dtype=bool))
+def causal_mask(T: int, past: int = 0) -> np.ndarray:
+    """(T, past + T) bool, True where query i may see key j, that is j <= past + i.
+
+    ``past`` keys come before the T queries (chapter 8's KV cache); with ``past=0``
+    this is the lower-triangular (T, T) matrix."""
+    return np.arange(past + T) <= np.arange(past, past + T)[:, None]
 
 
 def scaled_dot_product_attention(

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from transformer_lib.attention import causal_mask
 from transformer_lib.data import _APPLY, OPERATIONS, PAD_ID, VOCAB, Batch
 from transformer_lib.layers import (DEFAULT_DTYPE, Embedding, Linear, Module,
                                     PositionalEncoding)
@@ -241,6 +242,9 @@ class KVCache:
         self.length = 0
 
     def append(self, K: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if K.shape[:2] != self.K.shape[:2] or K.shape[3] != self.K.shape[3]:
+            raise ValueError(f"keys of shape {K.shape} do not fit a cache for "
+                             f"(B, H, ..., d_k) = {self.K.shape[:2] + self.K.shape[3:]}")
         end = self.length + K.shape[2]
         if end > self.K.shape[2]:
             raise ValueError(f"the cache holds {self.K.shape[2]} positions; "
@@ -256,7 +260,8 @@ class Decoder(Module):
 
     ids (B, T) -> embedding + positional encoding (B, T, D) -> ``num_layers`` of
     chapter 4's blocks with a causal mask (B, T, D) -> output projection (B, T, V).
-    Same arguments as chapter 4's ``Transformer``, minus the ablation switches.
+    Same arguments as chapter 4's ``Transformer``, minus the read-out and the ablation
+    switches.
     """
 
     def __init__(self, vocab_size: int = DECODER_VOCAB_SIZE, d_model: int = 64,
@@ -310,9 +315,8 @@ class Decoder(Module):
                              f"context, max_len={max_len}); got {np.min(positions)} "
                              f"to {np.max(positions)}")
         x = self.embedding(ids) + self.pos_encoding.pe[positions]   # (B, T, D)
-        # query i (at cache index past + i) sees real keys j <= past + i: rows past...
-        # of causal_mask(past + T), without building all of it (T, T_k)
-        causal = np.arange(past + T) <= np.arange(past, past + T)[:, None]
+        # query i (at cache index past + i) sees the real keys j <= past + i
+        causal = causal_mask(T, past)                                # (T, T_k)
         attend = causal[None, None] & mask[:, None, None, :]         # (B, 1, T, T_k)
         for i, block in enumerate(self.blocks):
             x = block(x, attend, None if caches is None else caches[i])   # (B, T, D)
