@@ -243,8 +243,9 @@ class KVCache:
 
     def append(self, K: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if K.shape[:2] != self.K.shape[:2] or K.shape[3] != self.K.shape[3]:
+            fits = self.K.shape[:2] + self.K.shape[3:]               # (B, H, d_k)
             raise ValueError(f"keys of shape {K.shape} do not fit a cache for "
-                             f"(B, H, ..., d_k) = {self.K.shape[:2] + self.K.shape[3:]}")
+                             f"(B, H, ..., d_k) = {fits}")
         end = self.length + K.shape[2]
         if end > self.K.shape[2]:
             raise ValueError(f"the cache holds {self.K.shape[2]} positions; "
