@@ -50,7 +50,7 @@
 # %% tags=["export"]
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -216,9 +216,6 @@ assert detokenize(np.array([12, 17, 3, 18])) == "First ( 1 )"
 # exported with the data module.
 
 # %% tags=["export"]
-from typing import Callable
-
-
 def show_error(call: Callable[[], object], error_type: type[Exception],
                expected_words: str, hide: str | None = None) -> None:
     """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its

@@ -174,6 +174,10 @@ class Module:
         in ``named_parameters`` order."""
         return [p for _, p in self.named_parameters()]
 
+    def num_parameters(self) -> int:
+        """How many trainable numbers the module holds: the sizes of its parameters."""
+        return sum(p.data.size for p in self.parameters())
+
     def modules(self) -> Iterator["Module"]:
         """This module and every sub-module, depth first."""
         yield self
@@ -865,7 +869,7 @@ for name, p in stack.named_parameters():
     print(f"{name:12} {str(p.shape):8} {p.data.dtype}")
 assert [n for n, _ in stack.named_parameters()] == \
     ["hidden.0.W", "hidden.0.b", "hidden.1.W", "hidden.1.b", "head.W"]
-assert sum(p.data.size for p in stack.parameters()) == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 2
+assert stack.num_parameters() == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 2
 
 stack.to(np.float64)
 assert all(p.data.dtype == np.float64 and p.grad.dtype == np.float64

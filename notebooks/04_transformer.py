@@ -620,9 +620,9 @@ class Transformer(Module):
         if self.pos_encoding is not None:
             # (B, T, D) + sin/cos of the position
             x = self.pos_encoding(x)
-        for l, block in enumerate(self.blocks):
-            if l in attn_mask:                        # (B, H, T, T): padding & edges
-                x = block(x, mask[:, None, None, :] & attn_mask[l])
+        for layer, block in enumerate(self.blocks):
+            if layer in attn_mask:                    # (B, H, T, T): padding & edges
+                x = block(x, mask[:, None, None, :] & attn_mask[layer])
             else:
                 x = block(x, mask)                    # (B, T, D)
         B, T, D = x.shape
@@ -844,7 +844,8 @@ show_error(lambda: model.backward(np.ones((4, 21))), ValueError,
 # the model actually holds:
 
 # %%
-def count_parameters(vocab_size: int, d_model: int, num_layers: int, d_ff: int) -> int:
+def parameters_by_formula(vocab_size: int, d_model: int, num_layers: int,
+                          d_ff: int) -> int:
     """Number of parameters of Transformer(...) with residual and layer norms, by
     formula."""
     V, D, F = vocab_size, d_model, d_ff
@@ -870,16 +871,17 @@ def print_parameters(model: Transformer) -> None:
 
 
 print_parameters(model)
-total = sum(p.data.size for p in model.parameters())
-block_total = sum(p.data.size for p in model.blocks[0].parameters())
+total = model.num_parameters()
+block_total = model.blocks[0].num_parameters()
 print(f"  {'total':32} {'':10} {total:>8,}   (one block {block_total:,})")
 assert block_total == 49_920 and total == 102_420
-ffn_total = sum(p.data.size for p in model.blocks[0].ffn.parameters())
-ends = model.embedding.W.data.size + sum(p.data.size for p in model.output.parameters())
+ffn_total = model.blocks[0].ffn.num_parameters()
+ends = model.embedding.num_parameters() + model.output.num_parameters()
 print(f"FFN share of a block {ffn_total / block_total:.1%}; "
       f"embedding + output {ends / total:.1%} of the model")
 assert 0.66 < ffn_total / block_total < 0.67 and ends / total < 0.03
-assert total == count_parameters(vocab_size=20, d_model=64, num_layers=2, d_ff=256)
+assert total == parameters_by_formula(vocab_size=20, d_model=64, num_layers=2,
+                                      d_ff=256)
 assert model.blocks[0].attention.W_k.b is None
 
 # %% [markdown]
@@ -1012,7 +1014,7 @@ for cfg, bound in configs:
     errors = gradient_check(small, small_batch.ids, mask=small_batch.mask)
     # every parameter checked
     assert set(errors) == {name for name, _ in small.named_parameters()}
-    n_params = sum(p.data.size for p in small.parameters())
+    n_params = small.num_parameters()
     # the smallest gradient (gradient_check leaves the analytic ones in .grad)
     min_grads[str(cfg)] = min(np.linalg.norm(p.grad) for p in small.parameters())
     assert max(errors.values()) < bound, (cfg, errors)
@@ -1133,7 +1135,7 @@ print("zeroed sub-layers: output == input and input gradient == upstream gradien
 
 # %% [markdown]
 # **2. Count for a wider model.** Use the parameter table to count, by hand or with
-# `count_parameters`, the parameters of `Transformer(d_model=128, d_ff=512)` (other arguments as
+# `parameters_by_formula`, the parameters of `Transformer(d_model=128, d_ff=512)` (other arguments as
 # the reference). Check against the model. By what factor did the count grow when the width
 # doubled, and why is it close to 4?
 
@@ -1141,9 +1143,9 @@ print("zeroed sub-layers: output == input and input gradient == upstream gradien
 wide = Transformer(d_model=128, d_ff=512)
 by_hand = 20 * 128 + 2 * (3 * (128 * 128 + 128) + 128 * 128 + 4 * 128
                           + 128 * 512 + 512 + 512 * 128 + 128) + 128 * 20 + 20
-n_wide = sum(p.data.size for p in wide.parameters())
+n_wide = wide.num_parameters()
 print(f"d_model=128: {n_wide:,} parameters, {n_wide / 102_420:.2f} times the reference")
-assert n_wide == by_hand == count_parameters(20, 128, 2, 512) == 401_428
+assert n_wide == by_hand == parameters_by_formula(20, 128, 2, 512) == 401_428
 # Almost every parameter sits in a D x D or D x d_ff matrix, and d_ff = 4 D, so the
 # count is about 12 D^2 per block: doubling D multiplies it by about 4. Only the
 # embedding, output and biases grow linearly, which is why the factor is a little

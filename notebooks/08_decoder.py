@@ -243,7 +243,7 @@ def teacher_forcing_batch(puzzles: Sequence[Puzzle]) -> Batch:
     N, T = len(seqs), max(map(len, seqs)) - 1
     ids = np.full((N, T), PAD_ID, dtype=np.int64)
     targets = np.full((N, T), PAD_ID, dtype=np.int64)
-    for i, (s, p) in enumerate(zip(seqs, puzzles)):
+    for i, (s, p) in enumerate(zip(seqs, puzzles, strict=True)):
         ids[i, :len(s) - 1] = s[:-1]
         P = len(p.prompt)                      # the arrow is at P - 1
         targets[i, P - 1:len(s) - 1] = s[P:]   # predicted: every answer token
@@ -358,7 +358,8 @@ def split_puzzles(puzzles: Sequence[Puzzle], sizes: Sequence[int],
                          f"got {len(puzzles)}")
     order = rng.permutation(len(puzzles))
     cuts = np.cumsum([0, *sizes])
-    return [[puzzles[i] for i in order[a:b]] for a, b in zip(cuts[:-1], cuts[1:])]
+    return [[puzzles[i] for i in order[a:b]]
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 # %%
@@ -565,7 +566,7 @@ tiny.backward(loss_fn.backward())
 worst = max(relative_error(p.grad, numerical_gradient(
                 lambda: loss_fn(tiny(check.ids, check.mask), check.targets), p.data))
             for p in tiny.parameters())
-n_params = sum(p.data.size for p in tiny.parameters())
+n_params = tiny.num_parameters()
 print(f"{n_params:,} parameters; worst relative error below 1e-6: {worst < 1e-6}")
 assert worst < 1e-6
 show_error(lambda: loss_fn(np.zeros((2, 3, 21)), np.zeros((2, 4), dtype=int)),
@@ -698,7 +699,7 @@ def exact_match(model: Decoder, puzzles: Sequence[Puzzle],
     for i in range(0, len(puzzles), batch_size):
         chunk = puzzles[i:i + batch_size]
         written = generate(model, [p.prompt for p in chunk], most).tokens
-        correct += [tuple(w) == p.answer for w, p in zip(written, chunk)]
+        correct += [tuple(w) == p.answer for w, p in zip(written, chunk, strict=True)]
     return np.array(correct)
 
 

@@ -64,8 +64,8 @@ def render_module(notebook: Path) -> tuple[str, list[str]] | None:
     heading = next((c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown"), "")
     body = "\n\n\n".join(cells)
     names = public_names(body)       # comments do not change the names
-    text = (f"{MARK} from notebooks/{notebook.name} — do not edit; "
-            "edit the notebook and re-run the export.\n"
+    text = (f"{MARK} from notebooks/{notebook.name} — do not edit;\n"
+            "# edit the notebook and re-run the export.\n"
             f'"""{heading.lstrip("# ").strip()} (generated from notebooks/{notebook.name})."""\n\n'
             f"{body}\n\n\n__all__ = [\n" + "".join(f'    "{n}",\n' for n in names) + "]\n")
     return text, names
@@ -94,7 +94,8 @@ def expected_files() -> dict[Path, str]:
             sys.exit(f"export: FACE names {missing} are not defined by the {topic} chapter")
         face.append(f"from .{topic} import {', '.join(names)}\n")
     files[PACKAGE / "__init__.py"] = (
-        f"{MARK} from notebooks/*.py — do not edit; edit the notebooks and re-run the export.\n"
+        f"{MARK} from notebooks/*.py — do not edit;\n"
+        "# edit the notebooks and re-run the export.\n"
         '"""A transformer in plain NumPy, built chapter by chapter in the book\'s notebooks.\n\n'
         "Each chapter is one module (transformer_lib.data, .layers, ...); the few names below\n"
         'are the ones the README and the intro use."""\n\n'
