@@ -836,8 +836,9 @@ show_error(lambda: stack.to(np.int32), ValueError, "to() needs a floating dtype"
 #
 # **The obvious scatter-add is wrong.** `W.grad[ids] += G` looks right but is not.
 # NumPy evaluates it as `W.grad[ids] = W.grad[ids] + G`, and when an id repeats, the *last*
-# write wins, so contributions are lost. `np.add.at(W.grad, ids, G)` is correct but slow
-# (an unbuffered loop). We write the sum as a matrix product instead. With $O$ the one-hot
+# write wins, so contributions are lost. `np.add.at(W.grad, ids, G)` is correct but slower
+# (an unbuffered loop; the appendix [Engineering notes](A1_engineering.ipynb) times both).
+# We write the sum as a matrix product instead. With $O$ the one-hot
 # matrix of the ids, $O_{nv} = [\text{ids}_n = v]$ of shape $(N, V)$, the sum above is
 # $\partial L / \partial W = O^\top G$. That is one BLAS call, cheap because $V = 20$ is small.
 

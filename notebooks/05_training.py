@@ -402,7 +402,7 @@ for g, expected in [((0.5, 0.25), (0.95, -2.025)), ((-1.0, 1.0), (1.005, -2.1475
 # let Adam's division rescale it, so AdamW (Loshchilov & Hutter, 2019) *decouples* it: it
 # shrinks the parameters directly, $\theta \leftarrow (1 - \eta\lambda)\,\theta$, before the
 # Adam step. (The reference model trains without it; the option is there for experiments, and
-# the README's seed sweeps tried it.)
+# the README's recipe table tried it: `strat-8-wd`.)
 #
 # The code does the same arithmetic in place (through `out=` and augmented assignment, so a
 # step allocates no new arrays of 102,420 numbers), and every scalar in it is a Python `float`
@@ -546,8 +546,7 @@ assert small.tolist() == [0.3, -0.4]
 #   Adam's running averages have seen only a few of them, yet Adam moves every parameter by about
 #   $\eta$ per step. Starting small avoids wrecking the network in its first steps. Post-norm
 #   transformers like ours are known to need it (Xiong et al., 2020, *On Layer Normalization in
-#   the Transformer Architecture*). If you want to compare, `benchmarks/benchmark.py
-#   --no-warmup` trains its seeds both with and without it.
+#   the Transformer Architecture*).
 # - **cosine decay**: then fall along half a cosine from $\eta_{\max}$ towards 0, which it
 #   would reach at step $S$, the number of steps,
 #
@@ -665,7 +664,7 @@ assert untrained.training and cached_activations(untrained) == []
 # 5. let the optimiser update the parameters.
 #
 # An optional `on_step(step, loss, grad_norm)` is called after every update, for logging or
-# for measuring (the benchmark uses it).
+# for measuring.
 
 # %% tags=["export"]
 StepCallback = Callable[[int, float, float], None]      # on_step(step, loss, grad_norm)

@@ -25,6 +25,7 @@
 # | section | code | chapter |
 # |---|---|---|
 # | One matrix product over all positions | `Linear` | 2 |
+# | The embedding's gradient as a matrix product | `Embedding.backward` | 2 |
 # | Why the gradient check needs float64 | `gradient_check` | 2 |
 # | Fast reductions over short rows | `row_max`, `row_sum` | 2 |
 # | The softmax Jacobian, materialised | `Softmax.backward` | 2 |
@@ -104,6 +105,48 @@ for label, call in [("forward, one 2-D product", lambda: X2 @ W),
                      lambda: (X.swapaxes(1, 2) @ G).sum(axis=0)),
                     ("dL/dW, einsum", lambda: np.einsum("bti,btj->ij", X, G))]:
     print(f"  {label:30} {microseconds(call, 20):8.0f} us")
+
+# %% [markdown]
+# ## The embedding's gradient as a matrix product
+#
+# *Chapter 2, `Embedding.backward`.* The gradient of the embedding table adds the upstream
+# gradient of every position into the row of its token. `np.add.at(W.grad, ids, G)` does that
+# correctly, one position at a time (an unbuffered loop, so repeated ids add up); `Embedding`
+# writes the same sum as the one-hot matrix product $O^\top G$, one BLAS call, cheap because
+# the vocabulary has only $V = 20$ rows. The two agree, and the naive `W.grad[ids] += G` does
+# not (chapter 2 shows why):
+
+# %%
+from transformer_lib.data import VOCAB_SIZE
+from transformer_lib.layers import Embedding
+
+rng = np.random.default_rng(0)
+ids = rng.integers(0, VOCAB_SIZE, size=(32, 8))                     # (B, T)
+emb = Embedding(VOCAB_SIZE, 64, np.random.default_rng(1))
+G_emb = rng.normal(size=(32, 8, 64)).astype(np.float32)             # (B, T, D)
+emb(ids)
+emb.backward(G_emb)
+scatter = np.zeros_like(emb.W.data)
+np.add.at(scatter, ids, G_emb)
+assert np.allclose(emb.W.grad, scatter, rtol=1e-5, atol=1e-5)
+print("one-hot matrix product == np.add.at, up to float32 rounding")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def one_hot_product():
+    one_hot = (ids.reshape(-1, 1) == np.arange(VOCAB_SIZE)).astype(np.float32)
+    return one_hot.T @ G_emb.reshape(-1, 64)                       # (V, D)
+
+
+def add_at():
+    out = np.zeros((VOCAB_SIZE, 64), dtype=np.float32)
+    np.add.at(out, ids, G_emb)
+    return out
+
+
+print(f"(B, T, D) = {G_emb.shape}, V = {VOCAB_SIZE}, float32")
+print(f"  one-hot matrix product {microseconds(one_hot_product):6.0f} us")
+print(f"  np.add.at              {microseconds(add_at):6.0f} us")
 
 # %% [markdown]
 # ## Why the gradient check needs float64
