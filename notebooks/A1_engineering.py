@@ -328,10 +328,25 @@ assert flat_grad[:model.embedding.W.data.size].min() == 1.0
 
 # %% [markdown]
 # The flat buffer also makes the global gradient norm of clipping one dot product, and a copy
-# of the best epoch's parameters one `data.copy()`. (It is also why chapter 2 says to call
-# `model.to(dtype)` before creating an optimiser: `to` replaces the arrays, and the views
-# would then point at arrays the model no longer uses.) What it saves, measured against the
-# same Adam arithmetic done array by array:
+# of the best epoch's parameters one `data.copy()`. It is also why chapter 2 says to call
+# `model.to(dtype)` *before* creating an optimiser: `to` replaces the arrays, so afterwards
+# the optimiser would update a buffer that the model no longer reads. And one buffer has one
+# dtype, so a model with mixed dtypes is refused:
+
+# %%
+from transformer_lib.layers import Parameter
+
+late = Transformer(d_model=16, num_heads=2, num_layers=1, d_ff=32, seed=0)
+optimizer = Adam(late.parameters(), lr=1e-3)
+assert np.shares_memory(late.embedding.W.data, optimizer.data)
+late.to(np.float64)                                  # too late: new arrays
+assert not any(np.shares_memory(p.data, optimizer.data) for p in late.parameters())
+show_error(lambda: flatten_parameters([Parameter(np.zeros(2, dtype=np.float32)),
+                                       Parameter(np.zeros(2))]),
+           ValueError, "parameters have mixed dtypes ['float32', 'float64']")
+
+# %% [markdown]
+# What the flat buffer saves, measured against the same Adam arithmetic done array by array:
 
 # %%
 # NBVAL_IGNORE_OUTPUT
