@@ -25,10 +25,12 @@
 #   error) and a demonstration that it catches real bugs;
 # - the six layers the model is built from (`Linear`, `Embedding`, `PositionalEncoding`,
 #   `LayerNorm`, `ReLU`, `Softmax`), each with its math, its code and its proof;
-# - why the softmax backward pass never builds the softmax Jacobian, and a few NumPy tricks that
-#   make small layers fast.
+# - why the softmax backward pass never builds the softmax Jacobian.
 #
 # Cells marked `export` become the module `transformer_lib.layers`, which later chapters import.
+# The engineering behind a few of them (why the checker needs float64, fast reductions over
+# short rows, what the Jacobian would cost) is measured in the appendix
+# [Engineering notes](A1_engineering.ipynb).
 
 # %% tags=["export"]
 from collections.abc import Callable, Iterator
@@ -305,14 +307,9 @@ class Module:
 # $W \sim U(-a, a)$ with $a = \sqrt{6/(\text{in}+\text{out})}$, because a uniform distribution on
 # $(-a, a)$ has variance $a^2/3$. The bias starts at zero.
 #
-# **Speed.** Flattening `(B, T, in)` to `(B·T, in)` is free (a view of the same memory) and turns
-# the forward pass into one matrix product. Given a 3-D array, NumPy's `@` computes a stack of
-# `B` separate products, one BLAS call per example. The reshape matters most in the backward
-# pass. There $X^\top G$ sums over all $B \cdot T$ positions in a single product. Without the
-# reshape we would need `B` products and then a sum over the batch, which builds a
-# `(B, in, out)` temporary, or an `einsum`. How much wall-clock time this saves depends on your
-# BLAS library and on how many cores are free. `benchmarks/benchmark.py` measures whole
-# training steps.
+# **Speed.** The code flattens `(B, T, in)` to `(B·T, in)` (a free view), so that forward and
+# backward are each one matrix product over all positions; why, and what it saves, is in the
+# appendix [Engineering notes](A1_engineering.ipynb) ("One matrix product over all positions").
 #
 # **Validation.** A wrong last dimension is the most common mistake when wiring layers
 # together. The forward pass checks it (one tuple comparison) and names both sizes.
@@ -479,8 +476,8 @@ show_error(lambda: Linear(64, 16)(np.zeros((2, 5, 32), dtype=np.float32)), Value
 #
 # - **float64.** Rounding adds an error of about $u/\varepsilon$ to the estimate, where $u$ is the
 #   machine precision: $10^{-16}$ in float64, but $6 \cdot 10^{-8}$ in float32. In float32 no
-#   $\varepsilon$ brings the estimate anywhere near our threshold (demonstrated below), so the
-#   checker refuses float32.
+#   $\varepsilon$ brings the estimate anywhere near our threshold (measured at the end of this
+#   section), so the checker refuses float32.
 # - **A scalar loss with a random upstream gradient.** A layer's output is an array, so we
 #   check the scalar $f = \sum_k y_k G_k$ with a fixed random $G$. Its gradient with respect to
 #   $y$ is exactly $G$, so `backward(G)` must return $\partial f / \partial x$. The obvious
@@ -494,8 +491,9 @@ show_error(lambda: Linear(64, 16)(np.zeros((2, 5, 32), dtype=np.float32)), Value
 #   \text{error}(a, n) = \frac{\lVert a - n \rVert}{\lVert a \rVert + \lVert n \rVert},
 #   $$
 #
-#   which is 0 for a perfect match, about 1 for unrelated arrays, and $10^{-8}$ or smaller for
-#   a correct float64 backward pass. We require $\le 10^{-6}$.
+#   which is 0 for a perfect match, about 0.7 for unrelated random arrays of the same size, at
+#   most 1 (for opposite arrays), and $10^{-8}$ or smaller for a correct float64 backward pass.
+#   We require $\le 10^{-6}$.
 # - **Every input and every parameter, separately.** The checker returns one error per array, so
 #   a failure points at the array whose gradient is wrong.
 
@@ -511,7 +509,8 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     Returns
     -------
     float
-        0 for a perfect match, about 1 for unrelated arrays; 0 if both are zero.
+        0 for a perfect match, about 0.7 for unrelated random arrays, at most 1;
+        0 if both are zero.
     """
     denom = np.linalg.norm(analytic) + np.linalg.norm(numeric)
     return float(np.linalg.norm(analytic - numeric) / denom) if denom > 0 else 0.0
@@ -735,67 +734,15 @@ assert max(hidden.values()) < TOLERANCE        # the bug is invisible to a sum .
 assert mixed["input"] > 0.1                    # ... and obvious with a random G
 
 # %% [markdown]
-# Finally, why float64. Below we estimate the gradient of $f(x) = \sum_i G_i \sin x_i$ for 100
-# points, whose exact gradient $G_i \cos x_i$ we know, in both precisions and for steps
-# $\varepsilon$ from $10^{-1}$ down to $10^{-10}$. Two errors compete. The *truncation* error,
-# the terms of the Taylor expansion that central differences drop, shrinks like
-# $\varepsilon^2$. For this $f$ it is known exactly: every estimate is the true derivative times
-# $\sin\varepsilon / \varepsilon$, so the relative error is
-# $(1 - \sin\varepsilon/\varepsilon)/(1 + \sin\varepsilon/\varepsilon) \approx \varepsilon^2/12$ on
-# any machine. The *rounding* error grows like $u/\varepsilon$, and its digits depend on your
-# CPU and its libraries, so the figure shows it and the text below prints only bounds. In
-# float64 the error follows $\varepsilon^2/12$ down to $\varepsilon = 10^{-4}$, bottoms out
-# below $10^{-9}$, and grows again once rounding takes over; `gradient_check`'s step $10^{-6}$
-# keeps it below $10^{-8}$. In float32 rounding dominates from $\varepsilon = 10^{-2}$ on
-# (every smaller step makes the error larger), and even the best step stays more than ten
-# times above our threshold of $10^{-6}$. That is why `gradient_check` refuses float32.
+# Finally, float32. Estimating a gradient whose exact value is known, for steps $\varepsilon$
+# from $10^{-1}$ to $10^{-10}$, shows the two errors that compete: truncation, which falls
+# like $\varepsilon^2$, and rounding, which grows like $u/\varepsilon$. In float64 the error
+# stays below $10^{-8}$ at `gradient_check`'s step $10^{-6}$; in float32 even the best step
+# stays more than ten times above the threshold. The appendix
+# [Engineering notes](A1_engineering.ipynb) ("Why the gradient check needs float64") plots
+# the sweep and asserts both claims. So `gradient_check` refuses float32:
 
 # %%
-import matplotlib.pyplot as plt
-
-rng = np.random.default_rng(0)
-points, G_sin = rng.uniform(-2, 2, 100), rng.normal(size=100)
-exact = G_sin * np.cos(points)
-steps = np.array([1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10])
-sweep = {}                                 # dtype -> relative error at each step
-for dtype in (np.float32, np.float64):
-    p, Gd = points.astype(dtype), G_sin.astype(dtype)
-    f = lambda: float((Gd * np.sin(p)).sum())
-    sweep[dtype] = np.array([relative_error(exact, numerical_gradient(f, p, eps)
-                                            .astype(np.float64)) for eps in steps])
-
-fig, ax = plt.subplots(figsize=(7, 4.5))
-ax.loglog(steps, sweep[np.float32], "o-", color="tab:orange", label="float32")
-ax.loglog(steps, sweep[np.float64], "o-", color="tab:blue", label="float64")
-ax.loglog(steps, steps**2 / 12, ":", color="gray",
-          label="truncation, $\\varepsilon^2/12$")
-ax.axhline(TOLERANCE, color="tab:red", lw=1, label="threshold $10^{-6}$")
-ax.axvline(1e-6, color="black", lw=0.8, ls="--", label="gradient_check's step")
-ax.set_ylim(1e-12, 3)
-ax.invert_xaxis()
-ax.set_xlabel("step $\\varepsilon$ (smaller to the right)")
-ax.set_ylabel("relative error")
-ax.set_title("Central differences: truncation falls like $\\varepsilon^2$, "
-             "rounding grows like $1/\\varepsilon$\n"
-             "(the rounding part differs from machine to machine)")
-ax.legend(fontsize=8)
-fig.tight_layout()
-plt.show()
-
-err32, err64 = sweep[np.float32], sweep[np.float64]
-print("float64, where truncation dominates, the error is eps**2 / 12:")
-for eps, error in zip(steps[:4], err64[:4]):
-    print(f"  eps {eps:.0e}: relative error {error:.1e}")
-    assert abs(error / (eps**2 / 12) - 1) < 0.01
-at_default = err64[steps == 1e-6][0]
-print(f"float64: relative error < 1e-09 at the best step, < {ROUNDING_BOUND:.0e} "
-      "at gradient_check's step 1e-06")
-print(f"float32: relative error > 1e-05 even at the best step, ten times the threshold "
-      f"{TOLERANCE:.0e}")
-assert err64.min() < 1e-9 and at_default < ROUNDING_BOUND and err32.min() > 1e-5
-assert err64[steps == 1e-8][0] > 100 * err64.min()    # rounding takes over
-assert np.all(np.diff(err32[1:7]) > 0)      # float32: eps 1e-2 ... 1e-7, ever worse
-
 show_error(lambda: gradient_check(Linear(4, 3), x), ValueError,
            "gradient_check needs float64; W is float32")
 
@@ -899,8 +846,9 @@ show_error(lambda: stack.to(np.int32), ValueError, "to() needs a floating dtype"
 #
 # **The obvious scatter-add is wrong.** `W.grad[ids] += G` looks right but is not.
 # NumPy evaluates it as `W.grad[ids] = W.grad[ids] + G`, and when an id repeats, the *last*
-# write wins, so contributions are lost. `np.add.at(W.grad, ids, G)` is correct but slow
-# (an unbuffered loop). We write the sum as a matrix product instead. With $O$ the one-hot
+# write wins, so contributions are lost. `np.add.at(W.grad, ids, G)` is correct but slower
+# (an unbuffered loop; the appendix [Engineering notes](A1_engineering.ipynb) times both).
+# We write the sum as a matrix product instead. With $O$ the one-hot
 # matrix of the ids, $O_{nv} = [\text{ids}_n = v]$ of shape $(N, V)$, the sum above is
 # $\partial L / \partial W = O^\top G$. That is one BLAS call, cheap because $V = 20$ is small.
 
@@ -1016,9 +964,9 @@ report("Embedding", gradient_check(emb, ids))
 # %% [markdown]
 # Ids outside the table are the typical mistake: an id from a different vocabulary, or `-1`
 # used as padding. NumPy would quietly read row `V - 1` for `-1`, so the layer checks the range
-# and the dtype itself.
+# and the dtype itself (the calls are hidden in the book; the messages are shown).
 
-# %%
+# %% tags=["hide-input"]
 show_error(lambda: emb(np.array([[3, 20, 1]])), ValueError,
            "token id 20, outside its 20 rows (ids must be 0..19)")
 show_error(lambda: emb(np.array([[3, -1, 1]])), ValueError, "token id -1")
@@ -1111,6 +1059,8 @@ class PositionalEncoding(Module):
 # positions. Read across, each row is a distinct code.
 
 # %%
+import matplotlib.pyplot as plt
+
 pos_enc = PositionalEncoding(64, max_len=64)
 fig, ax = plt.subplots(figsize=(8, 5))
 image = ax.imshow(pos_enc.pe, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
@@ -1156,18 +1106,15 @@ show_error(lambda: pos_enc(np.zeros((1, 65, 64))), ValueError,
 # %% [markdown]
 # ## Fast reductions over short rows
 #
-# LayerNorm and softmax need a mean, a sum or a maximum over the last axis. In this model that
-# axis is short. Softmax runs over the keys of a sequence, at most about 10 of them. NumPy
-# handles `x.max(axis=-1)` over a short last axis badly: it starts its inner loop once per row,
-# and for rows of 8 numbers the bookkeeping costs more than the arithmetic. Two rewrites avoid it.
-#
-# - `row_max` takes the maximum *across columns* instead: `T - 1` calls of `np.maximum`, each
-#   over a whole column of the array (all `B·H·T` rows at once, written into one buffer).
-# - `row_sum` multiplies by a column of ones, `x @ ones((T, 1))`. The matrix product adds up every
-#   row in one BLAS call and works for any length (LayerNorm sums over $d_{\text{model}} = 64$).
-#
-# Both keep the last axis with size 1 (`keepdims`), so `x - row_max(x)` broadcasts. They are
-# exported because attention (chapter 3) uses them too.
+# LayerNorm and softmax need a sum or a maximum over the last axis, and in this model that axis
+# is short (softmax runs over at most about 10 keys). Two helpers compute them, with the last
+# axis kept at size 1 so that `x - row_max(x)` broadcasts: `row_max` takes `np.maximum` across
+# the columns, and `row_sum` multiplies by a column of ones, `x @ ones((T, 1))`. They return
+# what `x.max(axis=-1, keepdims=True)` and `x.sum(axis=-1, keepdims=True)` return (the sum up
+# to rounding), faster on short rows. Why NumPy's own reduction is slow there, the equality
+# checks and the measurement are in the appendix [Engineering notes](A1_engineering.ipynb)
+# ("Fast reductions over short rows"). They are exported because attention (chapter 3) uses
+# them too.
 
 # %% tags=["export"]
 def row_max(x: np.ndarray) -> np.ndarray:
@@ -1209,45 +1156,6 @@ def row_sum(x: np.ndarray) -> np.ndarray:
     array, shape (..., 1)
     """
     return x @ np.ones((x.shape[-1], 1), dtype=x.dtype)
-
-# %% [markdown]
-# **Proof** that they compute the same thing, on an attention-sized array `(B, H, T, T)`. The
-# maximum is exact (it only compares). The sum may differ in the last bits, because a matrix
-# product adds in a different order.
-
-# %%
-# (B, H, T, T)
-scores = np.random.default_rng(0).normal(size=(32, 4, 8, 8)).astype(np.float32)
-assert np.array_equal(row_max(scores), scores.max(axis=-1, keepdims=True))
-assert np.allclose(row_sum(scores), scores.sum(axis=-1, keepdims=True),
-                   rtol=1e-5, atol=1e-5)
-assert row_max(scores).shape == row_sum(scores).shape == (32, 4, 8, 1)
-wide = np.random.default_rng(1).normal(size=(64, 64))  # LayerNorm-sized rows
-assert np.allclose(row_sum(wide), wide.sum(axis=-1, keepdims=True),
-                   rtol=1e-12, atol=1e-12)
-print("row_max == .max(-1) exactly; row_sum == .sum(-1) up to rounding")
-
-# %% [markdown]
-# How much these rewrites save depends on your CPU and the array sizes. The cell below measures
-# it on your machine. Its output changes from run to run, so the test suite ignores it. Proper
-# benchmarks live outside the notebooks.
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-import timeit
-
-def microseconds(call: Callable[[], object]) -> float:
-    return min(timeit.repeat(call, number=100, repeat=3)) / 100 * 1e6
-
-pairs = [("max over last axis", lambda: scores.max(axis=-1, keepdims=True),
-          lambda: row_max(scores)),
-         ("sum over last axis", lambda: scores.sum(axis=-1, keepdims=True),
-          lambda: row_sum(scores))]
-print(f"(B, H, T, T) = {scores.shape}, float32")
-for label, plain, ours in pairs:
-    t_plain, t_ours = microseconds(plain), microseconds(ours)
-    print(f"{label:20} NumPy {t_plain:6.0f} us   ours {t_ours:6.0f} us   "
-          f"({t_plain / t_ours:.1f}x)")
 
 # %% [markdown]
 # ## Layer normalisation
@@ -1626,34 +1534,13 @@ report("Softmax",
        gradient_check(Softmax(), np.random.default_rng(0).normal(size=(2, 3, 5))))
 
 # %% [markdown]
-# **Why we never build $J$.** Each row of scores has its own $T \times T$ Jacobian. For attention
-# scores of shape `(B, H, T, T)` that makes `B·H·T` Jacobians, `B·H·T³` numbers: $T$ times the
-# memory of the scores, and $T$ times the work of the two-line vector-Jacobian product. Below
-# we build all of them for a small attention-sized tensor. The result is identical, and the memory is $T$ times larger.
-
-# %%
-B, H, T = 2, 2, 8
-att_scores = np.random.default_rng(0).normal(size=(B, H, T, T))   # (B, H, T, T)
-G_att = np.random.default_rng(1).normal(size=(B, H, T, T))
-w = softmax_layer(att_scores)
-vjp = softmax_layer.backward(G_att)
-diag_part = np.einsum("bhqi,ik->bhqik", w, np.eye(T))             # diag(y), per row
-jacobians = diag_part - np.einsum("bhqi,bhqk->bhqik", w, w)       # (B, H, T, T, T)
-materialised = np.einsum("bhqik,bhqi->bhqk", jacobians, G_att)    # J^T g, row by row
-assert np.allclose(materialised, vjp)
-assert jacobians.nbytes == T * att_scores.nbytes
-print(f"scores {att_scores.nbytes:,} bytes; all Jacobians {jacobians.nbytes:,} bytes "
-      f"(T = {T} times more)")
-
-print(f"\n{'T':>6} {'scores (float32)':>18} {'Jacobians (float32)':>20}   "
-      "per example and head")
-for T_ in (8, 512, 2048):
-    print(f"{T_:>6} {T_ * T_ * 4:>16,} B {T_ ** 3 * 4:>18,} B")
-
-# %% [markdown]
-# At our $T \le 10$ the Jacobians would merely waste time. At the context length of a modern
-# language model (thousands of tokens), one head of one example would need tens of gigabytes.
-# The vector-Jacobian product needs nothing beyond $y$, which the forward pass already computed.
+# **Why we never build $J$.** Each row of scores has its own $T \times T$ Jacobian, so for
+# attention scores of shape `(B, H, T, T)` the Jacobians hold `B·H·T³` numbers: $T$ times the
+# memory of the scores, and $T$ times the work of the two-line vector-Jacobian product. At our $T \le 10$ that
+# would merely waste time; at the context length of a modern language model (thousands of
+# tokens), one head of one example would need tens of gigabytes. The appendix
+# [Engineering notes](A1_engineering.ipynb) ("The softmax Jacobian, materialised") builds all
+# of them for a small tensor, gets the vector-Jacobian product's result, and counts the bytes.
 
 # %% [markdown]
 # ## Every layer, every parameter

@@ -93,11 +93,7 @@ print("\n".join(table))
 # one-hot. Both effects, for 8 keys and $d_k = 64$ at initialisation:
 
 # %%
-def softmax(scores):
-    """Row-wise softmax (a plain version for this demo; the library's is below)."""
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
+from transformer_lib.layers import softmax         # chapter 2's, along the last axis
 
 d_k, T, n = 64, 8, 5_000
 q = rng.normal(size=(n, 1, d_k))                     # one query per row
@@ -123,6 +119,66 @@ assert saturation["scaled"][2] > 3 * saturation["unscaled"][2]
 # scores receive about four times less gradient: the layer would start out committed to random
 # choices and learn slowly to undo them. With it, no row starts one-hot (the top weight
 # averages under one half here) and attention sharpens only as training finds reasons to.
+
+# %% [markdown]
+# The figure repeats the measurement for head sizes from 1 to 256 (8 keys, 5,000 rows of
+# random $q$ and $k$ with unit-variance entries, as above). Left: the largest weight of each
+# row, its median and the band in which 80% of the rows lie; right: the share of rows that
+# are already one-hot (largest weight above 0.99). Unscaled, the softmax saturates more and
+# more as $d_k$ grows; scaled, the distribution stays where it is for every head size. (At
+# $d_k = 1$ the two coincide: $\sqrt{1} = 1$.)
+
+# %%
+import matplotlib.pyplot as plt
+
+
+def top_weights(d_k, scaled, rows=5_000, keys=8, seed=1):
+    """The largest attention weight of each of `rows` random queries (`keys` keys)."""
+    gen = np.random.default_rng(seed)                 # the same q, k for both variants
+    q_ = gen.normal(size=(rows, 1, d_k))
+    k_ = gen.normal(size=(rows, keys, d_k))
+    s_ = (q_ @ k_.swapaxes(1, 2))[:, 0]               # (rows, keys)
+    return softmax(s_ / np.sqrt(d_k) if scaled else s_).max(axis=1)   # (rows,)
+
+
+head_sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+tops = {name: np.array([top_weights(d, name == "scaled") for d in head_sizes])
+        for name in ("unscaled", "scaled")}               # (head sizes, rows)
+
+fig, (ax_w, ax_h) = plt.subplots(1, 2, figsize=(10, 4))
+for name, color in (("unscaled", "tab:red"), ("scaled", "tab:blue")):
+    low, median, high = np.quantile(tops[name], [0.1, 0.5, 0.9], axis=1)
+    label = "$q \\cdot k$" if name == "unscaled" else "$q \\cdot k / \\sqrt{d_k}$"
+    ax_w.fill_between(head_sizes, low, high, color=color, alpha=0.2)
+    ax_w.plot(head_sizes, median, "o-", color=color, label=f"{label}: median, 10-90%")
+    ax_h.plot(head_sizes, 100 * (tops[name] > 0.99).mean(axis=1), "o-", color=color,
+              label=label)
+ax_w.axhline(1 / 8, color="gray", ls=":", label="uniform over 8 keys")
+ax_w.set_ylim(0, 1.02)
+ax_w.set_ylabel("largest attention weight of a row")
+ax_w.set_title("Top attention weight per row, scaled vs unscaled")
+ax_h.set_ylim(-2, 100)
+ax_h.set_ylabel("rows with one weight > 0.99 (%)")
+ax_h.set_title("Rows that start one-hot")
+for ax in (ax_w, ax_h):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(head_sizes, [str(d) for d in head_sizes])
+    ax.set_xlabel("head size $d_k$")
+    ax.legend(fontsize=8, loc="upper left")
+fig.tight_layout()
+plt.show()
+
+median_of = {name: np.median(tops[name], axis=1) for name in tops}
+print("median top weight, d_k = " + ", ".join(map(str, head_sizes)))
+for name in tops:
+    print(f"  {name:9}", "  ".join(f"{m:.2f}" for m in median_of[name]))
+assert np.array_equal(tops["scaled"][0], tops["unscaled"][0])          # d_k = 1
+assert (np.diff(median_of["unscaled"]) > 0).all()           # saturates as d_k grows
+assert median_of["unscaled"][head_sizes.index(64):].min() > 0.95
+assert (tops["unscaled"][-1] > 0.99).mean() > 0.5           # d_k 256: most rows one-hot
+assert 0.25 < median_of["scaled"].min() and median_of["scaled"].max() < 0.4
+assert np.quantile(tops["scaled"], 0.9, axis=1).max() < 0.6
+assert (tops["scaled"] > 0.99).mean(axis=1).max() < 0.005   # scaled: almost never
 
 # %% [markdown]
 # ## Masking the padding

@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+APPENDICES = sorted((ROOT / "notebooks").glob("A[0-9]_*.py"))   # executed and tested too
+SOURCES = CHAPTERS + APPENDICES
+NOTEBOOKS = [p.with_suffix(".ipynb") for p in SOURCES if p.with_suffix(".ipynb").exists()]
 FIX = "edit notebooks/NN_x.py, then run: .venv/bin/python tools/execute.py notebooks/NN_x.py"
 
 
@@ -31,7 +33,7 @@ def test_ruff_passes():
 
 
 def test_there_are_notebooks():
-    assert SOURCES, "no notebooks/NN_topic.py found"
+    assert CHAPTERS, "no notebooks/NN_topic.py found"
 
 
 def test_export_is_in_sync():
@@ -41,7 +43,8 @@ def test_export_is_in_sync():
 
 
 def test_every_notebook_is_paired():
-    assert [p.stem for p in SOURCES] == [p.stem for p in NOTEBOOKS], FIX
+    ipynbs = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert sorted(p.stem for p in SOURCES) == [p.stem for p in ipynbs], FIX
 
 
 def cells(notebook):
@@ -73,9 +76,15 @@ def test_ipynb_is_executed_top_to_bottom(ipynb):
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_first_cell_is_numbered_title(source):
+    """A chapter's title is '# N. Title'; an appendix's (A1_x.py) '# Title', unnumbered
+    like the other appendix pages."""
     first = jupytext.read(source).cells[0]
-    number = int(source.name[:2])
     assert first.cell_type == "markdown", f"{source.name}: first cell must be the title"
+    if source in APPENDICES:
+        assert re.fullmatch(r"# [A-Z][^.]*", first.source.splitlines()[0]), \
+            f"{source.name}: first line must be '# Title', got {first.source[:60]!r}"
+        return
+    number = int(source.name[:2])
     assert re.fullmatch(rf"# {number}\. \S.*", first.source.splitlines()[0]), \
         f"{source.name}: first line must be '# {number}. Title', got {first.source[:60]!r}"
 
@@ -94,10 +103,15 @@ def test_code_lines_fit_the_book_column(source):
 
 
 def test_toc_lists_every_notebook_in_order():
+    """The chapters in order, then the appendix notebooks, under the "Appendix" caption."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    listed = [ch["file"] for part in toc.get("parts", []) for ch in part.get("chapters") or []]
+    parts = toc.get("parts", [])
+    listed = [ch["file"] for part in parts for ch in part.get("chapters") or []]
     notebooks = [f"notebooks/{p.stem}" for p in SOURCES]
     assert [f for f in listed if f.startswith("notebooks/")] == notebooks
+    appendix = [ch["file"] for part in parts if part.get("caption") == "Appendix"
+                for ch in part.get("chapters") or []]
+    assert all(f"notebooks/{p.stem}" in appendix for p in APPENDICES)
 
 
 def test_package_exports_its_public_names():

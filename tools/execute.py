@@ -2,12 +2,15 @@
 
     python tools/execute.py notebooks/04_transformer.py [more.py ...]   # these chapters
     python tools/execute.py --from 05                                  # chapter 05 and later ones
+    python tools/execute.py notebooks/A1_engineering.py               # an appendix notebook
 
 For each chapter this runs `jupytext --sync --execute` (the working directory is notebooks/,
 as under nbval), then removes the execution timestamps that Jupyter writes into every code
 cell's metadata, so that re-running an unchanged chapter leaves its .ipynb unchanged apart
 from genuinely variable outputs. One BLAS thread unless OPENBLAS_NUM_THREADS is set (results
 are the same, and it is faster on a busy machine). Stops at the first chapter that fails.
+`--from NN` also re-executes the appendix notebooks (notebooks/A1_*.py), which import the
+chapters' code.
 """
 
 import argparse
@@ -41,6 +44,7 @@ def main() -> int:
     if args.start:
         start = args.start.zfill(2)                               # "5" and "05" both work
         sources += [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py")) if p.name[:2] >= start]
+        sources += sorted(NOTEBOOKS.glob("A[0-9]_*.py"))          # the appendix notebooks
     if not sources:
         parser.error("name chapters (notebooks/NN_topic.py) or use --from NN")
     missing = [str(p) for p in sources if not p.is_file() or p.suffix != ".py"]
@@ -49,7 +53,7 @@ def main() -> int:
 
     subprocess.run([sys.executable, str(ROOT / "tools" / "export.py")], check=True)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
-    for source in sorted(set(sources)):
+    for source in sorted(set(sources), key=lambda p: (p.name[0].isalpha(), p.name)):
         print(f"executing {source.relative_to(ROOT)}", flush=True)
         done = subprocess.run([str(BIN / "jupytext"), "--sync", "--execute", str(source)],
                               cwd=NOTEBOOKS, env=env)
