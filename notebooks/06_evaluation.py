@@ -874,27 +874,25 @@ fig = plot_head_scores(hs, title="Head detector: the share of [EOS]'s attention 
 plt.show()
 
 # %% [markdown]
-# The same numbers as a table: for each head and operation, the hypothesis that fits best
-# and its score (chance for comparison in the last line).
+# The figure holds every score. What it implies is shorter: for each head, the hypotheses it
+# passes at the threshold of 0.9, and for which operations. These *roles* are computed, not
+# read off by eye, and the circuit diagram at the end of the next section is drawn from them.
 
 # %%
-short = {"argument 1": "arg 1", "argument 2": "arg 2", "argument 3": "arg 3",
-         "largest digit": "largest", "smallest digit": "smallest",
-         "operation token": "op token"}
-print(f"{'':16}" + "".join(f"{op:>17}" for op in hs.operations))
-for l in range(2):
-    for h in range(4):
-        cells = []
-        for o in range(len(hs.operations)):
-            k = hs.scores[l, h, o].argmax()
-            cells.append(f"{short[hs.hypotheses[k]]:>10} {hs.scores[l, h, o, k]:.2f}")
-        print(f"layer {l + 1} head {h + 1}  " + "".join(f"{c:>17}" for c in cells))
+K = len(hs.hypotheses)
+roles = {(l, h): [(op, hs.hypotheses[k]) for o, op in enumerate(hs.operations)
+                  for k in range(K) if hs.scores[l, h, o, k] >= THRESHOLD]
+         for l in range(2) for h in range(4)}
+for (l, h), passed in roles.items():
+    print(f"layer {l + 1} head {h + 1}: "
+          + ("; ".join(f"{op}: {name}" for op, name in passed) or "(none)"))
 print("chance (args/largest/smallest):", hs.chance[0, :5].round(3))
 # 1/3 per argument; 0.385 for the largest (and the smallest) digit, ties counted
 assert np.allclose(hs.chance[:, :5], [1 / 3, 1 / 3, 1 / 3, 0.385, 0.385])
+assert not roles[(0, 1)] and not roles[(0, 2)]    # layer 1, heads 2 and 3: no role here
 
 # %% [markdown]
-# What the table says, each claim checked below (with the threshold of 0.9, or the band
+# What the figure says, each claim checked below (with the threshold of 0.9, or the band
 # stated):
 #
 # - **Positional heads.** For `First`, `Second` and `Last`, heads 1, 2 and 3 of **layer 2**
@@ -1089,11 +1087,21 @@ experiments = {
     "E: layer 1, arguments -/-> arguments": {0: edges(ARGS, ARGS)},
 }
 knockout = {}
-print(f"{'experiment':38}" + "".join(f"{op:>8}" for op in OPERATIONS))
 for name, blocked in experiments.items():
     out, _ = forward_with_knockout(model, batch.ids, batch.mask, blocked)
     knockout[name[0]] = accuracy_per_operation(everything, out.argmax(axis=1))
-    print(f"{name:38}" + "".join(f"{knockout[name[0]][op]:8.1%}" for op in OPERATIONS))
+# (6, 5): the intact model, then A..E
+knockout_accuracy = np.array([[results["all 5,000"][op] for op in OPERATIONS]]
+                    + [[knockout[name[0]][op] for op in OPERATIONS] for name in experiments])
+ax = plot_heatmap(knockout_accuracy, ["none (the trained model)", *experiments],
+                  OPERATIONS,
+                  title="Accuracy on all 5,000 inputs with attention edges cut",
+                  xlabel="operation", ylabel="experiment", cmap="viridis", vmin=0,
+                  vmax=1, fmt="{:.1%}", fontsize=10, colorbar_label="accuracy")
+ax.set_xticks(range(len(OPERATIONS)), OPERATIONS, rotation=0)
+ax.axhline(0.5, color="white", lw=3)
+ax.figure.set_size_inches(9, 3.8)
+plt.show()
 
 # %% [markdown]
 # The story "layer 1 reads the operation into `[EOS]`, layer 2 uses it" is **wrong** for
@@ -1242,6 +1250,94 @@ on_close = readout[0, ~has_nine, nine_head, 5]                        # no 9: ')
 print(f"without a 9: mean {on_close.mean():.2f} on ')'")
 assert on_close.mean() > 0.7
 assert matrices["Max"][9, 9] == 271                                   # 27% of Max
+
+# %% [markdown]
+# ### The circuit, as measured
+#
+# The diagram puts the findings together. Its head numbers are not typed in: they come from
+# the roles and shares measured above, and the code checks every kind of edge against the
+# knock-out that cuts it. Solid edges are needed for `First` and `Second` (the green ones)
+# or for every operation (the black ones); the dashed ones, `[EOS]`'s own reading in layer
+# 1, only `Max` needs.
+
+# %% tags=["hide-input"]
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch
+
+# the head numbers of every label, from the measurements
+named = {"First": "argument 1", "Second": "argument 2", "Last": "argument 3"}
+copy_all = [h for h in range(4)
+            if all((op, arg) in roles[(1, h)] for op, arg in named.items())]
+copy_some = {h: [op for op, arg in named.items() if (op, arg) in roles[(1, h)]]
+             for h in range(4) if h not in copy_all}
+min_heads = [h for h in range(4) if smallest[h] > 0.85]
+op_reader = [h for h in range(4) if h != max_detector
+             and all(h + 1 in reading[op] for op in OPERATIONS if op != "Second")]
+assert copy_all == positional and copy_some[3] == ["First", "Last"]
+assert min_heads == [0, 1, 3] and op_reader == [3] and nine_head == 2
+# every kind of edge against its knock-out
+assert all(knockout["A"][op] < 0.3 for op in OPERATIONS)              # layer-2 copy
+assert knockout["D"]["First"] < 0.15 and knockout["D"]["Second"] < 0.15  # args read op
+assert all(knockout["B"][op] == 1 and knockout["C"][op] >= 0.99 for op in FSL)
+assert knockout["C"]["Max"] < 0.25 and knockout["C"]["Min"] > 0.98    # Max only
+assert all(acc > 0.99 for acc in knockout["E"].values())              # residual path
+
+
+def numbers(hs_list) -> str:
+    return ", ".join(str(h + 1) for h in hs_list)
+
+
+def arrow(start, end, color, rad=0.0, style="-", lw=2.0):
+    ax.add_patch(FancyArrowPatch(start, end, connectionstyle=f"arc3,rad={rad}",
+                                 arrowstyle="-|>", mutation_scale=14, color=color,
+                                 lw=lw, ls=style, shrinkA=12, shrinkB=12))
+
+
+fig, ax = plt.subplots(figsize=(13, 5.6), constrained_layout=True)
+labels = ["Op", "(", "$a_1$", "$a_2$", "$a_3$", ")", "[EOS]"]
+levels = ["input\n(token + position)", "after layer 1", "after layer 2"]
+for y, level in enumerate(levels):
+    ax.text(-0.8, y, level, ha="right", va="center", fontsize=10)
+    for x, label in enumerate(labels):
+        ax.text(x, y, label, ha="center", va="center", fontsize=11, zorder=3,
+                bbox=dict(boxstyle="round", fc="lightyellow" if x == EOS else "white",
+                          ec="grey"))
+        if y < 2:
+            arrow((x, y), (x, y + 1), "lightgrey", lw=3)              # residual path
+for k in ARGS:
+    arrow((OP, 0), (k, 1), "tab:green")                               # layer 1
+    arrow((k, 0), (EOS, 1), "tab:orange", style="--", lw=1.2)
+    arrow((k, 1), (EOS, 2), "black", lw=2.5)                          # layer 2
+arrow((OP, 0), (EOS, 1), "tab:orange", rad=0.08, style="--", lw=1.5)
+arrow((EOS, 2), (EOS, 2.6), "black", lw=2.5)
+ax.text(EOS, 2.65, "answer (output layer)", ha="center", va="bottom", fontsize=11)
+ax.text(7.0, 1.55,
+        f"layer 2, [EOS]: heads {numbers(copy_all)} (head 4 for "
+        f"{' and '.join(copy_some[3])})\ncopy the argument the operation names; "
+        "its key\ncarries the operation, [EOS]'s query need not\n"
+        f"(knock-out C). Heads {numbers(min_heads)}: the smallest\n"
+        "digit, for Min. Max: no single head (at best "
+        f"{best_max:.2f}).", va="center", fontsize=9.5)
+ax.text(7.0, 0.5,
+        f"layer 1, [EOS]: head {max_detector + 1} reads the Max token,\n"
+        f"head {op_reader[0] + 1} every operation token but Second,\n"
+        f"head {nine_head + 1} a 9 wherever it stands. Only Max\n"
+        "needs this (knock-out C); cutting only the\n"
+        "operation edge (B) also misleads Min.", va="center", fontsize=9.5)
+ax.text(-0.3, 0.5, "layer 1: the arguments\nread the operation", ha="right",
+        va="center", fontsize=9.5, color="tab:green")
+ax.legend(handles=[
+    Line2D([], [], color="black", lw=2.5, label="the answer is copied to [EOS] (cut: A)"),
+    Line2D([], [], color="tab:green", lw=2, label="arguments read the operation (cut: D)"),
+    Line2D([], [], color="tab:orange", lw=1.5, ls="--",
+           label="[EOS] reads in layer 1, needed by Max only (cut: C)"),
+    Line2D([], [], color="lightgrey", lw=3,
+           label="residual path: each digit stays at its position (E)")],
+    loc="lower center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=9.5, frameon=False)
+ax.set(xlim=(-2.3, 11.2), ylim=(-0.3, 2.9))
+ax.axis("off")
+ax.set_title("The circuit the measurements found in the reference model", fontsize=12)
+plt.show()
 
 # %% [markdown]
 # ## Does the model know that 3 < 7?
