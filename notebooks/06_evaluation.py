@@ -90,7 +90,8 @@ assert sorted(ex.text for part in (train, val, test) for ex in part) == sorted(
 #
 # `plot_training_curves` is the first export of this chapter. Like every plotting function
 # here it *returns* the figure instead of showing it, so it can be reused, saved, or
-# arranged; the notebook cell calls `plt.show()`.
+# arranged; the notebook cell calls `plt.show()`. The plotting code, here and below, is
+# folded away: it draws, it does not compute.
 
 # %% tags=["export"]
 from typing import NamedTuple, Sequence
@@ -112,46 +113,31 @@ def _pyplot():
     return plt
 
 
+# %% tags=["export", "hide-input"]
 def plot_training_curves(history: dict) -> "plt.Figure":
-    """Step loss, epoch losses and validation accuracy of a training run.
-
-    Parameters
-    ----------
-    history : dict
-        ``model.metadata["history"]`` (chapter 5): lists ``step_loss``, ``epoch``,
-        ``train_loss``, ``val_loss``, ``val_accuracy`` and the int ``best_epoch``.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
+    """Step loss, epoch losses and validation accuracy of a training run, from
+    ``model.metadata["history"]`` (chapter 5). Returns the matplotlib Figure."""
     plt = _pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6),
                                         constrained_layout=True)
-    steps = np.arange(1, len(history["step_loss"]) + 1)
-    ax1.plot(steps, history["step_loss"], lw=0.8, color="tab:blue")
-    steps_per_epoch = len(steps) / len(history["epoch"])
-    for e in history["epoch"][:-1]:
-        ax1.axvline(e * steps_per_epoch, color="grey", lw=0.5, ls=":")
+    epochs, steps = history["epoch"], np.arange(1, len(history["step_loss"]) + 1)
+    ax1.plot(steps, history["step_loss"], lw=0.8)
+    for e in epochs[:-1]:
+        ax1.axvline(e * len(steps) / len(epochs), color="grey", lw=0.5, ls=":")
     ax1.set(yscale="log", xlabel="optimisation step (dotted lines: epoch ends)",
             ylabel="cross-entropy loss", title="Loss of every training step")
-    ax2.plot(history["epoch"], history["train_loss"], "o-",
-             label="training (mean over the epoch)")
-    ax2.plot(history["epoch"], history["val_loss"], "s-",
-             label="validation (end of the epoch)")
+    ax2.plot(epochs, history["train_loss"], "o-", label="training (epoch mean)")
+    ax2.plot(epochs, history["val_loss"], "s-", label="validation (epoch end)")
     ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss",
-            title="Loss per epoch")
+            title="Loss per epoch", xticks=epochs)
     ax2.legend()
-    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-",
-             color="tab:green")
-    best = history["best_epoch"]
-    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16,
-             color="tab:red", label=f"best epoch ({best}): the model we use")
+    best, val_acc = history["best_epoch"], np.asarray(history["val_accuracy"]) * 100
+    ax3.plot(epochs, val_acc, "s-", color="tab:green")
+    ax3.plot([best], [val_acc[best - 1]], "*", ms=16, color="tab:red",
+             label=f"best epoch ({best}): the model we use")
     ax3.set(xlabel="epoch", ylabel="validation accuracy (%)",
-            title="Validation accuracy")
+            title="Validation accuracy", xticks=epochs)
     ax3.legend(loc="lower right")
-    for ax in (ax2, ax3):
-        ax.set_xticks(history["epoch"])
     return fig
 
 
@@ -298,17 +284,8 @@ assert np.array_equal(readout[1], attention[1][:, :, 6, :])
 # %% tags=["export"]
 def accuracy_per_operation(examples: Sequence[Example],
                            predicted_ids: np.ndarray) -> dict:
-    """Fraction of correct answers for each operation present in ``examples``.
-
-    Parameters
-    ----------
-    examples : sequence of B Examples
-    predicted_ids : (B,) predicted token ids (``logits.argmax(-1)``)
-
-    Returns
-    -------
-    dict operation -> accuracy, in the order of ``OPERATIONS``, plus ``"all"``
-    """
+    """Fraction of correct answers per operation present in the B ``examples``, in the
+    order of ``OPERATIONS``, plus ``"all"``; ``predicted_ids`` is (B,)."""
     predicted_ids = np.asarray(predicted_ids)
     if predicted_ids.shape != (len(examples),):
         raise ValueError(f"expected one prediction per example ({len(examples)}), "
@@ -348,18 +325,9 @@ assert evaluate(model, test)["accuracy"] == 1.0
 # %% tags=["export"]
 def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
                      classes: Sequence[int] = tuple(_DIGIT_IDS)) -> np.ndarray:
-    """Counts of (true answer, predicted answer) pairs.
-
-    Parameters
-    ----------
-    true_ids, predicted_ids : (B,) token ids
-    classes : the C token ids to count, default the digits ``0``..``9``
-
-    Returns
-    -------
-    (C, C + 1) int array: row = true class, column = predicted class; the last column
-    counts predictions outside ``classes``.
-    """
+    """Counts of (true answer, predicted answer) pairs of (B,) token ids: a (C, C + 1)
+    int array over the C ``classes`` (default the digits), row = true, column =
+    predicted; the last column counts predictions outside ``classes``."""
     true_ids, predicted_ids = np.asarray(true_ids), np.asarray(predicted_ids)
     lookup = {int(c): i for i, c in enumerate(classes)}
     C = len(classes)
@@ -371,6 +339,7 @@ def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
     return np.bincount(rows * (C + 1) + cols, minlength=C * (C + 1)).reshape(C, C + 1)
 
 
+# %% tags=["export", "hide-input"]
 def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
                  col_labels: Sequence[str], ax: "plt.Axes | None" = None,
                  title: str | None = None, xlabel: str = "", ylabel: str = "",
@@ -378,21 +347,11 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
                  vmin: float | None = None, vmax: float | None = None,
                  colorbar_label: str | None = None, fmt: str | None = None,
                  hide_below: float | None = None, fontsize: int = 8) -> "plt.Axes":
-    """A labelled heatmap: the building block of every matrix figure in this chapter.
-
-    Parameters
-    ----------
-    values : (R, C) array
-    row_labels, col_labels : R and C tick labels (tokens, operations, hypotheses, ...)
-    ax : Axes to draw on (default: a new figure)
-    colorbar_label : draw a colour bar with this label (None: no colour bar)
-    fmt : write each value into its cell with this format, e.g. ``"{:.2f}"``
-    hide_below : leave cells whose value is below this unwritten (e.g. the zeros)
-
-    Returns
-    -------
-    matplotlib Axes; the image is ``ax.images[0]``
-    """
+    """A labelled heatmap of an (R, C) array: the building block of every matrix
+    figure in this chapter. ``fmt`` (e.g. ``"{:.2f}"``) writes each value into its
+    cell, except values below ``hide_below``; ``colorbar_label`` adds a colour bar.
+    Draws on ``ax`` (default: a new figure) and returns it; the image is
+    ``ax.images[0]``."""
     plt = _pyplot()
     values = np.asarray(values)
     if values.shape != (len(row_labels), len(col_labels)):
@@ -426,10 +385,8 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789
                    ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
                    extra_label: str = "other", vmax: float | None = None,
                    colorbar: bool = True) -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, and
-    a colour bar unless ``colorbar=False`` (panels that share ``vmax`` need one).
-
-    Returns the matplotlib Axes (a new figure if ``ax`` is None).
+    """Heatmap of a ``confusion_matrix``, counts written in the non-empty cells; panels
+    that share ``vmax`` need one colour bar only (``colorbar=False``). Returns the Axes.
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
     return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
@@ -476,27 +433,10 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
             strict: bool = True) -> str | tuple[str, float] | list:
     """Answer puzzles: ``predict(model, "Max(5, 3, 9)")`` returns ``"9"``.
 
-    Parameters
-    ----------
-    model : Transformer
-    text : str or sequence of str
-        One puzzle, or a list of puzzles, written as ``encode`` accepts them
-        (``"Max(5, 3, 9)"``, ``"Max ( 5 3 9 )"``, ...).
-    return_probs : bool
-        Also return the probability the model gives its answer (a float in 0..1).
-    strict : bool
-        Passed to ``encode``: check the grammar first (default). ``False`` lets
-        malformed puzzles through, to see what the model makes of them.
-
-    Returns
-    -------
-    str, or (str, float) with ``return_probs``; a list of those for a list of texts.
-
-    Raises
-    ------
-    ValueError
-        The tokenizer's error for bad input (for a list, prefixed with the bad text's
-        index).
+    ``text`` is one puzzle or a list of them, as ``encode`` accepts them. Returns the
+    answer, or (answer, its probability) with ``return_probs``; a list for a list.
+    ``strict=False`` skips ``encode``'s grammar check. Bad input raises the tokenizer's
+    ``ValueError`` (for a list, prefixed with the bad text's index).
     """
     single = isinstance(text, str)
     if not single and not isinstance(text, (list, tuple)):
@@ -545,16 +485,22 @@ assert predict(model, [ex.text for ex in sample]) == [str(ex.answer) for ex in s
 
 
 # %% [markdown]
-# And when the input is not a puzzle, the error says what is wrong and where. Chapter 1's
-# helper `show_error` asserts the type and the message of the error and prints it.
+# When the input is not a puzzle, the error says what is wrong and where. The cell below
+# (its code folded away) checks and prints a few such messages with chapter 1's helper
+# `show_error`, which asserts the type and the text of the error.
 
-# %%
+# %% tags=["hide-input"]
 from transformer_lib.data import show_error
 
-show_error(lambda: predict(model, "max(5, 3, 9)"), ValueError,
-           "unknown token 'max' at position 0")
-show_error(lambda: predict(model, "Max(5, 12, 9)"), ValueError,
-           "only single digits 0–9 are tokens")
+for bad, message in [
+        ("max(5, 3, 9)", "unknown token 'max' at position 0"),
+        ("Max(5, 12, 9)", "only single digits 0–9 are tokens"),
+        ("Mean(1, 2, 3)", "unknown token 'Mean' at position 0"),
+        ("Max(5; 3; 9)", "unknown token ';' at position 3"),
+        ("Max()", "expected a digit 0–9 at position 2, got ')'"),
+        ("Max(5, 3, 9", "expected ')' at position 7, got end of input"),
+        ("Max(5, 3, 9) 4", "expected '[EOS]' or end of input at position 8")]:
+    show_error(lambda: predict(model, bad), ValueError, message)
 show_error(lambda: predict(model, ["Max(1, 2, 3)", "Max(1, 2, 3"]), ValueError,
            "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
 show_error(lambda: predict(model, 42), ValueError,
@@ -573,26 +519,16 @@ show_error(lambda: predict(model, 42), ValueError,
 # sit at different positions: `First` → 4 (argument 1), `Second` and `Max` → 9 (argument 2),
 # `Last` and `Min` → 1 (argument 3).
 
-# %% tags=["export"]
+# %% tags=["export", "hide-input"]
 def plot_attention(weights: np.ndarray, tokens: Sequence[str],
                    ax: "plt.Axes | None" = None, title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
                    ylabel: str = "query (attending from)",
                    fontsize: int = 9) -> "plt.Axes":
-    """Heatmap of one attention matrix, colour scale 0..1.
-
-    Parameters
-    ----------
-    weights : (R, C) array, row r = the attention distribution of query r over C keys
-    tokens : C labels of the keys (and of the queries unless ``row_labels`` is given)
-    ax : matplotlib Axes to draw on (default: a new figure)
-    highlight_row : index of a row to frame in red (e.g. the read-out position)
-
-    Returns
-    -------
-    matplotlib Axes; its image is ``ax.images[0]``
-    """
+    """Heatmap of one (R, C) attention matrix (row r: query r's distribution over the
+    C keys ``tokens``), colour scale 0..1; ``highlight_row`` is framed in red.
+    Returns the Axes; its image is ``ax.images[0]``."""
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
     ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel,
@@ -610,18 +546,9 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
                         highlight_row: int | None = None,
                         xlabel: str = "key (attended to)",
                         ylabel: str = "query") -> "plt.Figure":
-    """Every head of every layer, plus the mean over heads, with one shared colour bar.
-
-    Parameters
-    ----------
-    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])``
-        for example i
-    tokens, row_labels, highlight_row : as in ``plot_attention``
-
-    Returns
-    -------
-    matplotlib Figure with L rows of H + 1 panels
-    """
+    """Every head of every layer of (L, H, R, C) ``weights``, plus the mean over the
+    heads: a Figure of L rows of H + 1 panels, one colour bar (arguments as in
+    ``plot_attention``)."""
     plt = _pyplot()
     weights = np.asarray(weights)
     L, H = weights.shape[:2]
@@ -798,20 +725,10 @@ class HeadScores(NamedTuple):
 
 
 def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
-    """Score each head's read-out attention against positional and content hypotheses.
-
-    Parameters
-    ----------
-    readout : (L, B, H, T) array from ``readout_attention``
-    examples : the B Examples, all with the same number n of arguments
-        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0,
-        argument k at position k + 1)
-
-    Returns
-    -------
-    HeadScores with hypotheses ``argument 1`` .. ``argument n``, ``largest digit``,
-    ``smallest digit``, ``operation token``
-    """
+    """Score each head's read-out attention (L, B, H, T), from ``readout_attention``,
+    against the hypotheses ``argument 1`` .. ``argument n``, ``largest digit``,
+    ``smallest digit`` and ``operation token``. The B ``examples`` must all have n
+    arguments (``Op ( a_1 ... a_n ) [EOS]``: argument k at position k + 1)."""
     n = len(examples[0].args)
     if any(len(ex.args) != n for ex in examples):
         raise ValueError("head_scores needs examples with the same number of arguments "
@@ -840,11 +757,10 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
     return HeadScores(scores, chance, present, hypotheses)
 
 
+# %% tags=["export", "hide-input"]
 def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
-    """One panel per operation: heads (rows) x hypotheses (columns), scores written in.
-
-    Returns the matplotlib Figure.
-    """
+    """One panel per operation: heads (rows) x hypotheses (columns), scores written
+    in. Returns the Figure."""
     plt = _pyplot()
     L, H, O, K = hs.scores.shape
     fig, axes = plt.subplots(1, O, figsize=(3.1 * O + 1, 0.42 * L * H + 2.4),
@@ -892,23 +808,20 @@ assert np.allclose(hs.chance[:, :5], [1 / 3, 1 / 3, 1 / 3, 0.385, 0.385])
 assert not roles[(0, 1)] and not roles[(0, 2)]    # layer 1, heads 2 and 3: no role here
 
 # %% [markdown]
-# What the figure says, each claim checked below (with the threshold of 0.9, or the band
-# stated):
+# What the figure adds, each claim checked below:
 #
-# - **Positional heads.** For `First`, `Second` and `Last`, heads 1, 2 and 3 of **layer 2**
-#   score at least 0.9 on *the* argument the operation names, for all three operations; the
-#   code finds them and prints them. No head of **layer 1** comes close: its best positional
-#   score for these operations is 0.32, no more than the 1/3 of chance, so layer 1 does not
-#   select the argument.
+# - **Positional heads, one by one.** Heads 1, 2 and 3 of **layer 2** pass for all three of
+#   `First`, `Second` and `Last` (pattern 1), head 4 for `First` and `Last` only. No head of
+#   **layer 1** selects an argument: its best positional score for these operations is
+#   0.32, below the 1/3 of chance.
 # - **Min** uses layer 2 as a *smallest digit* detector: three heads score between 0.85 and
 #   0.95 (heads 1 and 2, two of the positional heads, and head 4), and head 3 scores 0.73.
+#   Their average attention on each argument, the spread of pattern 1, is 0.28 to 0.38.
 # - **Max** has no single clean *largest digit* head: the best layer-2 score, 0.78 (head 1,
 #   with head 2 close behind), is well above chance but below 0.9. No single hypothesis on
 #   this list captures `Max`.
-# - **The operation token** is read mostly in layer 1 (the last column of each panel): head 1
-#   for `Max`, head 4 for every operation but `Second` (`Max` included, 0.57): the shares of
-#   patterns 2 and 3 above. One layer-2 head reads it too: head 3 puts 0.46 of `[EOS]`'s
-#   attention on the `Max` token.
+# - **The operation token** column repeats patterns 2 and 3 in layer 1. In layer 2 only
+#   head 3 reads it, 0.46 of `[EOS]`'s attention on the `Max` token.
 
 # %%
 S = hs.scores   # (layer, head, operation, hypothesis)
@@ -924,6 +837,9 @@ print(f"best positional score in layer 1: {layer1_positional:.2f}")
 assert layer1_positional < 1 / 3, "no layer-1 head selects an argument"
 # the operation-token column of layer 1 holds the shares of patterns 2 and 3
 assert np.allclose(S[0, :, :, hyp["operation token"]], to_op)
+to_op2 = S[1, :, :, hyp["operation token"]]                # (H, O): layer 2
+assert to_op2.argmax() == 2 * 5 + op_index["Max"] and 0.45 < to_op2.max() < 0.5
+assert np.sort(to_op2, axis=None)[-2] < 0.1                # no other layer-2 reading
 o_min, o_max = hs.operations.index("Min"), hs.operations.index("Max")
 smallest = S[1, :, o_min, hyp["smallest digit"]]            # every head of layer 2
 print(f"layer-2 heads on the smallest digit for Min: {smallest.round(2)}")
@@ -1092,7 +1008,8 @@ for name, blocked in experiments.items():
     knockout[name[0]] = accuracy_per_operation(everything, out.argmax(axis=1))
 # (6, 5): the intact model, then A..E
 knockout_accuracy = np.array([[results["all 5,000"][op] for op in OPERATIONS]]
-                    + [[knockout[name[0]][op] for op in OPERATIONS] for name in experiments])
+                             + [[knockout[name[0]][op] for op in OPERATIONS]
+                                for name in experiments])
 ax = plot_heatmap(knockout_accuracy, ["none (the trained model)", *experiments],
                   OPERATIONS,
                   title="Accuracy on all 5,000 inputs with attention edges cut",
@@ -1237,6 +1154,7 @@ assert OPERATIONS[second_op] == "Last"
 op_pref = dict(zip(OPERATIONS, pref[3, 10:15]))
 assert all(op_pref[op] > pref[3, :10].max() for op in ("First", "Last", "Min"))
 assert op_pref["Second"] < pref[3, :10].max()
+assert set(np.argsort(pref[1])[-2:]) == {7, 5}        # head 2: the digits 7 and 5
 assert nine_head == 2 and pref[2, :10].argmax() == 9 and nine_gap > 5
 assert pref[2, 9] - np.sort(pref[2])[-2] > 5                          # every token
 assert columns[int(np.argsort(pref[2])[-2])] == ")"
@@ -1326,14 +1244,14 @@ ax.text(7.0, 0.5,
         "operation edge (B) also misleads Min.", va="center", fontsize=9.5)
 ax.text(-0.3, 0.5, "layer 1: the arguments\nread the operation", ha="right",
         va="center", fontsize=9.5, color="tab:green")
-ax.legend(handles=[
-    Line2D([], [], color="black", lw=2.5, label="the answer is copied to [EOS] (cut: A)"),
-    Line2D([], [], color="tab:green", lw=2, label="arguments read the operation (cut: D)"),
-    Line2D([], [], color="tab:orange", lw=1.5, ls="--",
-           label="[EOS] reads in layer 1, needed by Max only (cut: C)"),
-    Line2D([], [], color="lightgrey", lw=3,
-           label="residual path: each digit stays at its position (E)")],
-    loc="lower center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=9.5, frameon=False)
+edge_kinds = [
+    ("black", 2.5, "-", "the answer is copied to [EOS] (cut: A)"),
+    ("tab:green", 2, "-", "arguments read the operation (cut: D)"),
+    ("tab:orange", 1.5, "--", "[EOS] reads in layer 1, needed by Max only (cut: C)"),
+    ("lightgrey", 3, "-", "residual path: each digit stays at its position (E)")]
+ax.legend(handles=[Line2D([], [], color=c, lw=lw, ls=ls, label=label)
+                   for c, lw, ls, label in edge_kinds], loc="lower center",
+          bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=9.5, frameon=False)
 ax.set(xlim=(-2.3, 11.2), ylim=(-0.3, 2.9))
 ax.axis("off")
 ax.set_title("The circuit the measurements found in the reference model", fontsize=12)
@@ -1360,17 +1278,8 @@ plt.show()
 
 # %% tags=["export"]
 def principal_components(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Project the rows of X on their first k principal components.
-
-    Parameters
-    ----------
-    X : (N, D) array, one point per row
-
-    Returns
-    -------
-    coords : (N, k) array, the centred points projected on the top-k directions
-    explained : (k,) share of the total variance along each direction
-    """
+    """Project the N rows of X (N, D) on their first k principal components: the
+    (N, k) coordinates of the centred points, and the (k,) shares of the variance."""
     Xc = np.asarray(X, dtype=np.float64)
     Xc = Xc - Xc.mean(axis=0)                                          # (N, D)
     _, s, Vt = np.linalg.svd(Xc, full_matrices=False)
@@ -1400,14 +1309,13 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
+# %% tags=["export", "hide-input"]
 def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
                       values: np.ndarray | None = None, ax: "plt.Axes | None" = None,
                       title: str | None = None, explained: np.ndarray | None = None,
                       colorbar_label: str = "digit value") -> "plt.Axes":
     """Scatter 2-D points, each written with its label and coloured by ``values``.
-
-    Returns the matplotlib Axes.
-    """
+    Returns the Axes."""
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4), constrained_layout=True)
@@ -1628,23 +1536,9 @@ assert (margins > 0).all() and p_answer.min() > 0.98
 # ### Outside the training distribution
 #
 # The model was trained on puzzles with exactly three arguments, always well formed. What does
-# it do with anything else? First, what the tokenizer and the grammar check refuse, before
-# the model ever sees it:
-
-# %%
-show_error(lambda: predict(model, "Mean(1, 2, 3)"), ValueError,
-           "unknown token 'Mean' at position 0")
-show_error(lambda: predict(model, "Max(5; 3; 9)"), ValueError,
-           "unknown token ';' at position 3")
-show_error(lambda: predict(model, "Max()"), ValueError,
-           "expected a digit 0–9 at position 2, got ')'")
-show_error(lambda: predict(model, "Max(5, 3, 9"), ValueError,
-           "expected ')' at position 7, got end of input")
-show_error(lambda: predict(model, "Max(5, 3, 9) 4"), ValueError,
-           "expected '[EOS]' or end of input at position 8")
-
-# %% [markdown]
-# The grammar allows one or more digits, so `Max(1, 2, 3, 4)` is a valid puzzle, only
+# it do with anything else? Input outside the language (`Mean(1, 2, 3)`, `Max()`, a
+# missing bracket) never reaches it: `encode` refuses it, as shown under `predict` above.
+# But the grammar allows one or more digits, so `Max(1, 2, 3, 4)` is a valid puzzle, only
 # longer than anything in training; and `strict=False` lets malformed input through. Here is
 # what the model answers:
 
@@ -1767,28 +1661,24 @@ assert broken["no '('"]["Max"] == 1.0 and broken["no '('"]["Min"] == 1.0
 #    least confident inputs have rare answers (`Min(9, 9, 9)`, `Min(8, 9, 9)`,
 #    `Max(3, 2, 2)`), and on eight of the ten least confident the runner-up is another digit
 #    of the same puzzle (the list of least-sure inputs).
-# 3. **`First`, `Second` and `Last` are a two-step lookup.** In layer 1 the arguments read
-#    the operation token, so that in layer 2 each argument's key announces both its position
-#    and the operation. `[EOS]`'s query in layer 2 need not depend on the input at all
-#    (knock-out C); the key that fits wins, and the positional heads of layer 2 (heads 1, 2
-#    and 3) copy that argument's digit, which reached its position along the residual path
-#    (head scores; knock-outs A–E).
+# 3. **`First`, `Second` and `Last` are a two-step lookup** (the circuit diagram). In
+#    layer 1 the arguments read the operation token (knock-out D), so that in layer 2 each
+#    argument's key announces its position and the operation. `[EOS]`'s query need not
+#    depend on the input (C); layer 2's positional heads 1, 2 and 3 copy the digit of the
+#    key that fits (A), which stayed at its position on the residual path (E).
 # 4. **Its lookups are tied to positions, `Last` only partly.** With the `(` removed,
 #    `First` and `Second` fail (23% and 15%); `Last` holds at 95% there and at 99% with two
 #    arguments, but fails with four (67%), splitting its attention between arguments 3 and
 #    4. `Max` and `Min` do not care where the digits stand (out-of-distribution tables, the
 #    four-argument attention figure, exercise 1).
-# 5. **`Min` is a content lookup in layer 2**: two heads of layer 2 pass the 0.9 threshold
-#    as smallest-digit detectors (heads 1 and 4: 0.91, 0.92) and head 2 comes close
-#    (0.87), and cutting `[EOS]`'s edge to the smallest digit breaks `Min` completely (2% under knock-out A). It does not need `[EOS]` to read anything in layer 1
-#    (99% under C), but reading the digits without the operation misleads it (79% under B).
-# 6. **`Max` needs more than a copy.** In layer 1, `[EOS]`'s fixed query looks for
-#    particular tokens: head 1 for the `Max` token, head 3 for a 9 (whatever the operation),
-#    head 4 for the `Min`, `Last` and `First` tokens (head 2 prefers the digits 7 and 5; we
-#    leave it aside). `Max` breaks when `[EOS]` cannot read in layer 1
-#    (knock-outs B and C: 49% and 22%) and when it cannot copy in layer 2 (A: 26%), and no
-#    single head is a clean "largest digit" detector (at best 0.78). We have located `Max`,
-#    not fully explained it.
+# 5. **`Min` is a content lookup in layer 2**: heads 1, 2 and 4 put 0.87 to 0.92 of
+#    `[EOS]`'s attention on the smallest digit, and without that edge `Min` fails (2% under
+#    A). It needs nothing from `[EOS]`'s reading in layer 1 (99% under C), but reading the
+#    digits without the operation misleads it (79% under B).
+# 6. **`Max` needs more than a copy.** It breaks when `[EOS]` cannot read in layer 1, where
+#    fixed-query heads look for the `Max` token (head 1) and for a 9 (head 3) (B and C: 49%
+#    and 22%), and when it cannot copy in layer 2 (A: 26%); no single head is a clean
+#    "largest digit" detector (at best 0.78). We have located `Max`, not fully explained it.
 # 7. **The digits' order appears after layer 1.** Neither the digit embeddings nor the change
 #    training made to them show the order along their main direction ($|\rho| \leq 0.24$),
 #    but after layer 1 the digit order *is* the main direction of the digit vectors (the PCA
@@ -1800,12 +1690,10 @@ assert broken["no '('"]["Max"] == 1.0 and broken["no '('"]["Min"] == 1.0
 #
 # Two lessons reach beyond this toy. Average attention maps can mislead: the `Min` average
 # of every layer-2 head spreads over the three arguments (0.28 to 0.38 each), yet input by
-# input three of these heads put on average 0.87 to 0.92 of their attention on the
-# smallest digit; and
+# input three of these heads put 0.87 to 0.92 of their attention on the smallest digit; and
 # the `First(4, 9, 1)` picture (layer 1, head 4 reading the operation token at `[EOS]`)
-# suggested the wrong story about where the operation is read. And
-# attention says where information *could* flow; interventions such as the knock-outs say
-# where it *must*.
+# suggested the wrong story about where the operation is read. And attention says where
+# information *could* flow; interventions such as the knock-outs say where it *must*.
 #
 # ## Summary
 #
@@ -1943,12 +1831,12 @@ assert 0.82 < both["Max"] < 0.83 and both["Max"] == min(both.values())
 # on every operation); removing head 2, 3 or 4 costs about 1% overall each, in different
 # operations. The largest loss from removing any one head is `Max` without head 3 (95%),
 # the head that, for `Max`, puts almost half of `[EOS]`'s attention on the operation token
-# (the head-score table).
+# (the head-score figure).
 #
 # Removing the two strongest positional heads, 1 and 2, together hurts more than removing
 # any single head: `Second` and `Last` drop to about 93%, while `First` barely moves. `Max`
 # loses most (83%): heads 1 and 2 are also its best *largest digit* heads (0.78 and 0.77).
 # Yet the remaining heads 3 (the weakest positional head) and 4 (positional for `First` and
-# `Last` only, see the head-score table) keep
+# `Last` only, see the head-score figure) keep
 # most of the task alive. Redundancy is one more reason why looking at one head at a time
 # can mislead.
