@@ -577,24 +577,40 @@ def tokens_of(text: str) -> list[str]:
     return detokenize(encode(text)).split()
 
 
-for op in OPERATIONS:
-    text = f"{op}(4, 9, 1)"
-    i = index[(op, (4, 9, 1))]
-    fig = plot_attention_grid(np.stack([a[i] for a in attention]), tokens_of(text),
-                              highlight_row=6,
-                              title=f"Attention of the trained model on {text} → "
-                                    f"answer {predict(model, text)}   (red: the [EOS] "
-                                    "row, where the answer is read)")
-    plt.show()
+text = "First(4, 9, 1)"
+fig = plot_attention_grid(np.stack([a[index[("First", (4, 9, 1))]] for a in attention]),
+                          tokens_of(text), highlight_row=6,
+                          title=f"Attention of the trained model on {text} → answer "
+                                f"{predict(model, text)}   (red: the [EOS] row, where "
+                                "the answer is read)")
+plt.show()
 
 # %% [markdown]
-# Read the red rows. In **layer 2**, at least two heads send almost all of `[EOS]`'s
-# attention to one argument: the 4 for `First`, the 9 for `Second`, the 1 for `Last`, exactly
-# the digit the operation asks for; and for `Max` and `Min` the largest and the smallest
-# digit, the 9 and the 1. In **layer 1**, `[EOS]` looks elsewhere: at the operation token
-# (head 4 in all five puzzles, head 1 for `Max`), at itself, or at one particular digit. And
-# in layer 1 the digits themselves often look at the operation token (bright cells in the
-# first column); we will see that this matters more than it seems.
+# Each panel is a full attention matrix. In layer 1 the digits often look at the operation
+# token (bright cells in the first column); we will see that this matters more than it
+# seems. But only the red row, `[EOS]`, reaches the answer directly, so for all five
+# operations the next figure shows just that row, for every head.
+
+# %% tags=["full-width"]
+head_names = [f"layer {l + 1}, head {h + 1}" for l in range(2) for h in range(4)]
+fig, axes = plt.subplots(1, 5, figsize=(17, 3.9), constrained_layout=True, sharey=True)
+for ax, op in zip(axes, OPERATIONS):
+    text = f"{op}(4, 9, 1)"
+    plot_attention(readout[:, index[(op, (4, 9, 1))]].reshape(8, 7), tokens_of(text),
+                   ax=ax, row_labels=head_names, colorbar=False, fontsize=10,
+                   title=f"{text} → {predict(model, text)}",
+                   ylabel="the [EOS] row of" if op == "First" else "")
+    ax.axhline(3.5, color="white", lw=2)                            # between the layers
+fig.colorbar(axes[0].images[0], ax=axes, shrink=0.85, label="attention weight")
+fig.suptitle("Where [EOS] attends, in every head, for the five operations on 4, 9, 1")
+plt.show()
+
+# %% [markdown]
+# In **layer 2**, at least two heads send almost all of `[EOS]`'s attention to one
+# argument: the 4 for `First`, the 9 for `Second`, the 1 for `Last`, exactly the digit the
+# operation asks for; and for `Max` and `Min` the largest and the smallest digit, the 9 and
+# the 1. In **layer 1**, `[EOS]` looks elsewhere: at the operation token (head 4 in all five
+# puzzles, head 1 for `Max`), at itself, or at one particular digit.
 #
 # One head of layer 1 stands out: head 3 sends almost all of `[EOS]`'s attention to the 9 in
 # every one of the five puzzles, whether or not the 9 is the answer. We come back to it.
@@ -617,90 +633,12 @@ print("layer 1, head 3, [EOS]'s attention on the 9:",
 assert readout[0, index[("Max", (4, 9, 1))], 0, 0] > 0.9   # head 1: the Max token
 
 # %% [markdown]
-# ## Where `[EOS]` looks, on average
-#
-# One puzzle could be a lucky case. Averaging the read-out rows over all 1,000 inputs of each
-# operation gives the typical picture: in each panel, one row per operation, one column per
-# position. Positions replace tokens here, since the digits change from input to input.
-
-# %% tags=["full-width"]
-POSITIONS = ["operation", "(", "argument 1", "argument 2", "argument 3", ")", "[EOS]"]
-mean_readout = np.stack([readout[:, ops == op].mean(axis=1) for op in OPERATIONS],
-                        axis=2)                                         # (L, H, O, T)
-fig = plot_attention_grid(mean_readout, POSITIONS, row_labels=OPERATIONS,
-                          ylabel="operation", xlabel="position attended to",
-                          title="Where [EOS] attends, averaged over the 1,000 inputs "
-                                "of each operation")
-plt.show()
-
-# %% [markdown]
-# Four patterns stand out, and the code below checks each of them.
-#
-# 1. **In layer 2, some heads are positional for `First`, `Second` and `Last`**: on average
-#    over a thousand inputs, three heads put more than 90% of `[EOS]`'s attention on the
-#    argument the operation names (head 4 does so for `First` and `Last`, and puts 0.83 on
-#    argument 2 for `Second`). For `Max` and `Min` these positional heads spread the average
-#    over the three arguments (between 0.15 and 0.4 each); the average cannot show whether
-#    each single input picks the right digit, because the largest or smallest digit sits at
-#    a different position every time. The next section measures that.
-# 2. **In layer 1, head 1 is a `Max` detector**: it looks at the operation token when the
-#    token is `Max` (more than 90% of its attention) and less than half as much for the other
-#    operations (0.45 for `Last`, at most 0.11 for the other three, where it mostly looks
-#    at `[EOS]` itself). In layer 1 the query of `[EOS]` is the same for every input (its
-#    own embedding plus its position; it has seen nothing yet), so the difference must come
-#    from the keys: the `Max` token's key matches this head's query, the other operation
-#    tokens' keys do not.
-# 3. **In layer 1, head 4 reads the operation token, except `Second`**: it puts more than
-#    half of `[EOS]`'s attention on the operation token for `First`, `Last`, `Max` and `Min`,
-#    but only about a third for `Second`, and no head of layer 1 puts half of it on the
-#    `Second` token.
-# 4. **In layer 1, head 3 looks at `)`**, about half of its attention (0.44 to 0.59) for
-#    every operation. That is an average over two kinds of input: the next sections show
-#    that this head looks for a 9, and `)` is where its attention goes when there is none.
-
-# %%
-op_index = {op: o for o, op in enumerate(OPERATIONS)}
-pos_heads = [h for h in range(4)
-             if all(mean_readout[1, h, op_index[op], pos] > 0.9
-                    for op, pos in [("First", 2), ("Second", 3), ("Last", 4)])]
-print("layer 2, heads with more than 0.9 on the named argument for First, Second "
-      "and Last:", [f"head {h + 1}" for h in pos_heads])
-assert pos_heads == [0, 1, 2]                                               # pattern 1
-assert (mean_readout[1, 3, [0, 2], [2, 4]] > 0.9).all()
-assert 0.8 < mean_readout[1, 3, op_index["Second"], 3] < 0.85
-for op in ("Max", "Min"):
-    on_args = mean_readout[1, pos_heads, op_index[op], 2:5]
-    assert (0.15 < on_args).all() and (on_args < 0.4).all(), op    # spread out
-min_average = mean_readout[1, :, op_index["Min"], 2:5]   # every head of layer 2
-assert 0.28 < min_average.min() and min_average.max() < 0.38   # quoted in the lessons
-to_op = mean_readout[0, :, :, 0]   # (H, O): layer 1
-max_detector = int(to_op[:, op_index["Max"]].argmax())
-others = np.delete(to_op[max_detector], op_index["Max"])
-print(f"layer 1, head {max_detector + 1} -> operation token:",
-      {op: round(float(share), 2)
-       for op, share in zip(OPERATIONS, to_op[max_detector])})
-assert max_detector == 0 and to_op[0, op_index["Max"]] > 0.9               # pattern 2
-assert others.max() < to_op[0, op_index["Max"]] / 2 and np.sort(others)[-2] < 0.12
-assert (mean_readout[0, 0, [op_index[op] for op in ("First", "Second", "Min")], 6]
-        > 0.5).all()                                                   # ... at itself
-reading = {op: [h + 1 for h in range(4) if to_op[h, op_index[op]] > 0.5]
-           for op in OPERATIONS}
-print("layer 1, heads with more than half of [EOS]'s attention on the operation token:",
-      reading)
-assert all(4 in reading[op] for op in OPERATIONS if op != "Second")       # pattern 3
-assert reading["Second"] == [] and 0.3 < to_op[3, op_index["Second"]] < 0.4
-to_close = mean_readout[0, 2, :, 5]   # layer 1, head 3 -> ')', per operation
-print("layer 1, head 3 -> ')':", {op: round(float(share), 2)
-                                  for op, share in zip(OPERATIONS, to_close)})
-assert (0.4 < to_close).all() and (to_close < 0.6).all()                   # pattern 4
-
-# %% [markdown]
 # ## What each head does: hypotheses, measured
 #
-# Looking at heatmaps invites stories. A *head detector* turns a story into a number. Each
-# hypothesis says where a head should attend on a given input; the score is the attention
-# weight the read-out position actually puts there, averaged over the inputs of one
-# operation:
+# One puzzle could be a lucky case, and looking at heatmaps invites stories. A *head
+# detector* turns a story into a number, measured over all inputs. Each hypothesis says
+# where a head should attend on a given input; the score is the attention weight the
+# read-out position actually puts there, averaged over the 1,000 inputs of one operation:
 #
 # $$\text{score}(\ell, h, \text{hypothesis}) = \frac{1}{N}\sum_{n=1}^{N} \sum_{s \in S_n} \alpha^{(\ell, h)}_{n,\,t_n,\,s}$$
 #
@@ -808,50 +746,82 @@ assert np.allclose(hs.chance[:, :5], [1 / 3, 1 / 3, 1 / 3, 0.385, 0.385])
 assert not roles[(0, 1)] and not roles[(0, 2)]    # layer 1, heads 2 and 3: no role here
 
 # %% [markdown]
-# What the figure adds, each claim checked below:
+# What the scores say, each claim checked below:
 #
-# - **Positional heads, one by one.** Heads 1, 2 and 3 of **layer 2** pass for all three of
-#   `First`, `Second` and `Last` (pattern 1), head 4 for `First` and `Last` only. No head of
-#   **layer 1** selects an argument: its best positional score for these operations is
-#   0.32, below the 1/3 of chance.
+# - **Positional heads in layer 2.** Heads 1, 2 and 3 of layer 2 pass for all three of
+#   `First`, `Second` and `Last`: each puts more than 0.9 of `[EOS]`'s attention on the
+#   argument the operation names. Head 4 does so for `First` and `Last`, and puts 0.83 on
+#   argument 2 for `Second`. For `Max` and `Min` these heads spread their average over the
+#   three arguments (0.15 to 0.4 each): the largest or smallest digit sits at a different
+#   position every time, and only the content columns show whether each input finds it.
+# - **No head of layer 1 selects an argument**: its best positional score for `First`,
+#   `Second` and `Last` is 0.32, below the 1/3 of chance.
 # - **Min** uses layer 2 as a *smallest digit* detector: three heads score between 0.85 and
-#   0.95 (heads 1 and 2, two of the positional heads, and head 4), and head 3 scores 0.73.
-#   Their average attention on each argument, the spread of pattern 1, is 0.28 to 0.38.
+#   0.95 (heads 1 and 2, two of the positional heads, and head 4), and head 3 scores 0.73,
+#   although every layer-2 head's average on each argument is only 0.28 to 0.38.
 # - **Max** has no single clean *largest digit* head: the best layer-2 score, 0.78 (head 1,
 #   with head 2 close behind), is well above chance but below 0.9. No single hypothesis on
 #   this list captures `Max`.
-# - **The operation token** column repeats patterns 2 and 3 in layer 1. In layer 2 only
-#   head 3 reads it, 0.46 of `[EOS]`'s attention on the `Max` token.
+# - **Layer 1, head 1 is a `Max` detector**: it looks at the operation token when the token
+#   is `Max` (0.98) and less than half as much for the other operations (0.45 for `Last`, at
+#   most 0.11 for the other three, where it mostly looks at `[EOS]` itself). In layer 1 the
+#   query of `[EOS]` is the same for every input (its own embedding plus its position; it
+#   has seen nothing yet), so the difference must come from the keys: the `Max` token's key
+#   matches this head's query, the other operation tokens' keys do not.
+# - **Layer 1, head 4 reads the operation token, except `Second`**: more than half of
+#   `[EOS]`'s attention for `First`, `Last`, `Max` and `Min`, only 0.35 for `Second`, and no
+#   head of layer 1 puts half of it on the `Second` token. In layer 2 only head 3 reads the
+#   operation token: 0.46 of `[EOS]`'s attention on the `Max` token.
 
 # %%
 S = hs.scores   # (layer, head, operation, hypothesis)
 hyp = {name: k for k, name in enumerate(hs.hypotheses)}
+op_index = {op: o for o, op in enumerate(hs.operations)}
 positional = [h for h in range(4)
-              if all(S[1, h, hs.operations.index(op), hyp[arg]] >= THRESHOLD
+              if all(S[1, h, op_index[op], hyp[arg]] >= THRESHOLD
                      for op, arg in [("First", "argument 1"), ("Second", "argument 2"),
                                      ("Last", "argument 3")])]
 print("positional heads of layer 2:", [f"head {h + 1}" for h in positional])
-assert positional == pos_heads == [0, 1, 2]
+assert positional == [0, 1, 2]
+assert (S[1, 3, [0, 2], [0, 2]] > 0.9).all() and 0.8 < S[1, 3, 1, 1] < 0.85  # head 4
+for op in ("Max", "Min"):
+    on_args = S[1, positional, op_index[op], :3]
+    assert (0.15 < on_args).all() and (on_args < 0.4).all(), op    # spread out
 layer1_positional = S[0, :, :3, :3].max()   # First, Second, Last; arguments 1-3
 print(f"best positional score in layer 1: {layer1_positional:.2f}")
 assert layer1_positional < 1 / 3, "no layer-1 head selects an argument"
-# the operation-token column of layer 1 holds the shares of patterns 2 and 3
-assert np.allclose(S[0, :, :, hyp["operation token"]], to_op)
-to_op2 = S[1, :, :, hyp["operation token"]]                # (H, O): layer 2
-assert to_op2.argmax() == 2 * 5 + op_index["Max"] and 0.45 < to_op2.max() < 0.5
-assert np.sort(to_op2, axis=None)[-2] < 0.1                # no other layer-2 reading
-o_min, o_max = hs.operations.index("Min"), hs.operations.index("Max")
+o_min, o_max = op_index["Min"], op_index["Max"]
 smallest = S[1, :, o_min, hyp["smallest digit"]]            # every head of layer 2
 print(f"layer-2 heads on the smallest digit for Min: {smallest.round(2)}")
 assert ((0.85 < smallest) & (smallest < 0.95)).sum() == 3
 assert [h for h in range(4) if smallest[h] > 0.85] == [0, 1, 3]
 assert 0.7 < smallest[2] < 0.75
+min_average = S[1, :, o_min, :3]                           # every head of layer 2
+assert 0.28 < min_average.min() and min_average.max() < 0.38   # quoted in the lessons
 largest = S[1, :, o_max, hyp["largest digit"]]
 best_max = largest.max()
 print(f"best layer-2 'largest digit' score for Max: {best_max:.2f}, head "
       f"{largest.argmax() + 1} (chance {hs.chance[o_max, hyp['largest digit']]:.3f})")
 assert hs.chance[o_max, hyp["largest digit"]] + 0.25 < best_max < THRESHOLD
 assert largest.argmax() == 0 and np.sort(largest)[-2] == largest[1] > 0.75
+to_op = S[0, :, :, hyp["operation token"]]                  # (H, O): layer 1
+max_detector = int(to_op[:, o_max].argmax())
+others = np.delete(to_op[max_detector], o_max)
+print(f"layer 1, head {max_detector + 1} -> operation token:",
+      dict(zip(OPERATIONS, to_op[max_detector].round(2).tolist())))
+assert max_detector == 0 and to_op[0, o_max] > 0.9
+assert others.max() < to_op[0, o_max] / 2 and np.sort(others)[-2] < 0.12
+on_itself = [readout[0, ops == op, 0, 6].mean() for op in ("First", "Second", "Min")]
+assert min(on_itself) > 0.5                                 # ... at [EOS] (position 6)
+reading = {op: [h + 1 for h in range(4) if to_op[h, op_index[op]] > 0.5]
+           for op in OPERATIONS}
+print("layer 1, heads with more than half of [EOS]'s attention on the operation token:",
+      reading)
+assert all(4 in reading[op] for op in OPERATIONS if op != "Second")
+assert reading["Second"] == [] and 0.3 < to_op[3, op_index["Second"]] < 0.4
+to_op2 = S[1, :, :, hyp["operation token"]]                  # (H, O): layer 2
+assert to_op2.argmax() == 2 * 5 + o_max and 0.45 < to_op2.max() < 0.5
+assert np.sort(to_op2, axis=None)[-2] < 0.1                # no other layer-2 reading
 
 # %% [markdown]
 # ## How `First`, `Second` and `Last` really work: cutting attention edges
@@ -1126,13 +1096,13 @@ plt.show()
 
 # %% [markdown]
 # Each head is a detector for a few tokens. Head 1's favourite token is the `Max` token: it
-# is the `Max` detector of pattern 2 above (its second favourite among the operations is
+# is the `Max` detector found above (its second favourite among the operations is
 # `Last`, hence the 0.45 there). Head 4 scores `Min`, `Last` and `First` above every digit
-# but not `Second`: it is the operation reader of pattern 3. Head 3 looks for a 9: its score
+# but not `Second`: it is the operation reader found above. Head 3 looks for a 9: its score
 # for the 9 beats every other token's by more than 5, so a softmax over its scores attends
 # to a 9 whenever there is one. On every input that holds a 9 it puts at least 0.95 of its
 # attention there, whatever the operation; without a 9, its attention goes mostly to `)`,
-# its second favourite token, which every puzzle has (pattern 4).
+# its second favourite token, which every puzzle has.
 #
 # For `Max`, a 9 is the answer in 27% of the inputs. This is as far as we trace `Max` here:
 # it needs both layer 2's copy (experiment A leaves it at 26%) and `[EOS]`'s reading in
