@@ -1159,10 +1159,11 @@ copy_all = [h for h in range(4)
             if all((op, arg) in roles[(1, h)] for op, arg in named.items())]
 copy_some = {h: [op for op, arg in named.items() if (op, arg) in roles[(1, h)]]
              for h in range(4) if h not in copy_all}
+(partial_head,) = [h for h, some in copy_some.items() if some]
 min_heads = [h for h in range(4) if smallest[h] > 0.85]
 op_reader = [h for h in range(4) if h != max_detector
              and all(h + 1 in reading[op] for op in OPERATIONS if op != "Second")]
-assert copy_all == positional and copy_some[3] == ["First", "Last"]
+assert copy_all == positional and copy_some == {3: ["First", "Last"]}
 assert min_heads == [0, 1, 3] and op_reader == [3] and nine_head == 2
 # every kind of edge against its knock-out
 assert all(knockout["A"][op] < 0.3 for op in OPERATIONS)              # layer-2 copy
@@ -1201,8 +1202,8 @@ arrow((OP, 0), (EOS, 1), "tab:orange", rad=0.08, style="--", lw=1.5)
 arrow((EOS, 2), (EOS, 2.6), "black", lw=2.5)
 ax.text(EOS, 2.65, "answer (output layer)", ha="center", va="bottom", fontsize=11)
 ax.text(7.0, 1.55,
-        f"layer 2, [EOS]: heads {numbers(copy_all)} (head 4 for "
-        f"{' and '.join(copy_some[3])})\ncopy the argument the operation names; "
+        f"layer 2, [EOS]: heads {numbers(copy_all)} (head {partial_head + 1} for "
+        f"{' and '.join(copy_some[partial_head])})\ncopy the argument the operation names; "
         "its key\ncarries the operation, [EOS]'s query need not\n"
         f"(knock-out C). Heads {numbers(min_heads)}: the smallest\n"
         "digit, for Min. Max: no single head (at best "
