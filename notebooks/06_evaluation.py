@@ -1203,8 +1203,9 @@ arrow((EOS, 2), (EOS, 2.6), "black", lw=2.5)
 ax.text(EOS, 2.65, "answer (output layer)", ha="center", va="bottom", fontsize=11)
 ax.text(7.0, 1.55,
         f"layer 2, [EOS]: heads {numbers(copy_all)} (head {partial_head + 1} for "
-        f"{' and '.join(copy_some[partial_head])})\ncopy the argument the operation names; "
-        "its key\ncarries the operation, [EOS]'s query need not\n"
+        f"{' and '.join(copy_some[partial_head])})\n"
+        "copy the argument the operation names; its key\n"
+        "carries the operation, [EOS]'s query need not\n"
         f"(knock-out C). Heads {numbers(min_heads)}: the smallest\n"
         "digit, for Min. Max: no single head (at best "
         f"{best_max:.2f}).", va="center", fontsize=9.5)
