@@ -741,9 +741,9 @@ assert split_dataset(all_examples(), seed=0, stratify=True) == (train_s, val_s, 
 class Batch(NamedTuple):
     """A padded batch of B sequences of length T.
 
-    ids : (B, T) int64, token ids, ``PAD_ID`` after each sequence's end.
-    mask : (B, T) bool, True for real tokens, False for padding.
-    targets : (B,) int64, token id of each answer.
+    ids : int64 array, shape (B, T), token ids, ``PAD_ID`` after each sequence's end.
+    mask : bool array, shape (B, T), True for real tokens, False for padding.
+    targets : int64 array, shape (B,), token id of each answer.
     """
 
     ids: np.ndarray
@@ -760,8 +760,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
 
     Returns
     -------
-    ids : (B, T) int64 array, T = the longest length
-    mask : (B, T) bool array, True for real tokens
+    ids : int64 array, shape (B, T), T = the longest length
+    mask : bool array, shape (B, T), True for real tokens
 
     Raises
     ------

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import numpy.typing as npt
 
 DEFAULT_DTYPE = np.float32
 
@@ -208,13 +209,13 @@ class Module:
         finally:
             self.train(was_training)
 
-    def to(self, dtype: type | np.dtype) -> "Module":
+    def to(self, dtype: npt.DTypeLike) -> "Module":
         """Cast every parameter and float buffer to a floating ``dtype``;
         reset gradients to zero.
 
         Parameters
         ----------
-        dtype : floating dtype
+        dtype : numpy float dtype
             For example ``np.float64`` for gradient checking.
 
         Returns
@@ -316,6 +317,11 @@ class Module:
 class Linear(Module):
     """Affine map of the last axis: ``y = x @ W + b``.
 
+    One exception to "every layer runs its own forward and backward": multi-head
+    attention (chapter 3) reads the weights of its ``W_q``, ``W_k``, ``W_v`` layers
+    into one fused matmul and writes their gradients itself, so a change to
+    ``forward`` or ``backward`` here does not reach those three.
+
     Parameters
     ----------
     in_features, out_features : int
@@ -324,7 +330,7 @@ class Linear(Module):
         Source of the initial weights; ``np.random.default_rng(0)`` if omitted.
     bias : bool
         Whether to add the bias ``b`` (default True).
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of the parameters (default float32).
 
     Attributes
@@ -337,7 +343,7 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int,
                  rng: np.random.Generator | None = None, bias: bool = True,
-                 dtype: type = DEFAULT_DTYPE) -> None:
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"Linear needs positive sizes, got in_features={in_features}, "
@@ -354,11 +360,11 @@ class Linear(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (..., in_features)
+        x : array, shape (..., in_features)
 
         Returns
         -------
-        np.ndarray, shape (..., out_features)
+        array, shape (..., out_features)
         """
         in_features = self.W.data.shape[0]
         if x.shape[-1:] != (in_features,):
@@ -381,12 +387,12 @@ class Linear(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (..., out_features)
+        grad_out : array, shape (..., out_features)
             dL/dy for the output of the last training-mode forward pass.
 
         Returns
         -------
-        np.ndarray, shape (..., in_features)
+        array, shape (..., in_features)
             dL/dx.
         """
         x = self._check_cache(self._x)
@@ -902,24 +908,25 @@ class Embedding(Module):
     ----------
     num_embeddings : int
         Vocabulary size V; valid ids are 0 .. V-1.
-    dim : int
-        Vector size D (``d_model``).
+    d_model : int
+        Vector size D.
     rng : np.random.Generator, optional
         Source of the initial table; ``np.random.default_rng(0)`` if omitted.
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of ``W`` (default float32).
 
     Attributes
     ----------
-    W : Parameter, shape (num_embeddings, dim)
+    W : Parameter, shape (num_embeddings, d_model)
         Initialised N(0, 1).
     """
 
-    def __init__(self, num_embeddings: int, dim: int,
+    def __init__(self, num_embeddings: int, d_model: int,
                  rng: np.random.Generator | None = None,
-                 dtype: type = DEFAULT_DTYPE) -> None:
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
         rng = np.random.default_rng(0) if rng is None else rng
-        self.W = Parameter(rng.normal(0.0, 1.0, (num_embeddings, dim)).astype(dtype))
+        W = rng.normal(0.0, 1.0, (num_embeddings, d_model))              # (V, D)
+        self.W = Parameter(W.astype(dtype))
         self._ids = None
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
@@ -931,7 +938,7 @@ class Embedding(Module):
 
         Returns
         -------
-        np.ndarray, shape (B, T, D)
+        array, shape (B, T, D)
         """
         ids = np.asarray(ids)
         V = self.W.data.shape[0]
@@ -952,7 +959,7 @@ class Embedding(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (B, T, D)
+        grad_out : array, shape (B, T, D)
         """
         ids = self._check_cache(self._ids)
         V, D = self.W.data.shape
@@ -1047,18 +1054,18 @@ class PositionalEncoding(Module):
         Size of the last axis of the input.
     max_len : int
         Longest sequence supported (default 64).
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of the table (default float32).
 
     Attributes
     ----------
-    pe : np.ndarray, shape (max_len, d_model)
+    pe : array, shape (max_len, d_model)
         ``pe[p, 2i] = sin(p / 10000**(2i/d_model))``,
         ``pe[p, 2i+1] = cos(p / 10000**(2i/d_model))``.
     """
 
     def __init__(self, d_model: int, max_len: int = 64,
-                 dtype: type = DEFAULT_DTYPE) -> None:
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
         pos = np.arange(max_len)[:, None]                # (max_len, 1)
         i = np.arange(0, d_model, 2)[None, :]            # (1, ceil(d_model/2)): the 2i
         angle = pos / (10000.0 ** (i / d_model))         # (max_len, ceil(d_model/2))
@@ -1072,7 +1079,7 @@ class PositionalEncoding(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (B, T, d_model) (or (T, d_model))
+        x : array, shape (B, T, d_model) (or (T, d_model))
 
         Returns
         -------
@@ -1168,11 +1175,11 @@ def row_max(x: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    x : np.ndarray, shape (..., T), T >= 1
+    x : array, shape (..., T), T >= 1
 
     Returns
     -------
-    np.ndarray, shape (..., 1)
+    array, shape (..., 1)
     """
     if x.shape[-1] > 32:
         return x.max(axis=-1, keepdims=True)
@@ -1191,11 +1198,11 @@ def row_sum(x: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    x : np.ndarray, shape (..., T)
+    x : array, shape (..., T)
 
     Returns
     -------
-    np.ndarray, shape (..., 1)
+    array, shape (..., 1)
     """
     return x @ np.ones((x.shape[-1], 1), dtype=x.dtype)
 
@@ -1300,24 +1307,25 @@ class LayerNorm(Module):
 
     Parameters
     ----------
-    d : int
-        Size D of the last axis (``d_model``).
+    d_model : int
+        Size D of the last axis.
     eps : float
         Added to the variance (default 1e-5).
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of ``gamma`` and ``beta`` (default float32).
 
     Attributes
     ----------
-    gamma : Parameter, shape (d,)
+    gamma : Parameter, shape (d_model,)
         Scale, initialised to ones.
-    beta : Parameter, shape (d,)
+    beta : Parameter, shape (d_model,)
         Shift, initialised to zeros.
     """
 
-    def __init__(self, d: int, eps: float = 1e-5, dtype: type = DEFAULT_DTYPE) -> None:
-        self.gamma = Parameter(np.ones(d, dtype=dtype))
-        self.beta = Parameter(np.zeros(d, dtype=dtype))
+    def __init__(self, d_model: int, eps: float = 1e-5,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
+        self.gamma = Parameter(np.ones(d_model, dtype=dtype))
+        self.beta = Parameter(np.zeros(d_model, dtype=dtype))
         self.eps = eps
         self._cache = None
 
@@ -1326,11 +1334,11 @@ class LayerNorm(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (..., d)
+        x : array, shape (..., d_model)
 
         Returns
         -------
-        np.ndarray, shape (..., d)
+        array, shape (..., d_model)
         """
         D = self.gamma.data.shape[0]
         if x.shape[-1:] != (D,):
@@ -1350,11 +1358,11 @@ class LayerNorm(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (..., d)
+        grad_out : array, shape (..., d_model)
 
         Returns
         -------
-        np.ndarray, shape (..., d)
+        array, shape (..., d_model)
         """
         xhat, rstd = self._check_cache(self._cache)
         if grad_out.shape != xhat.shape:
@@ -1446,7 +1454,7 @@ class ReLU(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape of the output
+        grad_out : array, the output's shape
 
         Returns
         -------
@@ -1506,9 +1514,21 @@ report("ReLU", gradient_check(ReLU(), away_from_kink))
 # product*: it costs $O(T)$ per row, while $J$ itself has $T^2$ entries.
 
 # %% tags=["export"]
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax along the last axis, computed stably (the row maximum is subtracted
+    first): (..., T) -> (..., T), positive entries, every row sums to 1.
+
+    The package's one softmax: the ``Softmax`` layer, attention (chapter 3) and the
+    probabilities of chapters 6 and 8 call it."""
+    e = x - row_max(x)                  # (..., T): exponents <= 0, so no overflow
+    np.exp(e, out=e)                    # in place: one new array in all
+    e /= row_sum(e)                     # the sum is >= 1 (the max term is e^0 = 1)
+    return e
+
+
 class Softmax(Module):
-    """Softmax along the last axis, computed stably
-    (the row maximum is subtracted first)."""
+    """The ``softmax`` function as a layer: its forward keeps the output y, which is
+    all its backward needs."""
 
     def __init__(self) -> None:
         self._y = None
@@ -1518,15 +1538,14 @@ class Softmax(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (..., T)
+        x : array, shape (..., T)
 
         Returns
         -------
-        np.ndarray, shape (..., T)
+        array, shape (..., T)
             Positive entries; every row sums to 1.
         """
-        e = np.exp(x - row_max(x))          # (..., T): exponents <= 0, so no overflow
-        y = e / row_sum(e)                  # the sum is >= 1 (the max term is e^0 = 1)
+        y = softmax(x)
         if self.training:
             self._y = y
         return y
@@ -1537,11 +1556,11 @@ class Softmax(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (..., T)
+        grad_out : array, shape (..., T)
 
         Returns
         -------
-        np.ndarray, shape (..., T)
+        array, shape (..., T)
         """
         y = self._check_cache(self._y)
         return y * (grad_out - row_sum(grad_out * y))
@@ -1552,27 +1571,28 @@ class Softmax(Module):
 # float32 stores $10^4 \pm 1$ exactly). Every row sums to 1.
 
 # %%
-softmax = Softmax()
+softmax_layer = Softmax()
 extreme = np.array([[1e4, -1e4, 0.0],
                     [1e4, 1e4 + 1.0, 1e4 - 1.0],
                     [-1e4, -1e4, -1e4],
                     [-1e9, 0.0, 1.0]])                                 # (rows, T)
 with np.errstate(over="ignore", invalid="ignore"):
     textbook = np.exp(extreme) / np.exp(extreme).sum(axis=-1, keepdims=True)
-ours = softmax(extreme)
+ours = softmax_layer(extreme)
 print("textbook formula:\n", textbook, "\nstable softmax:\n", np.round(ours, 4))
 assert np.isnan(textbook).any()
 assert np.isfinite(ours).all() and np.allclose(ours.sum(axis=-1), 1.0)
 # a shift of 1e4 changes nothing, in float64 and in float32
-assert np.allclose(ours[1], softmax(np.array([0.0, 1.0, -1.0])))
-shifted32 = softmax(extreme[1].astype(np.float32))
+assert np.allclose(ours[1], softmax_layer(np.array([0.0, 1.0, -1.0])))
+shifted32 = softmax_layer(extreme[1].astype(np.float32))
 assert shifted32.dtype == np.float32
 # in float32 the shifted row gives bit for bit the same weights as the unshifted one
-assert np.array_equal(shifted32, softmax(np.array([0.0, 1.0, -1.0], dtype=np.float32)))
+unshifted32 = softmax_layer(np.array([0.0, 1.0, -1.0], dtype=np.float32))
+assert np.array_equal(shifted32, unshifted32)
 assert np.allclose(ours[2], 1 / 3) and ours[0, 0] == 1.0
 
 x32 = (np.random.default_rng(0).normal(size=(32, 4, 8, 8)) * 1e4).astype(np.float32)
-y32 = softmax(x32)
+y32 = softmax_layer(x32)
 assert y32.dtype == np.float32 and np.isfinite(y32).all() and (y32 >= 0).all()
 assert np.allclose(y32.sum(axis=-1), 1.0, atol=1e-6)
 
@@ -1586,37 +1606,37 @@ assert np.allclose(y32.sum(axis=-1), 1.0, atol=1e-6)
 
 # %%
 row = np.array([2.0, -1.0, 0.5, 0.0])
-y_row = softmax(row)
+y_row = softmax_layer(row)
 J = np.diag(y_row) - np.outer(y_row, y_row)                                # (T, T)
-J_numeric = np.stack([numerical_gradient(lambda: float(softmax(row)[i]), row)
+J_numeric = np.stack([numerical_gradient(lambda: float(softmax_layer(row)[i]), row)
                       for i in range(4)])
 print("Jacobian diag(y) - y y^T:\n", np.round(J, 4))
 assert relative_error(J, J_numeric) < TOLERANCE and np.allclose(J, J.T)
 
 g_row = np.random.default_rng(0).normal(size=4)
-softmax(row)
-assert np.allclose(softmax.backward(g_row), J.T @ g_row)  # the JVP is J^T g
-softmax(row)
-assert np.allclose(softmax.backward(np.ones(4)), 0)       # why G = ones proves nothing
+softmax_layer(row)
+assert np.allclose(softmax_layer.backward(g_row), J.T @ g_row)  # the VJP is J^T g
+softmax_layer(row)
+assert np.allclose(softmax_layer.backward(np.ones(4)), 0)  # why G = ones proves nothing
 report("Softmax",
        gradient_check(Softmax(), np.random.default_rng(0).normal(size=(2, 3, 5))))
 
 # %% [markdown]
 # **Why we never build $J$.** Each row of scores has its own $T \times T$ Jacobian. For attention
 # scores of shape `(B, H, T, T)` that makes `B·H·T` Jacobians, `B·H·T³` numbers: $T$ times the
-# memory of the scores, and $T$ times the work of the two-line JVP. Below we build all of them
-# for a small attention-sized tensor. The result is identical, and the memory is $T$ times larger.
+# memory of the scores, and $T$ times the work of the two-line vector-Jacobian product. Below
+# we build all of them for a small attention-sized tensor. The result is identical, and the memory is $T$ times larger.
 
 # %%
 B, H, T = 2, 2, 8
 att_scores = np.random.default_rng(0).normal(size=(B, H, T, T))   # (B, H, T, T)
 G_att = np.random.default_rng(1).normal(size=(B, H, T, T))
-w = softmax(att_scores)
-jvp = softmax.backward(G_att)
+w = softmax_layer(att_scores)
+vjp = softmax_layer.backward(G_att)
 diag_part = np.einsum("bhqi,ik->bhqik", w, np.eye(T))             # diag(y), per row
 jacobians = diag_part - np.einsum("bhqi,bhqk->bhqik", w, w)       # (B, H, T, T, T)
 materialised = np.einsum("bhqik,bhqi->bhqk", jacobians, G_att)    # J^T g, row by row
-assert np.allclose(materialised, jvp)
+assert np.allclose(materialised, vjp)
 assert jacobians.nbytes == T * att_scores.nbytes
 print(f"scores {att_scores.nbytes:,} bytes; all Jacobians {jacobians.nbytes:,} bytes "
       f"(T = {T} times more)")
@@ -1629,7 +1649,7 @@ for T_ in (8, 512, 2048):
 # %% [markdown]
 # At our $T \le 10$ the Jacobians would merely waste time. At the context length of a modern
 # language model (thousands of tokens), one head of one example would need tens of gigabytes.
-# The JVP needs nothing beyond $y$, which the forward pass already computed.
+# The vector-Jacobian product needs nothing beyond $y$, which the forward pass already computed.
 
 # %% [markdown]
 # ## Every layer, every parameter
@@ -1692,8 +1712,8 @@ plt.show()
 #   below $10^{-8}$), and the same checker catches mixed-up axes (which a plain sum misses)
 #   and a mean-for-sum bug.
 #
-# Chapter 3 builds attention from `Linear`, `row_max` and `row_sum`, and its softmax backward
-# pass is the JVP derived here.
+# Chapter 3 builds attention from `Linear`, `softmax` and `row_sum`, and its softmax backward
+# pass is the vector-Jacobian product derived here.
 
 # %% [markdown]
 # ## Exercises

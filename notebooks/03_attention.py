@@ -164,15 +164,16 @@ assert saturation["scaled"][2] > 3 * saturation["unscaled"][2]
 # Three details are there for speed, because attention runs on tiny arrays (T ≤ 10) many
 # thousands of times during training:
 #
-# - `row_max` and `row_sum` from chapter 2 replace `.max(-1)` and `.sum(-1)`, which are slow on
-#   a short last axis;
-# - the softmax is computed in place (`-=`, `/=`) to avoid allocating new arrays;
+# - the softmax is chapter 2's `softmax`: it uses `row_max` and `row_sum` instead of `.max(-1)`
+#   and `.sum(-1)`, which are slow on a short last axis, and works in place on one new array
+#   (the backward pass uses `row_sum` too);
 # - $1/\sqrt{d_k}$ is cast to the array's dtype: a NumPy float64 scalar would silently promote
 #   float32 scores to float64 (twice the memory traffic).
 
 # %% tags=["export"]
 import numpy as np
-from transformer_lib.layers import Module, Linear, DEFAULT_DTYPE, row_max, row_sum
+import numpy.typing as npt
+from transformer_lib.layers import Module, Linear, DEFAULT_DTYPE, row_sum, softmax
 
 NEG_INF = -1e9   # masked score: exp(NEG_INF - max) is exactly 0.0, and never nan
 
@@ -243,9 +244,7 @@ def scaled_dot_product_attention(
                              f"{K.shape}; expected (B, T_k): "
                              "the first and the key axis of K")
         scores = np.where(_key_mask(mask, scores.ndim), scores, NEG_INF)
-    scores -= row_max(scores)       # softmax is shift-invariant; now exp(scores) <= 1
-    weights = np.exp(scores)
-    weights /= row_sum(weights)                                    # rows sum to 1
+    weights = softmax(scores)              # (..., T_q, T_k), rows sum to 1 (chapter 2)
     return weights @ V, weights            # (..., T_q, d_v), (..., T_q, T_k)
 
 
@@ -562,7 +561,9 @@ assert (back == features).all()
 # and one transpose to `(3, B, H, T, d_k)` hands out $Q$, $K$ and $V$ already split into heads.
 # The backward pass mirrors it: one matmul gives the weight gradients of all three projections,
 # one more the gradient for $x$. Fewer, larger matmuls matter in NumPy, where each call has a
-# fixed overhead and our arrays are small.
+# fixed overhead and our arrays are small. The price: `W_q`, `W_k` and `W_v` are `Linear`
+# layers whose own `forward` and `backward` the layer never calls (both docstrings say so), so
+# below we check the fused matmul against them and the whole layer by its gradient check.
 #
 # ### Why $W_k$ has no bias
 #
@@ -607,13 +608,17 @@ class MultiHeadAttention(Module):
     W_q, W_k, W_v, W_o : Linear(d_model, d_model)
         The projections. ``W_k`` has no bias: a key bias shifts all scores of a row by
         the same amount, which the softmax ignores, so it would never change the output
-        or receive a gradient.
+        or receive a gradient. ``W_o`` runs through ``Linear``'s forward and backward;
+        ``W_q``, ``W_k``, ``W_v`` do not: ``forward`` concatenates their weights into
+        one (D, 3D) matmul and ``backward`` writes their gradients itself (chapter 2's
+        ``Linear`` says so too).
     attn_weights : array, shape (B, H, T, T), or None
         Attention weights of the last forward pass (in eval mode too), for plots.
     """
 
     def __init__(self, d_model: int, num_heads: int,
-                 rng: np.random.Generator | None = None, dtype=DEFAULT_DTYPE):
+                 rng: np.random.Generator | None = None,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE):
         if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
         if d_model % num_heads:

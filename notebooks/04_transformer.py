@@ -189,7 +189,7 @@ class FeedForward(Module):
         Width of the hidden layer (the paper uses ``4 * d_model``).
     rng : numpy.random.Generator, optional
         Source of the initial weights (default ``np.random.default_rng(0)``).
-    dtype : numpy float type
+    dtype : numpy float dtype
         float32 by default.
     """
 
@@ -306,7 +306,7 @@ class TransformerBlock(Module):
         Keep the layer normalisations (default). ``False`` is an ablation for chapter 7:
         ``x = x + attention(x)``, ``x = x + ffn(x)``, and ``norm1``/``norm2`` are
         ``None``.
-    dtype : numpy float type
+    dtype : numpy float dtype
         float32 by default.
     """
 
@@ -447,6 +447,19 @@ for residual in (True, False):
 # $r_{bt}\, \partial L/\partial h_b$.
 
 # %% [markdown]
+# The position of the last real token is the one `"eos"` reads. It is computed once, here, and
+# used by the model, by the walk-through below and by chapter 6's attention plots. It finds the
+# last `True` of each mask row, so it does not assume right padding.
+
+# %% tags=["export"]
+def readout_positions(mask: npt.ArrayLike) -> np.ndarray:
+    """(B,) int array: the index of the last True of each row of a (B, T) mask, the
+    position the ``"eos"`` read-out reads (the ``[EOS]`` of every encoded input)."""
+    mask = np.asarray(mask, dtype=bool)                    # (B, T)
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+
+# %% [markdown]
 # ## The whole model
 #
 # `Transformer` chains everything. Its `forward(ids, mask)` takes a $(B, T)$ array of token ids
@@ -499,7 +512,7 @@ class Transformer(Module):
         (chapter 7).
     seed : int
         Seed of the initial weights: the same seed gives the same model.
-    dtype : numpy float type
+    dtype : numpy float dtype
         float32 by default; use ``model.to(np.float64)`` for gradient checks.
 
     Attributes
@@ -569,20 +582,24 @@ class Transformer(Module):
                              "at least its [EOS]")
         return ids, mask
 
-    def forward(self, ids: npt.ArrayLike,
-                mask: npt.ArrayLike | None = None) -> np.ndarray:
+    def forward(self, ids: npt.ArrayLike, mask: npt.ArrayLike | None = None,
+                attn_mask: dict | None = None) -> np.ndarray:
         """Logits for the answer of every sequence.
 
         Parameters
         ----------
-        ids : (B, T) int array
+        ids : int array, shape (B, T)
             Token ids, right-padded with ``PAD_ID`` (as ``create_batch`` makes them).
-        mask : (B, T) bool array, optional
+        mask : bool array, shape (B, T), optional
             True for real tokens; default ``ids != PAD_ID``.
+        attn_mask : {layer index (from 0): bool array}, optional
+            Arrays that broadcast to (B, H, T, T), True where query t may attend to key
+            s in that layer, on top of the padding mask (chapter 6 cuts attention edges
+            with it). Layers not named use the padding mask alone.
 
         Returns
         -------
-        logits : (B, V) array
+        logits : array, shape (B, V)
             One score per vocabulary token; the answer is the argmax.
 
         Raises
@@ -590,19 +607,27 @@ class Transformer(Module):
         ValueError
             If ids are not a 2-D integer array, an id is outside ``0..V-1`` (naming it
             and its position), the sequences are longer than ``max_len``, the mask's
-            shape differs from the ids', or a sequence has no real token.
+            shape differs from the ids', a sequence has no real token, or
+            ``attn_mask`` names a layer the model does not have.
         """
         ids, mask = self._check_inputs(ids, mask)     # (B, T) int, (B, T) bool
+        attn_mask = {} if attn_mask is None else attn_mask
+        unknown = sorted(set(attn_mask) - set(range(len(self.blocks))))
+        if unknown:
+            raise ValueError(f"attn_mask names layer {unknown[0]}, but the model has "
+                             f"layers 0..{len(self.blocks) - 1}")
         x = self.embedding(ids)                       # (B, T, D)
         if self.pos_encoding is not None:
             # (B, T, D) + sin/cos of the position
             x = self.pos_encoding(x)
-        for block in self.blocks:
-            x = block(x, mask)                        # (B, T, D)
+        for l, block in enumerate(self.blocks):
+            if l in attn_mask:                        # (B, H, T, T): padding & edges
+                x = block(x, mask[:, None, None, :] & attn_mask[l])
+            else:
+                x = block(x, mask)                    # (B, T, D)
         B, T, D = x.shape
         if self.readout == "eos":                     # the last real token ([EOS])
-            # (B,) index of the last True
-            last = T - 1 - np.argmax(mask[:, ::-1], axis=1)
+            last = readout_positions(mask)            # (B,)
             pooled = x[np.arange(B), last]            # (B, D)
             cache = (x.shape, last)
         else:                                         # the mean over real tokens
@@ -678,7 +703,7 @@ for i, blk in enumerate(model.blocks):
     rows.append((f"block {i}: ffn", f.shape))
     x = blk.norm2(x + f)
     rows.append((f"block {i}: norm2(x + ffn)", x.shape))
-last = mask.sum(axis=1) - 1  # right-padded: [EOS] is here
+last = readout_positions(mask)  # (B,): the [EOS] of each sequence
 pooled = x[np.arange(B), last]
 rows.append(("read-out ([EOS] position)", pooled.shape))
 logits = model.output(pooled)
@@ -742,6 +767,27 @@ np.testing.assert_allclose(model(ids, mask),
 print("both read-outs equal the weighted sums of the final hidden states")
 
 # %% [markdown]
+# ### Cutting attention edges
+#
+# `forward(ids, mask, attn_mask)` can also remove chosen attention edges in chosen layers, on
+# top of the padding mask: `attn_mask[l]` is True where a query may attend to a key in layer
+# `l`. Chapter 6 uses it to test which edges the trained model really needs, through this same
+# forward pass. A mask that allows everything changes nothing, bit for bit; a cut edge gets
+# exactly zero weight.
+
+# %%
+allow_all = np.ones((1, 1, T, T), dtype=bool)             # broadcasts to (B, H, T, T)
+assert np.array_equal(model(ids, mask, attn_mask={0: allow_all, 1: allow_all}),
+                      model(ids, mask))
+no_self = ~np.eye(T, dtype=bool)[None, None]        # layer 2: no token looks at itself
+logits_cut = model(ids, mask, attn_mask={1: no_self})
+w_cut = model.blocks[1].attention.attn_weights            # (B, H, T, T)
+assert (np.diagonal(w_cut, axis1=-2, axis2=-1) == 0).all()
+assert np.allclose(w_cut.sum(axis=-1), 1)                 # renormalised over the rest
+assert not np.allclose(logits_cut, model(ids, mask))
+print("allowing every edge changes no bit; a cut edge gets weight exactly 0")
+
+# %% [markdown]
 # ### Bad input, clear errors
 #
 # Each of these mistakes would otherwise fail deep inside NumPy, or worse, not fail at all
@@ -766,6 +812,8 @@ show_error(lambda: model(ids, mask[:, :-1]),
            ValueError, "mask shape (4, 8) does not match ids shape (4, 9)")
 show_error(lambda: model(np.array([good, [PAD_ID] * 7])),
            ValueError, "sequence 1 has no real tokens")
+show_error(lambda: model(ids, mask, attn_mask={2: allow_all}),
+           ValueError, "attn_mask names layer 2, but the model has layers 0..1")
 show_error(lambda: Transformer(readout="cls"),
            ValueError, "unknown readout 'cls'; choose one of ('eos', 'mean')")
 model(ids, mask)  # a training-mode forward of B = 4 sequences

@@ -100,8 +100,8 @@ import numpy as np
 
 from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, Example,
                                   encode, pad_sequences)
-from transformer_lib.attention import NEG_INF
-from transformer_lib.transformer import Transformer
+from transformer_lib.layers import softmax
+from transformer_lib.transformer import Transformer, readout_positions
 
 _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
 
@@ -198,18 +198,13 @@ assert history["val_loss"][2] / history["val_loss"][3] > 20   # epoch 3 -> 4
 # the text and the figures layers and heads are counted from 1.
 #
 # The model reads its answer at the last real token (chapter 4), so the attention *row of
-# that position* is the one that matters most. `readout_attention` picks it out:
-# `mask.sum(1) - 1` is the position of `[EOS]`, exactly the position the model reads.
+# that position* is the one that matters most. `readout_attention` picks it out at chapter 4's
+# `readout_positions(mask)`, exactly the position the model reads.
 
 # %% tags=["export"]
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def forward_with_attention(model: Transformer, ids: np.ndarray,
-                           mask: np.ndarray | None = None
+                           mask: np.ndarray | None = None,
+                           attn_mask: dict | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Run the model in evaluation mode and keep every layer's attention weights.
 
@@ -217,6 +212,7 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
     ----------
     ids : (B, T) int array of token ids
     mask : (B, T) bool array, True for real tokens (default: ``ids != PAD_ID``)
+    attn_mask : optional, passed on to ``Transformer.forward`` (attention edges cut)
 
     Returns
     -------
@@ -224,14 +220,8 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
     attention : list of (B, H, T, T) arrays, one per layer (copies)
     """
     with model.evaluating():
-        logits = model(ids, mask)                                     # (B, V)
+        logits = model(ids, mask, attn_mask)                          # (B, V)
     return logits, [block.attention.attn_weights.copy() for block in model.blocks]
-
-
-def readout_positions(mask: np.ndarray) -> np.ndarray:
-    """Position of the last real token of each row, where the model reads its
-    answer: (B,)."""
-    return np.asarray(mask).sum(axis=1) - 1
 
 
 def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
@@ -258,8 +248,7 @@ def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.n
 # %%
 batch = create_batch(everything)
 logits, attention = forward_with_attention(model, batch.ids, batch.mask)
-probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-probs /= probs.sum(axis=1, keepdims=True)                   # (5000, 20)
+probs = softmax(logits)                                     # (5000, 20)
 predicted = logits.argmax(axis=1)                           # (5000,) token ids
 readout = readout_attention(attention, batch.mask)          # (2, 5000, 4, 7)
 ops = np.array([ex.op for ex in everything])                # (5000,)
@@ -458,7 +447,7 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
             raise ValueError(f"text {i} ({t!r}): {error}") from None
     ids, mask = pad_sequences(sequences)                                # (B, T), (B, T)
     logits, _ = forward_with_attention(model, ids, mask)                # (B, V)
-    probs = _softmax(logits)
+    probs = softmax(logits.astype(np.float64))                          # (B, V)
     best = logits.argmax(axis=-1)
     answers = [ID_TO_TOKEN[int(i)] for i in best]
     if return_probs:
@@ -831,17 +820,18 @@ assert np.sort(to_op2, axis=None)[-2] < 0.1                # no other layer-2 re
 # layer 2 uses it to pick the right argument". To test a story we intervene: remove
 # some attention edges, run the model, and watch what breaks.
 #
-# `forward_with_knockout` is the model's forward pass written out with one extra mask per
-# layer: `blocked[l][b, t, s] = True` forbids query $t$ of input $b$ to attend to key $s$ in
-# layer `l` (all heads); the softmax renormalises over the keys that remain. Everything else
-# (the residual connections, the post-norm layer norms, the feed-forward networks, the
-# read-out) is the model's own code. With nothing blocked it must reproduce the model, up to
-# float32 rounding and with the same predictions, which we check first.
+# `forward_with_knockout` runs the model's own forward pass with one extra mask per layer
+# (chapter 4's `attn_mask`): `blocked[l][b, t, s] = True` forbids query $t$ of input $b$ to
+# attend to key $s$ in layer `l` (all heads); the softmax renormalises over the keys that
+# remain. Everything else (the residual connections, the post-norm layer norms, the
+# feed-forward networks, the read-out) is untouched. With nothing blocked it is the model,
+# bit for bit, which we check first.
 
 # %% tags=["export"]
 def forward_with_knockout(model: Transformer, ids: np.ndarray,
                           mask: np.ndarray | None = None,
-                          blocked: dict | None = None) -> np.ndarray:
+                          blocked: dict | None = None
+                          ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The model's forward pass (evaluation mode) with chosen attention edges removed.
 
     Parameters
@@ -870,58 +860,24 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
         raise ValueError(f"blocked names layer {unknown[0]}, but the model has layers "
                          f"0..{len(model.blocks) - 1}")
     B, T = ids.shape
-    with model.evaluating():
-        x = model.embedding(ids)                                        # (B, T, D)
-        if model.pos_encoding is not None:
-            x = model.pos_encoding(x)
-        attention = []
-        for l, block in enumerate(model.blocks):
-            att = block.attention
-            H, d_k = att.num_heads, att.d_k
-
-            # (B, T, D) -> (B, H, T, d_k)
-            def split_heads(linear):
-                return linear(x).reshape(B, T, H, d_k).transpose(0, 2, 1, 3)
-
-            Q, K, V = split_heads(att.W_q), split_heads(att.W_k), split_heads(att.W_v)
-            allowed = np.broadcast_to(mask[:, None, :], (B, T, T))  # keys must be real
-            if l in blocked:
-                allowed = allowed & ~np.broadcast_to(np.asarray(blocked[l], dtype=bool),
-                                                     (B, T, T))
-            stranded = ~allowed.any(axis=-1) & mask                 # (B, T)
-            if stranded.any():
-                b, t = np.argwhere(stranded)[0]
-                raise ValueError(f"layer {l}: query {t} of input {b} "
-                                 "may attend to no key at all")
-            # (B, H, T, T)
-            scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)
-            scores = np.where(allowed[:, None], scores, NEG_INF)
-            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            weights /= weights.sum(axis=-1, keepdims=True)
-            attention.append(weights)
-            # (B, T, D)
-            a = att.W_o((weights @ V).transpose(0, 2, 1, 3).reshape(B, T, H * d_k))
-            x = x + a if block.residual else a
-            if block.norm1 is not None:
-                x = block.norm1(x)
-            f = block.ffn(x)
-            x = x + f if block.residual else f
-            if block.norm2 is not None:
-                x = block.norm2(x)
-        if model.readout == "eos":
-            pooled = x[np.arange(B), readout_positions(mask)]           # (B, D)
-        else:
-            w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)
-            pooled = np.einsum("btd,bt->bd", x, w)
-        return model.output(pooled), attention
+    attn_mask = {}
+    for l, cut in blocked.items():
+        allowed = mask[:, None, :] & ~np.broadcast_to(np.asarray(cut, dtype=bool),
+                                                      (B, T, T))       # (B, T, T)
+        stranded = ~allowed.any(axis=-1) & mask                         # (B, T)
+        if stranded.any():
+            b, t = np.argwhere(stranded)[0]
+            raise ValueError(f"layer {l}: query {t} of input {b} "
+                             "may attend to no key at all")
+        attn_mask[l] = allowed[:, None]                   # (B, 1, T, T): every head
+    return forward_with_attention(model, ids, mask, attn_mask)
 
 
 # %%
 plain_logits, plain_attention = forward_with_knockout(model, batch.ids, batch.mask)
-difference = np.abs(plain_logits - logits).max()
-assert difference < 1e-4 and (plain_logits.argmax(1) == predicted).all()
-print("largest difference to the model's own forward pass: < 1e-4 (float32 rounding)")
-assert np.allclose(plain_attention[1], attention[1], atol=1e-5)
+assert np.array_equal(plain_logits, logits)
+assert all(np.array_equal(p, a) for p, a in zip(plain_attention, attention))
+print("nothing blocked: the model's own logits and attention, bit for bit")
 show_error(lambda: forward_with_knockout(model, batch.ids, batch.mask,
                                          {2: np.zeros((7, 7), bool)}),
            ValueError, "blocked names layer 2, but the model has layers 0..1")

@@ -3,7 +3,8 @@
 
 # notebooks/03_attention.py, "The code"
 import numpy as np
-from transformer_lib.layers import Module, Linear, DEFAULT_DTYPE, row_max, row_sum
+import numpy.typing as npt
+from transformer_lib.layers import Module, Linear, DEFAULT_DTYPE, row_sum, softmax
 
 NEG_INF = -1e9   # masked score: exp(NEG_INF - max) is exactly 0.0, and never nan
 
@@ -74,9 +75,7 @@ def scaled_dot_product_attention(
                              f"{K.shape}; expected (B, T_k): "
                              "the first and the key axis of K")
         scores = np.where(_key_mask(mask, scores.ndim), scores, NEG_INF)
-    scores -= row_max(scores)       # softmax is shift-invariant; now exp(scores) <= 1
-    weights = np.exp(scores)
-    weights /= row_sum(weights)                                    # rows sum to 1
+    weights = softmax(scores)              # (..., T_q, T_k), rows sum to 1 (chapter 2)
     return weights @ V, weights            # (..., T_q, d_v), (..., T_q, T_k)
 
 
@@ -134,13 +133,17 @@ class MultiHeadAttention(Module):
     W_q, W_k, W_v, W_o : Linear(d_model, d_model)
         The projections. ``W_k`` has no bias: a key bias shifts all scores of a row by
         the same amount, which the softmax ignores, so it would never change the output
-        or receive a gradient.
+        or receive a gradient. ``W_o`` runs through ``Linear``'s forward and backward;
+        ``W_q``, ``W_k``, ``W_v`` do not: ``forward`` concatenates their weights into
+        one (D, 3D) matmul and ``backward`` writes their gradients itself (chapter 2's
+        ``Linear`` says so too).
     attn_weights : array, shape (B, H, T, T), or None
         Attention weights of the last forward pass (in eval mode too), for plots.
     """
 
     def __init__(self, d_model: int, num_heads: int,
-                 rng: np.random.Generator | None = None, dtype=DEFAULT_DTYPE):
+                 rng: np.random.Generator | None = None,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE):
         if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
         if d_model % num_heads:

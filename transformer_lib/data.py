@@ -396,9 +396,9 @@ def _shuffled(items: list, rng: np.random.Generator) -> list:
 class Batch(NamedTuple):
     """A padded batch of B sequences of length T.
 
-    ids : (B, T) int64, token ids, ``PAD_ID`` after each sequence's end.
-    mask : (B, T) bool, True for real tokens, False for padding.
-    targets : (B,) int64, token id of each answer.
+    ids : int64 array, shape (B, T), token ids, ``PAD_ID`` after each sequence's end.
+    mask : bool array, shape (B, T), True for real tokens, False for padding.
+    targets : int64 array, shape (B,), token id of each answer.
     """
 
     ids: np.ndarray
@@ -415,8 +415,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
 
     Returns
     -------
-    ids : (B, T) int64 array, T = the longest length
-    mask : (B, T) bool array, True for real tokens
+    ids : int64 array, shape (B, T), T = the longest length
+    mask : bool array, shape (B, T), True for real tokens
 
     Raises
     ------

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from transformer_lib.attention import causal_mask
 from transformer_lib.data import _APPLY, OPERATIONS, PAD_ID, VOCAB, Batch
 from transformer_lib.layers import (DEFAULT_DTYPE, Embedding, Linear, Module,
-                                    PositionalEncoding)
+                                    PositionalEncoding, softmax)
 from transformer_lib.training import (SHIPPED_PATH, CrossEntropyLoss, load_model,
                                       train_steps)
 from transformer_lib.experiments import predictions, two_digit_data
@@ -236,7 +237,8 @@ class KVCache:
     after them and returns everything so far, (B, H, length, d_k).
     """
 
-    def __init__(self, B: int, H: int, max_len: int, d_k: int, dtype=DEFAULT_DTYPE):
+    def __init__(self, B: int, H: int, max_len: int, d_k: int,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE):
         self.K = np.zeros((B, H, max_len, d_k), dtype=dtype)
         self.V = np.zeros((B, H, max_len, d_k), dtype=dtype)
         self.length = 0
@@ -267,7 +269,8 @@ class Decoder(Module):
 
     def __init__(self, vocab_size: int = DECODER_VOCAB_SIZE, d_model: int = 64,
                  num_heads: int = 4, num_layers: int = 2, d_ff: int = 256,
-                 max_len: int = 48, seed: int = 0, dtype=DEFAULT_DTYPE):
+                 max_len: int = 48, seed: int = 0,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE):
         self.config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
                            num_layers=num_layers, d_ff=d_ff, max_len=max_len, seed=seed)
         rng = np.random.default_rng(seed)
@@ -365,7 +368,7 @@ def _pick(logits: np.ndarray, temperature: float | None, top_k: int | None,
     if top_k is not None:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]    # the k-th largest score
         z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = softmax(z)                                        # (B, V), chapter 2
     cdf = p.cumsum(axis=-1)                               # (B, V)
     u = rng.random(len(p))[:, None] * cdf[:, -1:]         # uniform in [0, total)
     return (cdf <= u).sum(axis=-1)                        # first index with cdf > u

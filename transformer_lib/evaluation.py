@@ -8,8 +8,8 @@ import numpy as np
 
 from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, Example,
                                   encode, pad_sequences)
-from transformer_lib.attention import NEG_INF
-from transformer_lib.transformer import Transformer
+from transformer_lib.layers import softmax
+from transformer_lib.transformer import Transformer, readout_positions
 
 _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
 
@@ -50,14 +50,9 @@ def plot_training_curves(history: dict) -> "plt.Figure":
 
 
 # notebooks/06_evaluation.py, "Running the model and keeping its attention"
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def forward_with_attention(model: Transformer, ids: np.ndarray,
-                           mask: np.ndarray | None = None
+                           mask: np.ndarray | None = None,
+                           attn_mask: dict | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Run the model in evaluation mode and keep every layer's attention weights.
 
@@ -65,6 +60,7 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
     ----------
     ids : (B, T) int array of token ids
     mask : (B, T) bool array, True for real tokens (default: ``ids != PAD_ID``)
+    attn_mask : optional, passed on to ``Transformer.forward`` (attention edges cut)
 
     Returns
     -------
@@ -72,14 +68,8 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
     attention : list of (B, H, T, T) arrays, one per layer (copies)
     """
     with model.evaluating():
-        logits = model(ids, mask)                                     # (B, V)
+        logits = model(ids, mask, attn_mask)                          # (B, V)
     return logits, [block.attention.attn_weights.copy() for block in model.blocks]
-
-
-def readout_positions(mask: np.ndarray) -> np.ndarray:
-    """Position of the last real token of each row, where the model reads its
-    answer: (B,)."""
-    return np.asarray(mask).sum(axis=1) - 1
 
 
 def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
@@ -220,7 +210,7 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
             raise ValueError(f"text {i} ({t!r}): {error}") from None
     ids, mask = pad_sequences(sequences)                                # (B, T), (B, T)
     logits, _ = forward_with_attention(model, ids, mask)                # (B, V)
-    probs = _softmax(logits)
+    probs = softmax(logits.astype(np.float64))                          # (B, V)
     best = logits.argmax(axis=-1)
     answers = [ID_TO_TOKEN[int(i)] for i in best]
     if return_probs:
@@ -350,7 +340,8 @@ def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
 # notebooks/06_evaluation.py, "How `First`, `Second` and `Last` really work: cutting attention edges"
 def forward_with_knockout(model: Transformer, ids: np.ndarray,
                           mask: np.ndarray | None = None,
-                          blocked: dict | None = None) -> np.ndarray:
+                          blocked: dict | None = None
+                          ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The model's forward pass (evaluation mode) with chosen attention edges removed.
 
     Parameters
@@ -379,50 +370,17 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
         raise ValueError(f"blocked names layer {unknown[0]}, but the model has layers "
                          f"0..{len(model.blocks) - 1}")
     B, T = ids.shape
-    with model.evaluating():
-        x = model.embedding(ids)                                        # (B, T, D)
-        if model.pos_encoding is not None:
-            x = model.pos_encoding(x)
-        attention = []
-        for l, block in enumerate(model.blocks):
-            att = block.attention
-            H, d_k = att.num_heads, att.d_k
-
-            # (B, T, D) -> (B, H, T, d_k)
-            def split_heads(linear):
-                return linear(x).reshape(B, T, H, d_k).transpose(0, 2, 1, 3)
-
-            Q, K, V = split_heads(att.W_q), split_heads(att.W_k), split_heads(att.W_v)
-            allowed = np.broadcast_to(mask[:, None, :], (B, T, T))  # keys must be real
-            if l in blocked:
-                allowed = allowed & ~np.broadcast_to(np.asarray(blocked[l], dtype=bool),
-                                                     (B, T, T))
-            stranded = ~allowed.any(axis=-1) & mask                 # (B, T)
-            if stranded.any():
-                b, t = np.argwhere(stranded)[0]
-                raise ValueError(f"layer {l}: query {t} of input {b} "
-                                 "may attend to no key at all")
-            # (B, H, T, T)
-            scores = Q @ K.swapaxes(-1, -2) / np.sqrt(d_k).astype(Q.dtype)
-            scores = np.where(allowed[:, None], scores, NEG_INF)
-            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            weights /= weights.sum(axis=-1, keepdims=True)
-            attention.append(weights)
-            # (B, T, D)
-            a = att.W_o((weights @ V).transpose(0, 2, 1, 3).reshape(B, T, H * d_k))
-            x = x + a if block.residual else a
-            if block.norm1 is not None:
-                x = block.norm1(x)
-            f = block.ffn(x)
-            x = x + f if block.residual else f
-            if block.norm2 is not None:
-                x = block.norm2(x)
-        if model.readout == "eos":
-            pooled = x[np.arange(B), readout_positions(mask)]           # (B, D)
-        else:
-            w = (mask / mask.sum(axis=1, keepdims=True)).astype(x.dtype)
-            pooled = np.einsum("btd,bt->bd", x, w)
-        return model.output(pooled), attention
+    attn_mask = {}
+    for l, cut in blocked.items():
+        allowed = mask[:, None, :] & ~np.broadcast_to(np.asarray(cut, dtype=bool),
+                                                      (B, T, T))       # (B, T, T)
+        stranded = ~allowed.any(axis=-1) & mask                         # (B, T)
+        if stranded.any():
+            b, t = np.argwhere(stranded)[0]
+            raise ValueError(f"layer {l}: query {t} of input {b} "
+                             "may attend to no key at all")
+        attn_mask[l] = allowed[:, None]                   # (B, 1, T, T): every head
+    return forward_with_attention(model, ids, mask, attn_mask)
 
 
 # notebooks/06_evaluation.py, "Does the model know that 3 < 7?"
@@ -503,7 +461,6 @@ def confidence_margins(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
 __all__ = [
     "plot_training_curves",
     "forward_with_attention",
-    "readout_positions",
     "readout_attention",
     "accuracy_per_operation",
     "confusion_matrix",

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import numpy.typing as npt
 
 DEFAULT_DTYPE = np.float32
 
@@ -135,13 +136,13 @@ class Module:
         finally:
             self.train(was_training)
 
-    def to(self, dtype: type | np.dtype) -> "Module":
+    def to(self, dtype: npt.DTypeLike) -> "Module":
         """Cast every parameter and float buffer to a floating ``dtype``;
         reset gradients to zero.
 
         Parameters
         ----------
-        dtype : floating dtype
+        dtype : numpy float dtype
             For example ``np.float64`` for gradient checking.
 
         Returns
@@ -182,6 +183,11 @@ class Module:
 class Linear(Module):
     """Affine map of the last axis: ``y = x @ W + b``.
 
+    One exception to "every layer runs its own forward and backward": multi-head
+    attention (chapter 3) reads the weights of its ``W_q``, ``W_k``, ``W_v`` layers
+    into one fused matmul and writes their gradients itself, so a change to
+    ``forward`` or ``backward`` here does not reach those three.
+
     Parameters
     ----------
     in_features, out_features : int
@@ -190,7 +196,7 @@ class Linear(Module):
         Source of the initial weights; ``np.random.default_rng(0)`` if omitted.
     bias : bool
         Whether to add the bias ``b`` (default True).
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of the parameters (default float32).
 
     Attributes
@@ -203,7 +209,7 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int,
                  rng: np.random.Generator | None = None, bias: bool = True,
-                 dtype: type = DEFAULT_DTYPE) -> None:
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"Linear needs positive sizes, got in_features={in_features}, "
@@ -220,11 +226,11 @@ class Linear(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (..., in_features)
+        x : array, shape (..., in_features)
 
         Returns
         -------
-        np.ndarray, shape (..., out_features)
+        array, shape (..., out_features)
         """
         in_features = self.W.data.shape[0]
         if x.shape[-1:] != (in_features,):
@@ -247,12 +253,12 @@ class Linear(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (..., out_features)
+        grad_out : array, shape (..., out_features)
             dL/dy for the output of the last training-mode forward pass.
 
         Returns
         -------
-        np.ndarray, shape (..., in_features)
+        array, shape (..., in_features)
             dL/dx.
         """
         x = self._check_cache(self._x)
@@ -380,24 +386,25 @@ class Embedding(Module):
     ----------
     num_embeddings : int
         Vocabulary size V; valid ids are 0 .. V-1.
-    dim : int
-        Vector size D (``d_model``).
+    d_model : int
+        Vector size D.
     rng : np.random.Generator, optional
         Source of the initial table; ``np.random.default_rng(0)`` if omitted.
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of ``W`` (default float32).
 
     Attributes
     ----------
-    W : Parameter, shape (num_embeddings, dim)
+    W : Parameter, shape (num_embeddings, d_model)
         Initialised N(0, 1).
     """
 
-    def __init__(self, num_embeddings: int, dim: int,
+    def __init__(self, num_embeddings: int, d_model: int,
                  rng: np.random.Generator | None = None,
-                 dtype: type = DEFAULT_DTYPE) -> None:
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
         rng = np.random.default_rng(0) if rng is None else rng
-        self.W = Parameter(rng.normal(0.0, 1.0, (num_embeddings, dim)).astype(dtype))
+        W = rng.normal(0.0, 1.0, (num_embeddings, d_model))              # (V, D)
+        self.W = Parameter(W.astype(dtype))
         self._ids = None
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
@@ -409,7 +416,7 @@ class Embedding(Module):
 
         Returns
         -------
-        np.ndarray, shape (B, T, D)
+        array, shape (B, T, D)
         """
         ids = np.asarray(ids)
         V = self.W.data.shape[0]
@@ -430,7 +437,7 @@ class Embedding(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (B, T, D)
+        grad_out : array, shape (B, T, D)
         """
         ids = self._check_cache(self._ids)
         V, D = self.W.data.shape
@@ -455,18 +462,18 @@ class PositionalEncoding(Module):
         Size of the last axis of the input.
     max_len : int
         Longest sequence supported (default 64).
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of the table (default float32).
 
     Attributes
     ----------
-    pe : np.ndarray, shape (max_len, d_model)
+    pe : array, shape (max_len, d_model)
         ``pe[p, 2i] = sin(p / 10000**(2i/d_model))``,
         ``pe[p, 2i+1] = cos(p / 10000**(2i/d_model))``.
     """
 
     def __init__(self, d_model: int, max_len: int = 64,
-                 dtype: type = DEFAULT_DTYPE) -> None:
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
         pos = np.arange(max_len)[:, None]                # (max_len, 1)
         i = np.arange(0, d_model, 2)[None, :]            # (1, ceil(d_model/2)): the 2i
         angle = pos / (10000.0 ** (i / d_model))         # (max_len, ceil(d_model/2))
@@ -480,7 +487,7 @@ class PositionalEncoding(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (B, T, d_model) (or (T, d_model))
+        x : array, shape (B, T, d_model) (or (T, d_model))
 
         Returns
         -------
@@ -513,11 +520,11 @@ def row_max(x: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    x : np.ndarray, shape (..., T), T >= 1
+    x : array, shape (..., T), T >= 1
 
     Returns
     -------
-    np.ndarray, shape (..., 1)
+    array, shape (..., 1)
     """
     if x.shape[-1] > 32:
         return x.max(axis=-1, keepdims=True)
@@ -536,11 +543,11 @@ def row_sum(x: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    x : np.ndarray, shape (..., T)
+    x : array, shape (..., T)
 
     Returns
     -------
-    np.ndarray, shape (..., 1)
+    array, shape (..., 1)
     """
     return x @ np.ones((x.shape[-1], 1), dtype=x.dtype)
 
@@ -554,24 +561,25 @@ class LayerNorm(Module):
 
     Parameters
     ----------
-    d : int
-        Size D of the last axis (``d_model``).
+    d_model : int
+        Size D of the last axis.
     eps : float
         Added to the variance (default 1e-5).
-    dtype : floating dtype
+    dtype : numpy float dtype
         Dtype of ``gamma`` and ``beta`` (default float32).
 
     Attributes
     ----------
-    gamma : Parameter, shape (d,)
+    gamma : Parameter, shape (d_model,)
         Scale, initialised to ones.
-    beta : Parameter, shape (d,)
+    beta : Parameter, shape (d_model,)
         Shift, initialised to zeros.
     """
 
-    def __init__(self, d: int, eps: float = 1e-5, dtype: type = DEFAULT_DTYPE) -> None:
-        self.gamma = Parameter(np.ones(d, dtype=dtype))
-        self.beta = Parameter(np.zeros(d, dtype=dtype))
+    def __init__(self, d_model: int, eps: float = 1e-5,
+                 dtype: npt.DTypeLike = DEFAULT_DTYPE) -> None:
+        self.gamma = Parameter(np.ones(d_model, dtype=dtype))
+        self.beta = Parameter(np.zeros(d_model, dtype=dtype))
         self.eps = eps
         self._cache = None
 
@@ -580,11 +588,11 @@ class LayerNorm(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (..., d)
+        x : array, shape (..., d_model)
 
         Returns
         -------
-        np.ndarray, shape (..., d)
+        array, shape (..., d_model)
         """
         D = self.gamma.data.shape[0]
         if x.shape[-1:] != (D,):
@@ -604,11 +612,11 @@ class LayerNorm(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (..., d)
+        grad_out : array, shape (..., d_model)
 
         Returns
         -------
-        np.ndarray, shape (..., d)
+        array, shape (..., d_model)
         """
         xhat, rstd = self._check_cache(self._cache)
         if grad_out.shape != xhat.shape:
@@ -652,7 +660,7 @@ class ReLU(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape of the output
+        grad_out : array, the output's shape
 
         Returns
         -------
@@ -662,9 +670,21 @@ class ReLU(Module):
 
 
 # notebooks/02_layers.py, "Softmax"
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax along the last axis, computed stably (the row maximum is subtracted
+    first): (..., T) -> (..., T), positive entries, every row sums to 1.
+
+    The package's one softmax: the ``Softmax`` layer, attention (chapter 3) and the
+    probabilities of chapters 6 and 8 call it."""
+    e = x - row_max(x)                  # (..., T): exponents <= 0, so no overflow
+    np.exp(e, out=e)                    # in place: one new array in all
+    e /= row_sum(e)                     # the sum is >= 1 (the max term is e^0 = 1)
+    return e
+
+
 class Softmax(Module):
-    """Softmax along the last axis, computed stably
-    (the row maximum is subtracted first)."""
+    """The ``softmax`` function as a layer: its forward keeps the output y, which is
+    all its backward needs."""
 
     def __init__(self) -> None:
         self._y = None
@@ -674,15 +694,14 @@ class Softmax(Module):
 
         Parameters
         ----------
-        x : np.ndarray, shape (..., T)
+        x : array, shape (..., T)
 
         Returns
         -------
-        np.ndarray, shape (..., T)
+        array, shape (..., T)
             Positive entries; every row sums to 1.
         """
-        e = np.exp(x - row_max(x))          # (..., T): exponents <= 0, so no overflow
-        y = e / row_sum(e)                  # the sum is >= 1 (the max term is e^0 = 1)
+        y = softmax(x)
         if self.training:
             self._y = y
         return y
@@ -693,11 +712,11 @@ class Softmax(Module):
 
         Parameters
         ----------
-        grad_out : np.ndarray, shape (..., T)
+        grad_out : array, shape (..., T)
 
         Returns
         -------
-        np.ndarray, shape (..., T)
+        array, shape (..., T)
         """
         y = self._check_cache(self._y)
         return y * (grad_out - row_sum(grad_out * y))
@@ -717,5 +736,6 @@ __all__ = [
     "row_sum",
     "LayerNorm",
     "ReLU",
+    "softmax",
     "Softmax",
 ]

@@ -23,6 +23,14 @@ from transformer_lib.transformer import Transformer
 
 
 # notebooks/05_training.py, "The gradient"
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log softmax along the last axis, (..., V) -> (..., V), as
+    ``(z - m) - log sum exp(z - m)`` with m the row maximum: finite for any finite z."""
+    shifted = z - z.max(axis=-1, keepdims=True)               # (..., V), row max is 0
+    log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))   # (..., 1), <= log V
+    return shifted - log_sum
+
+
 class CrossEntropyLoss:
     """Mean cross-entropy of a batch: mean over b of
     -log softmax(logits[b])[targets[b]].
@@ -52,10 +60,7 @@ class CrossEntropyLoss:
             i = int(np.argmax(outside))
             raise ValueError(f"target {targets[i]} of example {i} is outside "
                              f"the {V} classes 0..{V - 1}")
-        shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, V), row max is 0
-        # (B, 1), in [0, log V]
-        log_sum = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        log_probs = shifted - log_sum                          # (B, V) log softmax
+        log_probs = log_softmax(logits)                        # (B, V)
         self._cache = (log_probs, targets)
         return float(-log_probs[np.arange(B), targets].mean())
 
@@ -278,12 +283,15 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
 # notebooks/05_training.py, "One epoch"
 def train_steps(model, loss_fn: CrossEntropyLoss, data: Batch, *, epochs: int,
                 batch_size: int, lr: float, warmup: int, clip: float | None = 1.0,
-                seed: int = 0, on_epoch=None) -> list[float]:
-    """``epochs`` of ``train_one_epoch`` with Adam and ``warmup_cosine`` (peak ``lr``);
-    batches shuffled by ``np.random.default_rng(seed)``. Returns every step's loss;
-    ``on_epoch(epoch, losses)`` is called after each epoch with all losses so far, and
-    stops the training when it returns True."""
-    optimizer = Adam(model.parameters(), lr=lr)
+                seed: int = 0, optimizer: Optimizer | None = None,
+                on_step: StepCallback | None = None, on_epoch=None) -> list[float]:
+    """``epochs`` of ``train_one_epoch`` with ``optimizer`` (default: Adam) and
+    ``warmup_cosine`` (peak ``lr``); batches shuffled by
+    ``np.random.default_rng(seed)``. Returns every step's loss. ``on_step`` is passed
+    on to ``train_one_epoch``; ``on_epoch(epoch, losses)`` is called after each epoch
+    with all losses so far, and stops the training when it returns True."""
+    if optimizer is None:
+        optimizer = Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     steps_per_epoch = -(-len(data.ids) // batch_size)        # ceiling division
     total = epochs * steps_per_epoch
@@ -295,7 +303,7 @@ def train_steps(model, loss_fn: CrossEntropyLoss, data: Batch, *, epochs: int,
     losses = []
     for epoch in range(epochs):
         losses += train_one_epoch(model, loss_fn, optimizer, data, batch_size, rng,
-                                  schedule, epoch * steps_per_epoch, clip)
+                                  schedule, epoch * steps_per_epoch, clip, on_step)
         if on_epoch is not None and on_epoch(epoch + 1, losses):
             break
     return losses
@@ -344,34 +352,24 @@ def fit(model: Transformer, train: Batch | Sequence[Example],
         raise ValueError("epochs and batch_size must be at least 1, "
                          f"got {epochs} and {batch_size}")
     train, val = _as_batch(train), _as_batch(val)
-    rng = np.random.default_rng(seed)
     if optimizer == "adam":
         opt = Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         opt = SGD(model.parameters(), lr=lr, momentum=0.9)
-    loss_fn = CrossEntropyLoss()
-    steps_per_epoch = -(-len(train.ids) // batch_size)        # ceiling division
-    total = epochs * steps_per_epoch
     hist, best, best_key = History(), None, None
 
-    def schedule(step):
-        hist.step_lr.append(warmup_cosine(step, total, warmup, lr))
-        return hist.step_lr[-1]
-
-    def record(step, loss, grad_norm):
+    def record(step, loss, grad_norm):                     # after every update
+        hist.step_lr.append(opt.lr)
         hist.step_grad_norm.append(grad_norm)
         if on_step is not None:
             on_step(step, loss, grad_norm)
 
-    model.train()
-    t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        losses = train_one_epoch(model, loss_fn, opt, train, batch_size, rng, schedule,
-                                 (epoch - 1) * steps_per_epoch, clip, record)
+    def end_of_epoch(epoch, losses):                       # validate, keep the best
+        nonlocal best, best_key
         ev = evaluate(model, val)
-        hist.step_loss += losses
+        hist.train_loss.append(float(np.mean(losses[len(hist.step_loss):])))
+        hist.step_loss = list(losses)
         hist.epoch.append(epoch)
-        hist.train_loss.append(float(np.mean(losses)))
         hist.val_loss.append(ev["loss"])
         hist.val_accuracy.append(ev["accuracy"])
         key = (ev["accuracy"], -ev["loss"])
@@ -381,8 +379,12 @@ def fit(model: Transformer, train: Batch | Sequence[Example],
             print(f"epoch {epoch:2d}/{epochs}  train loss {hist.train_loss[-1]:<9.3g} "
                   f"val loss {ev['loss']:<9.3g} val accuracy {ev['accuracy']:.2%}",
                   flush=True)
-        if stop_at_accuracy is not None and ev["accuracy"] >= stop_at_accuracy:
-            break
+        return stop_at_accuracy is not None and ev["accuracy"] >= stop_at_accuracy
+
+    t0 = time.perf_counter()
+    train_steps(model, CrossEntropyLoss(), train, epochs=epochs, batch_size=batch_size,
+                lr=lr, warmup=warmup, clip=clip, seed=seed, optimizer=opt,
+                on_step=record, on_epoch=end_of_epoch)
     opt.data[...] = best                                   # the best epoch's parameters
     hist.seconds = time.perf_counter() - t0
     if progress:
@@ -559,6 +561,7 @@ def machine() -> str:
 
 
 __all__ = [
+    "log_softmax",
     "CrossEntropyLoss",
     "flatten_parameters",
     "Optimizer",

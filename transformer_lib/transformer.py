@@ -28,7 +28,7 @@ class FeedForward(Module):
         Width of the hidden layer (the paper uses ``4 * d_model``).
     rng : numpy.random.Generator, optional
         Source of the initial weights (default ``np.random.default_rng(0)``).
-    dtype : numpy float type
+    dtype : numpy float dtype
         float32 by default.
     """
 
@@ -77,7 +77,7 @@ class TransformerBlock(Module):
         Keep the layer normalisations (default). ``False`` is an ablation for chapter 7:
         ``x = x + attention(x)``, ``x = x + ffn(x)``, and ``norm1``/``norm2`` are
         ``None``.
-    dtype : numpy float type
+    dtype : numpy float dtype
         float32 by default.
     """
 
@@ -118,6 +118,14 @@ class TransformerBlock(Module):
         return g + g_att if self.residual else g_att   # ... and around attention
 
 
+# notebooks/04_transformer.py, "Reading out one answer per sequence"
+def readout_positions(mask: npt.ArrayLike) -> np.ndarray:
+    """(B,) int array: the index of the last True of each row of a (B, T) mask, the
+    position the ``"eos"`` read-out reads (the ``[EOS]`` of every encoded input)."""
+    mask = np.asarray(mask, dtype=bool)                    # (B, T)
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+
 # notebooks/04_transformer.py, "The whole model"
 class Transformer(Module):
     """Encoder-only transformer that answers each sequence with one token.
@@ -154,7 +162,7 @@ class Transformer(Module):
         (chapter 7).
     seed : int
         Seed of the initial weights: the same seed gives the same model.
-    dtype : numpy float type
+    dtype : numpy float dtype
         float32 by default; use ``model.to(np.float64)`` for gradient checks.
 
     Attributes
@@ -224,20 +232,24 @@ class Transformer(Module):
                              "at least its [EOS]")
         return ids, mask
 
-    def forward(self, ids: npt.ArrayLike,
-                mask: npt.ArrayLike | None = None) -> np.ndarray:
+    def forward(self, ids: npt.ArrayLike, mask: npt.ArrayLike | None = None,
+                attn_mask: dict | None = None) -> np.ndarray:
         """Logits for the answer of every sequence.
 
         Parameters
         ----------
-        ids : (B, T) int array
+        ids : int array, shape (B, T)
             Token ids, right-padded with ``PAD_ID`` (as ``create_batch`` makes them).
-        mask : (B, T) bool array, optional
+        mask : bool array, shape (B, T), optional
             True for real tokens; default ``ids != PAD_ID``.
+        attn_mask : {layer index (from 0): bool array}, optional
+            Arrays that broadcast to (B, H, T, T), True where query t may attend to key
+            s in that layer, on top of the padding mask (chapter 6 cuts attention edges
+            with it). Layers not named use the padding mask alone.
 
         Returns
         -------
-        logits : (B, V) array
+        logits : array, shape (B, V)
             One score per vocabulary token; the answer is the argmax.
 
         Raises
@@ -245,19 +257,27 @@ class Transformer(Module):
         ValueError
             If ids are not a 2-D integer array, an id is outside ``0..V-1`` (naming it
             and its position), the sequences are longer than ``max_len``, the mask's
-            shape differs from the ids', or a sequence has no real token.
+            shape differs from the ids', a sequence has no real token, or
+            ``attn_mask`` names a layer the model does not have.
         """
         ids, mask = self._check_inputs(ids, mask)     # (B, T) int, (B, T) bool
+        attn_mask = {} if attn_mask is None else attn_mask
+        unknown = sorted(set(attn_mask) - set(range(len(self.blocks))))
+        if unknown:
+            raise ValueError(f"attn_mask names layer {unknown[0]}, but the model has "
+                             f"layers 0..{len(self.blocks) - 1}")
         x = self.embedding(ids)                       # (B, T, D)
         if self.pos_encoding is not None:
             # (B, T, D) + sin/cos of the position
             x = self.pos_encoding(x)
-        for block in self.blocks:
-            x = block(x, mask)                        # (B, T, D)
+        for l, block in enumerate(self.blocks):
+            if l in attn_mask:                        # (B, H, T, T): padding & edges
+                x = block(x, mask[:, None, None, :] & attn_mask[l])
+            else:
+                x = block(x, mask)                    # (B, T, D)
         B, T, D = x.shape
         if self.readout == "eos":                     # the last real token ([EOS])
-            # (B,) index of the last True
-            last = T - 1 - np.argmax(mask[:, ::-1], axis=1)
+            last = readout_positions(mask)            # (B,)
             pooled = x[np.arange(B), last]            # (B, D)
             cache = (x.shape, last)
         else:                                         # the mean over real tokens
@@ -299,5 +319,6 @@ __all__ = [
     "READOUTS",
     "FeedForward",
     "TransformerBlock",
+    "readout_positions",
     "Transformer",
 ]
