@@ -504,9 +504,9 @@ show_error(lambda: predict(model, 42), ValueError,
 # plus the mean over the heads, with the tokens on the axes. The read-out row, `[EOS]`, is
 # framed in red, since it is the only row whose output reaches the answer directly.
 #
-# We take one puzzle with the same digits for every operation, `Op(4, 9, 1)`. Its answers
-# sit at different positions: `First` → 4 (argument 1), `Second` and `Max` → 9 (argument 2),
-# `Last` and `Min` → 1 (argument 3).
+# We take the same digits under every operation, `Op(4, 9, 1)`. The answers sit at
+# different positions: `First` → 4 (argument 1), `Second` and `Max` → 9 (argument 2),
+# `Last` and `Min` → 1 (argument 3). First the whole model on `First(4, 9, 1)`:
 
 # %% tags=["export", "hide-input"]
 def plot_attention(weights: np.ndarray, tokens: Sequence[str],
