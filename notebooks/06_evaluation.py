@@ -23,7 +23,7 @@
 #   averaged over thousands;
 # - test hypotheses about what each head does ("it attends to the first argument", "it
 #   attends to the largest digit") by measuring them, and test the *causal* story by cutting
-#   attention edges and watching what breaks;
+#   attention edges and watching what breaks; draw the circuit that survives the test;
 # - see whether the model has learned that digits have an order;
 # - probe the edges: ties, extreme digits, the inputs the model is least sure of, and inputs
 #   it was never trained on (four arguments, a missing bracket).
@@ -90,7 +90,8 @@ assert sorted(ex.text for part in (train, val, test) for ex in part) == sorted(
 #
 # `plot_training_curves` is the first export of this chapter. Like every plotting function
 # here it *returns* the figure instead of showing it, so it can be reused, saved, or
-# arranged; the notebook cell calls `plt.show()`.
+# arranged; the notebook cell calls `plt.show()`. The plotting code, here and below, is
+# folded away: it draws, it does not compute.
 
 # %% tags=["export"]
 from typing import NamedTuple, Sequence
@@ -112,46 +113,31 @@ def _pyplot():
     return plt
 
 
+# %% tags=["export", "hide-input"]
 def plot_training_curves(history: dict) -> "plt.Figure":
-    """Step loss, epoch losses and validation accuracy of a training run.
-
-    Parameters
-    ----------
-    history : dict
-        ``model.metadata["history"]`` (chapter 5): lists ``step_loss``, ``epoch``,
-        ``train_loss``, ``val_loss``, ``val_accuracy`` and the int ``best_epoch``.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
+    """Step loss, epoch losses and validation accuracy of a training run, from
+    ``model.metadata["history"]`` (chapter 5). Returns the matplotlib Figure."""
     plt = _pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6),
                                         constrained_layout=True)
-    steps = np.arange(1, len(history["step_loss"]) + 1)
-    ax1.plot(steps, history["step_loss"], lw=0.8, color="tab:blue")
-    steps_per_epoch = len(steps) / len(history["epoch"])
-    for e in history["epoch"][:-1]:
-        ax1.axvline(e * steps_per_epoch, color="grey", lw=0.5, ls=":")
+    epochs, steps = history["epoch"], np.arange(1, len(history["step_loss"]) + 1)
+    ax1.plot(steps, history["step_loss"], lw=0.8)
+    for e in epochs[:-1]:
+        ax1.axvline(e * len(steps) / len(epochs), color="grey", lw=0.5, ls=":")
     ax1.set(yscale="log", xlabel="optimisation step (dotted lines: epoch ends)",
             ylabel="cross-entropy loss", title="Loss of every training step")
-    ax2.plot(history["epoch"], history["train_loss"], "o-",
-             label="training (mean over the epoch)")
-    ax2.plot(history["epoch"], history["val_loss"], "s-",
-             label="validation (end of the epoch)")
+    ax2.plot(epochs, history["train_loss"], "o-", label="training (epoch mean)")
+    ax2.plot(epochs, history["val_loss"], "s-", label="validation (epoch end)")
     ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss",
-            title="Loss per epoch")
+            title="Loss per epoch", xticks=epochs)
     ax2.legend()
-    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-",
-             color="tab:green")
-    best = history["best_epoch"]
-    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16,
-             color="tab:red", label=f"best epoch ({best}): the model we use")
+    best, val_acc = history["best_epoch"], np.asarray(history["val_accuracy"]) * 100
+    ax3.plot(epochs, val_acc, "s-", color="tab:green")
+    ax3.plot([best], [val_acc[best - 1]], "*", ms=16, color="tab:red",
+             label=f"best epoch ({best}): the model we use")
     ax3.set(xlabel="epoch", ylabel="validation accuracy (%)",
-            title="Validation accuracy")
+            title="Validation accuracy", xticks=epochs)
     ax3.legend(loc="lower right")
-    for ax in (ax2, ax3):
-        ax.set_xticks(history["epoch"])
     return fig
 
 
@@ -287,17 +273,8 @@ assert np.array_equal(readout[1], attention[1][:, :, 6, :])
 # %% tags=["export"]
 def accuracy_per_operation(examples: Sequence[Example],
                            predicted_ids: np.ndarray) -> dict:
-    """Fraction of correct answers for each operation present in ``examples``.
-
-    Parameters
-    ----------
-    examples : sequence of B Examples
-    predicted_ids : (B,) predicted token ids (``logits.argmax(-1)``)
-
-    Returns
-    -------
-    dict operation -> accuracy, in the order of ``OPERATIONS``, plus ``"all"``
-    """
+    """Fraction of correct answers per operation present in the B ``examples``, in the
+    order of ``OPERATIONS``, plus ``"all"``; ``predicted_ids`` is (B,)."""
     predicted_ids = np.asarray(predicted_ids)
     if predicted_ids.shape != (len(examples),):
         raise ValueError(f"expected one prediction per example ({len(examples)}), "
@@ -337,18 +314,9 @@ assert evaluate(model, test)["accuracy"] == 1.0
 # %% tags=["export"]
 def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
                      classes: Sequence[int] = tuple(_DIGIT_IDS)) -> np.ndarray:
-    """Counts of (true answer, predicted answer) pairs.
-
-    Parameters
-    ----------
-    true_ids, predicted_ids : (B,) token ids
-    classes : the C token ids to count, default the digits ``0``..``9``
-
-    Returns
-    -------
-    (C, C + 1) int array: row = true class, column = predicted class; the last column
-    counts predictions outside ``classes``.
-    """
+    """Counts of (true answer, predicted answer) pairs of (B,) token ids: a (C, C + 1)
+    int array over the C ``classes`` (default the digits), row = true, column =
+    predicted; the last column counts predictions outside ``classes``."""
     true_ids, predicted_ids = np.asarray(true_ids), np.asarray(predicted_ids)
     lookup = {int(c): i for i, c in enumerate(classes)}
     C = len(classes)
@@ -360,6 +328,7 @@ def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
     return np.bincount(rows * (C + 1) + cols, minlength=C * (C + 1)).reshape(C, C + 1)
 
 
+# %% tags=["export", "hide-input"]
 def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
                  col_labels: Sequence[str], ax: "plt.Axes | None" = None,
                  title: str | None = None, xlabel: str = "", ylabel: str = "",
@@ -367,21 +336,11 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
                  vmin: float | None = None, vmax: float | None = None,
                  colorbar_label: str | None = None, fmt: str | None = None,
                  hide_below: float | None = None, fontsize: int = 8) -> "plt.Axes":
-    """A labelled heatmap: the building block of every matrix figure in this chapter.
-
-    Parameters
-    ----------
-    values : (R, C) array
-    row_labels, col_labels : R and C tick labels (tokens, operations, hypotheses, ...)
-    ax : Axes to draw on (default: a new figure)
-    colorbar_label : draw a colour bar with this label (None: no colour bar)
-    fmt : write each value into its cell with this format, e.g. ``"{:.2f}"``
-    hide_below : leave cells whose value is below this unwritten (e.g. the zeros)
-
-    Returns
-    -------
-    matplotlib Axes; the image is ``ax.images[0]``
-    """
+    """A labelled heatmap of an (R, C) array: the building block of every matrix
+    figure in this chapter. ``fmt`` (e.g. ``"{:.2f}"``) writes each value into its
+    cell, except values below ``hide_below``; ``colorbar_label`` adds a colour bar.
+    Draws on ``ax`` (default: a new figure) and returns it; the image is
+    ``ax.images[0]``."""
     plt = _pyplot()
     values = np.asarray(values)
     if values.shape != (len(row_labels), len(col_labels)):
@@ -415,10 +374,8 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789
                    ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
                    extra_label: str = "other", vmax: float | None = None,
                    colorbar: bool = True) -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, and
-    a colour bar unless ``colorbar=False`` (panels that share ``vmax`` need one).
-
-    Returns the matplotlib Axes (a new figure if ``ax`` is None).
+    """Heatmap of a ``confusion_matrix``, counts written in the non-empty cells; panels
+    that share ``vmax`` need one colour bar only (``colorbar=False``). Returns the Axes.
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
     return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
@@ -465,27 +422,10 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
             strict: bool = True) -> str | tuple[str, float] | list:
     """Answer puzzles: ``predict(model, "Max(5, 3, 9)")`` returns ``"9"``.
 
-    Parameters
-    ----------
-    model : Transformer
-    text : str or sequence of str
-        One puzzle, or a list of puzzles, written as ``encode`` accepts them
-        (``"Max(5, 3, 9)"``, ``"Max ( 5 3 9 )"``, ...).
-    return_probs : bool
-        Also return the probability the model gives its answer (a float in 0..1).
-    strict : bool
-        Passed to ``encode``: check the grammar first (default). ``False`` lets
-        malformed puzzles through, to see what the model makes of them.
-
-    Returns
-    -------
-    str, or (str, float) with ``return_probs``; a list of those for a list of texts.
-
-    Raises
-    ------
-    ValueError
-        The tokenizer's error for bad input (for a list, prefixed with the bad text's
-        index).
+    ``text`` is one puzzle or a list of them, as ``encode`` accepts them. Returns the
+    answer, or (answer, its probability) with ``return_probs``; a list for a list.
+    ``strict=False`` skips ``encode``'s grammar check. Bad input raises the tokenizer's
+    ``ValueError`` (for a list, prefixed with the bad text's index).
     """
     single = isinstance(text, str)
     if not single and not isinstance(text, (list, tuple)):
@@ -528,22 +468,28 @@ assert predict(model, ["First(5, 3, 9)", "Second(5, 3, 9)", "Last(5, 3, 9)",
                        "Min ( 5 3 9 )"]) == ["5", "3", "9", "3"]
 assert answer == "8" and 0.5 < p <= 1
 assert predict(model, []) == []
-# predict agrees with the batched forward pass on all 5,000 inputs
+# predict agrees with the batched forward pass (on every 97th of the 5,000 inputs)
 sample = everything[::97]
-assert predict(model, [ex.text for ex in sample]) == [str(ex.answer) for ex in sample]
+assert predict(model, [ex.text for ex in sample]) == [ID_TO_TOKEN[int(i)]
+                                                       for i in predicted[::97]]
 
 
 # %% [markdown]
-# And when the input is not a puzzle, the error says what is wrong and where. Chapter 1's
-# helper `show_error` asserts the type and the message of the error and prints it.
+# The cell below (its code folded away) prints a few such messages for bad input; chapter
+# 1's helper `show_error` asserts the type and the text of each error.
 
-# %%
+# %% tags=["hide-input"]
 from transformer_lib.data import show_error
 
-show_error(lambda: predict(model, "max(5, 3, 9)"), ValueError,
-           "unknown token 'max' at position 0")
-show_error(lambda: predict(model, "Max(5, 12, 9)"), ValueError,
-           "only single digits 0–9 are tokens")
+for bad, message in [
+        ("max(5, 3, 9)", "unknown token 'max' at position 0"),
+        ("Max(5, 12, 9)", "only single digits 0–9 are tokens"),
+        ("Mean(1, 2, 3)", "unknown token 'Mean' at position 0"),
+        ("Max(5; 3; 9)", "unknown token ';' at position 3"),
+        ("Max()", "expected a digit 0–9 at position 2, got ')'"),
+        ("Max(5, 3, 9", "expected ')' at position 7, got end of input"),
+        ("Max(5, 3, 9) 4", "expected '[EOS]' or end of input at position 8")]:
+    show_error(lambda: predict(model, bad), ValueError, message)
 show_error(lambda: predict(model, ["Max(1, 2, 3)", "Max(1, 2, 3"]), ValueError,
            "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
 show_error(lambda: predict(model, 42), ValueError,
@@ -558,30 +504,20 @@ show_error(lambda: predict(model, 42), ValueError,
 # plus the mean over the heads, with the tokens on the axes. The read-out row, `[EOS]`, is
 # framed in red, since it is the only row whose output reaches the answer directly.
 #
-# We take one puzzle with the same digits for every operation, `Op(4, 9, 1)`. Its answers
-# sit at different positions: `First` → 4 (argument 1), `Second` and `Max` → 9 (argument 2),
-# `Last` and `Min` → 1 (argument 3).
+# We take the same digits under every operation, `Op(4, 9, 1)`. The answers sit at
+# different positions: `First` → 4 (argument 1), `Second` and `Max` → 9 (argument 2),
+# `Last` and `Min` → 1 (argument 3). First the whole model on `First(4, 9, 1)`:
 
-# %% tags=["export"]
+# %% tags=["export", "hide-input"]
 def plot_attention(weights: np.ndarray, tokens: Sequence[str],
                    ax: "plt.Axes | None" = None, title: str | None = None,
                    row_labels: Sequence[str] | None = None, colorbar: bool = True,
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
                    ylabel: str = "query (attending from)",
                    fontsize: int = 9) -> "plt.Axes":
-    """Heatmap of one attention matrix, colour scale 0..1.
-
-    Parameters
-    ----------
-    weights : (R, C) array, row r = the attention distribution of query r over C keys
-    tokens : C labels of the keys (and of the queries unless ``row_labels`` is given)
-    ax : matplotlib Axes to draw on (default: a new figure)
-    highlight_row : index of a row to frame in red (e.g. the read-out position)
-
-    Returns
-    -------
-    matplotlib Axes; its image is ``ax.images[0]``
-    """
+    """Heatmap of one (R, C) attention matrix (row r: query r's distribution over the
+    C keys ``tokens``), colour scale 0..1; ``highlight_row`` is framed in red.
+    Returns the Axes; its image is ``ax.images[0]``."""
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
     ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel,
@@ -599,18 +535,9 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
                         highlight_row: int | None = None,
                         xlabel: str = "key (attended to)",
                         ylabel: str = "query") -> "plt.Figure":
-    """Every head of every layer, plus the mean over heads, with one shared colour bar.
-
-    Parameters
-    ----------
-    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])``
-        for example i
-    tokens, row_labels, highlight_row : as in ``plot_attention``
-
-    Returns
-    -------
-    matplotlib Figure with L rows of H + 1 panels
-    """
+    """Every head of every layer of (L, H, R, C) ``weights``, plus the mean over the
+    heads: a Figure of L rows of H + 1 panels, one colour bar (arguments as in
+    ``plot_attention``)."""
     plt = _pyplot()
     weights = np.asarray(weights)
     L, H = weights.shape[:2]
@@ -639,24 +566,40 @@ def tokens_of(text: str) -> list[str]:
     return detokenize(encode(text)).split()
 
 
-for op in OPERATIONS:
-    text = f"{op}(4, 9, 1)"
-    i = index[(op, (4, 9, 1))]
-    fig = plot_attention_grid(np.stack([a[i] for a in attention]), tokens_of(text),
-                              highlight_row=6,
-                              title=f"Attention of the trained model on {text} → "
-                                    f"answer {predict(model, text)}   (red: the [EOS] "
-                                    "row, where the answer is read)")
-    plt.show()
+text = "First(4, 9, 1)"
+fig = plot_attention_grid(np.stack([a[index[("First", (4, 9, 1))]] for a in attention]),
+                          tokens_of(text), highlight_row=6,
+                          title=f"Attention of the trained model on {text} → answer "
+                                f"{predict(model, text)}   (red: the [EOS] row, where "
+                                "the answer is read)")
+plt.show()
 
 # %% [markdown]
-# Read the red rows. In **layer 2**, at least two heads send almost all of `[EOS]`'s
-# attention to one argument: the 4 for `First`, the 9 for `Second`, the 1 for `Last`, exactly
-# the digit the operation asks for; and for `Max` and `Min` the largest and the smallest
-# digit, the 9 and the 1. In **layer 1**, `[EOS]` looks elsewhere: at the operation token
-# (head 4 in all five puzzles, head 1 for `Max`), at itself, or at one particular digit. And
-# in layer 1 the digits themselves often look at the operation token (bright cells in the
-# first column); we will see that this matters more than it seems.
+# Each panel is a full attention matrix. In layer 1 the digits often look at the operation
+# token (bright cells in the first column); we will see that this matters more than it
+# seems. But only the red row, `[EOS]`, reaches the answer directly, so for all five
+# operations the next figure shows just that row, for every head.
+
+# %% tags=["full-width"]
+head_names = [f"layer {l + 1}, head {h + 1}" for l in range(2) for h in range(4)]
+fig, axes = plt.subplots(1, 5, figsize=(17, 3.9), constrained_layout=True, sharey=True)
+for ax, op in zip(axes, OPERATIONS):
+    text = f"{op}(4, 9, 1)"
+    plot_attention(readout[:, index[(op, (4, 9, 1))]].reshape(8, 7), tokens_of(text),
+                   ax=ax, row_labels=head_names, colorbar=False, fontsize=10,
+                   title=f"{text} → {predict(model, text)}",
+                   ylabel="the [EOS] row of" if op == "First" else "")
+    ax.axhline(3.5, color="white", lw=2)                            # between the layers
+fig.colorbar(axes[0].images[0], ax=axes, shrink=0.85, label="attention weight")
+fig.suptitle("Where [EOS] attends, in every head, for the five operations on 4, 9, 1")
+plt.show()
+
+# %% [markdown]
+# In **layer 2**, at least two heads send almost all of `[EOS]`'s attention to one
+# argument: the 4 for `First`, the 9 for `Second`, the 1 for `Last`, exactly the digit the
+# operation asks for; and for `Max` and `Min` the largest and the smallest digit, the 9 and
+# the 1. In **layer 1**, `[EOS]` looks elsewhere: at the operation token (head 4 in all five
+# puzzles, head 1 for `Max`), at itself, or at one particular digit.
 #
 # One head of layer 1 stands out: head 3 sends almost all of `[EOS]`'s attention to the 9 in
 # every one of the five puzzles, whether or not the 9 is the answer. We come back to it.
@@ -679,90 +622,12 @@ print("layer 1, head 3, [EOS]'s attention on the 9:",
 assert readout[0, index[("Max", (4, 9, 1))], 0, 0] > 0.9   # head 1: the Max token
 
 # %% [markdown]
-# ## Where `[EOS]` looks, on average
-#
-# One puzzle could be a lucky case. Averaging the read-out rows over all 1,000 inputs of each
-# operation gives the typical picture: in each panel, one row per operation, one column per
-# position. Positions replace tokens here, since the digits change from input to input.
-
-# %% tags=["full-width"]
-POSITIONS = ["operation", "(", "argument 1", "argument 2", "argument 3", ")", "[EOS]"]
-mean_readout = np.stack([readout[:, ops == op].mean(axis=1) for op in OPERATIONS],
-                        axis=2)                                         # (L, H, O, T)
-fig = plot_attention_grid(mean_readout, POSITIONS, row_labels=OPERATIONS,
-                          ylabel="operation", xlabel="position attended to",
-                          title="Where [EOS] attends, averaged over the 1,000 inputs "
-                                "of each operation")
-plt.show()
-
-# %% [markdown]
-# Four patterns stand out, and the code below checks each of them.
-#
-# 1. **In layer 2, some heads are positional for `First`, `Second` and `Last`**: on average
-#    over a thousand inputs, three heads put more than 90% of `[EOS]`'s attention on the
-#    argument the operation names (head 4 does so for `First` and `Last`, and puts 0.83 on
-#    argument 2 for `Second`). For `Max` and `Min` these positional heads spread the average
-#    over the three arguments (between 0.15 and 0.4 each); the average cannot show whether
-#    each single input picks the right digit, because the largest or smallest digit sits at
-#    a different position every time. The next section measures that.
-# 2. **In layer 1, head 1 is a `Max` detector**: it looks at the operation token when the
-#    token is `Max` (more than 90% of its attention) and less than half as much for the other
-#    operations (0.45 for `Last`, at most 0.11 for the other three, where it mostly looks
-#    at `[EOS]` itself). In layer 1 the query of `[EOS]` is the same for every input (its
-#    own embedding plus its position; it has seen nothing yet), so the difference must come
-#    from the keys: the `Max` token's key matches this head's query, the other operation
-#    tokens' keys do not.
-# 3. **In layer 1, head 4 reads the operation token, except `Second`**: it puts more than
-#    half of `[EOS]`'s attention on the operation token for `First`, `Last`, `Max` and `Min`,
-#    but only about a third for `Second`, and no head of layer 1 puts half of it on the
-#    `Second` token.
-# 4. **In layer 1, head 3 looks at `)`**, about half of its attention (0.44 to 0.59) for
-#    every operation. That is an average over two kinds of input: the next sections show
-#    that this head looks for a 9, and `)` is where its attention goes when there is none.
-
-# %%
-op_index = {op: o for o, op in enumerate(OPERATIONS)}
-pos_heads = [h for h in range(4)
-             if all(mean_readout[1, h, op_index[op], pos] > 0.9
-                    for op, pos in [("First", 2), ("Second", 3), ("Last", 4)])]
-print("layer 2, heads with more than 0.9 on the named argument for First, Second "
-      "and Last:", [f"head {h + 1}" for h in pos_heads])
-assert pos_heads == [0, 1, 2]                                               # pattern 1
-assert (mean_readout[1, 3, [0, 2], [2, 4]] > 0.9).all()
-assert 0.8 < mean_readout[1, 3, op_index["Second"], 3] < 0.85
-for op in ("Max", "Min"):
-    on_args = mean_readout[1, pos_heads, op_index[op], 2:5]
-    assert (0.15 < on_args).all() and (on_args < 0.4).all(), op    # spread out
-min_average = mean_readout[1, :, op_index["Min"], 2:5]   # every head of layer 2
-assert 0.28 < min_average.min() and min_average.max() < 0.38   # quoted in the lessons
-to_op = mean_readout[0, :, :, 0]   # (H, O): layer 1
-max_detector = int(to_op[:, op_index["Max"]].argmax())
-others = np.delete(to_op[max_detector], op_index["Max"])
-print(f"layer 1, head {max_detector + 1} -> operation token:",
-      {op: round(float(share), 2)
-       for op, share in zip(OPERATIONS, to_op[max_detector])})
-assert max_detector == 0 and to_op[0, op_index["Max"]] > 0.9               # pattern 2
-assert others.max() < to_op[0, op_index["Max"]] / 2 and np.sort(others)[-2] < 0.12
-assert (mean_readout[0, 0, [op_index[op] for op in ("First", "Second", "Min")], 6]
-        > 0.5).all()                                                   # ... at itself
-reading = {op: [h + 1 for h in range(4) if to_op[h, op_index[op]] > 0.5]
-           for op in OPERATIONS}
-print("layer 1, heads with more than half of [EOS]'s attention on the operation token:",
-      reading)
-assert all(4 in reading[op] for op in OPERATIONS if op != "Second")       # pattern 3
-assert reading["Second"] == [] and 0.3 < to_op[3, op_index["Second"]] < 0.4
-to_close = mean_readout[0, 2, :, 5]   # layer 1, head 3 -> ')', per operation
-print("layer 1, head 3 -> ')':", {op: round(float(share), 2)
-                                  for op, share in zip(OPERATIONS, to_close)})
-assert (0.4 < to_close).all() and (to_close < 0.6).all()                   # pattern 4
-
-# %% [markdown]
 # ## What each head does: hypotheses, measured
 #
-# Looking at heatmaps invites stories. A *head detector* turns a story into a number. Each
-# hypothesis says where a head should attend on a given input; the score is the attention
-# weight the read-out position actually puts there, averaged over the inputs of one
-# operation:
+# One puzzle could be a lucky case, and looking at heatmaps invites stories. A *head
+# detector* turns a story into a number, measured over all inputs. Each hypothesis says
+# where a head should attend on a given input; the score is the attention weight the
+# read-out position actually puts there, averaged over the 1,000 inputs of one operation:
 #
 # $$\text{score}(\ell, h, \text{hypothesis}) = \frac{1}{N}\sum_{n=1}^{N} \sum_{s \in S_n} \alpha^{(\ell, h)}_{n,\,t_n,\,s}$$
 #
@@ -787,20 +652,10 @@ class HeadScores(NamedTuple):
 
 
 def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
-    """Score each head's read-out attention against positional and content hypotheses.
-
-    Parameters
-    ----------
-    readout : (L, B, H, T) array from ``readout_attention``
-    examples : the B Examples, all with the same number n of arguments
-        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0,
-        argument k at position k + 1)
-
-    Returns
-    -------
-    HeadScores with hypotheses ``argument 1`` .. ``argument n``, ``largest digit``,
-    ``smallest digit``, ``operation token``
-    """
+    """Score each head's read-out attention (L, B, H, T), from ``readout_attention``,
+    against the hypotheses ``argument 1`` .. ``argument n``, ``largest digit``,
+    ``smallest digit`` and ``operation token``. The B ``examples`` must all have n
+    arguments (``Op ( a_1 ... a_n ) [EOS]``: argument k at position k + 1)."""
     n = len(examples[0].args)
     if any(len(ex.args) != n for ex in examples):
         raise ValueError("head_scores needs examples with the same number of arguments "
@@ -829,11 +684,10 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
     return HeadScores(scores, chance, present, hypotheses)
 
 
+# %% tags=["export", "hide-input"]
 def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
-    """One panel per operation: heads (rows) x hypotheses (columns), scores written in.
-
-    Returns the matplotlib Figure.
-    """
+    """One panel per operation: heads (rows) x hypotheses (columns), scores written
+    in. Returns the Figure."""
     plt = _pyplot()
     L, H, O, K = hs.scores.shape
     fig, axes = plt.subplots(1, O, figsize=(3.1 * O + 1, 0.42 * L * H + 2.4),
@@ -863,70 +717,100 @@ fig = plot_head_scores(hs, title="Head detector: the share of [EOS]'s attention 
 plt.show()
 
 # %% [markdown]
-# The same numbers as a table: for each head and operation, the hypothesis that fits best
-# and its score (chance for comparison in the last line).
+# The figure holds every score. What it implies is shorter: for each head, the hypotheses it
+# passes at the threshold of 0.9, and for which operations. These *roles* are computed, not
+# read off by eye, and the circuit diagram at the end of the next section is drawn from them.
 
 # %%
-short = {"argument 1": "arg 1", "argument 2": "arg 2", "argument 3": "arg 3",
-         "largest digit": "largest", "smallest digit": "smallest",
-         "operation token": "op token"}
-print(f"{'':16}" + "".join(f"{op:>17}" for op in hs.operations))
-for l in range(2):
-    for h in range(4):
-        cells = []
-        for o in range(len(hs.operations)):
-            k = hs.scores[l, h, o].argmax()
-            cells.append(f"{short[hs.hypotheses[k]]:>10} {hs.scores[l, h, o, k]:.2f}")
-        print(f"layer {l + 1} head {h + 1}  " + "".join(f"{c:>17}" for c in cells))
+K = len(hs.hypotheses)
+roles = {(l, h): [(op, hs.hypotheses[k]) for o, op in enumerate(hs.operations)
+                  for k in range(K) if hs.scores[l, h, o, k] >= THRESHOLD]
+         for l in range(2) for h in range(4)}
+for (l, h), passed in roles.items():
+    print(f"layer {l + 1} head {h + 1}: "
+          + ("; ".join(f"{op}: {name}" for op, name in passed) or "(none)"))
 print("chance (args/largest/smallest):", hs.chance[0, :5].round(3))
 # 1/3 per argument; 0.385 for the largest (and the smallest) digit, ties counted
 assert np.allclose(hs.chance[:, :5], [1 / 3, 1 / 3, 1 / 3, 0.385, 0.385])
+assert not roles[(0, 1)] and not roles[(0, 2)]    # layer 1, heads 2 and 3: no role here
 
 # %% [markdown]
-# What the table says, each claim checked below (with the threshold of 0.9, or the band
-# stated):
+# What the scores say, each claim checked below:
 #
-# - **Positional heads.** For `First`, `Second` and `Last`, heads 1, 2 and 3 of **layer 2**
-#   score at least 0.9 on *the* argument the operation names, for all three operations; the
-#   code finds them and prints them. No head of **layer 1** comes close: its best positional
-#   score for these operations is 0.32, no more than the 1/3 of chance, so layer 1 does not
-#   select the argument.
+# - **Positional heads in layer 2.** Heads 1, 2 and 3 of layer 2 pass for all three of
+#   `First`, `Second` and `Last`: each puts more than 0.9 of `[EOS]`'s attention on the
+#   argument the operation names. Head 4 does so for `First` and `Last`, and puts 0.83 on
+#   argument 2 for `Second`. For `Max` and `Min` these heads spread their average over the
+#   three arguments (0.15 to 0.4 each): the largest or smallest digit sits at a different
+#   position every time, and only the content columns show whether each input finds it.
+# - **No head of layer 1 selects an argument**: its best positional score for `First`,
+#   `Second` and `Last` is 0.32, below the 1/3 of chance.
 # - **Min** uses layer 2 as a *smallest digit* detector: three heads score between 0.85 and
-#   0.95 (heads 1 and 2, two of the positional heads, and head 4), and head 3 scores 0.73.
+#   0.95 (heads 1 and 2, two of the positional heads, and head 4), and head 3 scores 0.73,
+#   although every layer-2 head's average on each argument is only 0.28 to 0.38.
 # - **Max** has no single clean *largest digit* head: the best layer-2 score, 0.78 (head 1,
 #   with head 2 close behind), is well above chance but below 0.9. No single hypothesis on
 #   this list captures `Max`.
-# - **The operation token** is read mostly in layer 1 (the last column of each panel): head 1
-#   for `Max`, head 4 for every operation but `Second` (`Max` included, 0.57): the shares of
-#   patterns 2 and 3 above. One layer-2 head reads it too: head 3 puts 0.46 of `[EOS]`'s
-#   attention on the `Max` token.
+# - **Layer 1, head 1 is a `Max` detector**: it looks at the operation token when the token
+#   is `Max` (0.98) and less than half as much for the other operations (0.45 for `Last`, at
+#   most 0.11 for the other three, where it mostly looks at `[EOS]` itself). In layer 1 the
+#   query of `[EOS]` is the same for every input (its own embedding plus its position; it
+#   has seen nothing yet), so the difference must come from the keys: the `Max` token's key
+#   matches this head's query, the other operation tokens' keys do not.
+# - **Layer 1, head 4 reads the operation token, except `Second`**: more than half of
+#   `[EOS]`'s attention for `First`, `Last`, `Max` and `Min`, only 0.35 for `Second`, and no
+#   head of layer 1 puts half of it on the `Second` token. In layer 2 only head 3 reads the
+#   operation token: 0.46 of `[EOS]`'s attention on the `Max` token.
 
 # %%
 S = hs.scores   # (layer, head, operation, hypothesis)
 hyp = {name: k for k, name in enumerate(hs.hypotheses)}
+op_index = {op: o for o, op in enumerate(hs.operations)}
 positional = [h for h in range(4)
-              if all(S[1, h, hs.operations.index(op), hyp[arg]] >= THRESHOLD
+              if all(S[1, h, op_index[op], hyp[arg]] >= THRESHOLD
                      for op, arg in [("First", "argument 1"), ("Second", "argument 2"),
                                      ("Last", "argument 3")])]
 print("positional heads of layer 2:", [f"head {h + 1}" for h in positional])
-assert positional == pos_heads == [0, 1, 2]
+assert positional == [0, 1, 2]
+assert (S[1, 3, [0, 2], [0, 2]] > 0.9).all() and 0.8 < S[1, 3, 1, 1] < 0.85  # head 4
+for op in ("Max", "Min"):
+    on_args = S[1, positional, op_index[op], :3]
+    assert (0.15 < on_args).all() and (on_args < 0.4).all(), op    # spread out
 layer1_positional = S[0, :, :3, :3].max()   # First, Second, Last; arguments 1-3
 print(f"best positional score in layer 1: {layer1_positional:.2f}")
 assert layer1_positional < 1 / 3, "no layer-1 head selects an argument"
-# the operation-token column of layer 1 holds the shares of patterns 2 and 3
-assert np.allclose(S[0, :, :, hyp["operation token"]], to_op)
-o_min, o_max = hs.operations.index("Min"), hs.operations.index("Max")
+o_min, o_max = op_index["Min"], op_index["Max"]
 smallest = S[1, :, o_min, hyp["smallest digit"]]            # every head of layer 2
 print(f"layer-2 heads on the smallest digit for Min: {smallest.round(2)}")
 assert ((0.85 < smallest) & (smallest < 0.95)).sum() == 3
 assert [h for h in range(4) if smallest[h] > 0.85] == [0, 1, 3]
 assert 0.7 < smallest[2] < 0.75
+min_average = S[1, :, o_min, :3]                           # every head of layer 2
+assert 0.28 < min_average.min() and min_average.max() < 0.38   # quoted in the lessons
 largest = S[1, :, o_max, hyp["largest digit"]]
 best_max = largest.max()
 print(f"best layer-2 'largest digit' score for Max: {best_max:.2f}, head "
       f"{largest.argmax() + 1} (chance {hs.chance[o_max, hyp['largest digit']]:.3f})")
 assert hs.chance[o_max, hyp["largest digit"]] + 0.25 < best_max < THRESHOLD
 assert largest.argmax() == 0 and np.sort(largest)[-2] == largest[1] > 0.75
+to_op = S[0, :, :, hyp["operation token"]]                  # (H, O): layer 1
+max_detector = int(to_op[:, o_max].argmax())
+others = np.delete(to_op[max_detector], o_max)
+print(f"layer 1, head {max_detector + 1} -> operation token:",
+      dict(zip(OPERATIONS, to_op[max_detector].round(2).tolist())))
+assert max_detector == 0 and to_op[0, o_max] > 0.9
+assert others.max() < to_op[0, o_max] / 2 and np.sort(others)[-2] < 0.12
+on_itself = [readout[0, ops == op, 0, 6].mean() for op in ("First", "Second", "Min")]
+assert min(on_itself) > 0.5                                 # ... at [EOS] (position 6)
+reading = {op: [h + 1 for h in range(4) if to_op[h, op_index[op]] > 0.5]
+           for op in OPERATIONS}
+print("layer 1, heads with more than half of [EOS]'s attention on the operation token:",
+      reading)
+assert all(4 in reading[op] for op in OPERATIONS if op != "Second")
+assert reading["Second"] == [] and 0.3 < to_op[3, op_index["Second"]] < 0.4
+to_op2 = S[1, :, :, hyp["operation token"]]                  # (H, O): layer 2
+assert to_op2.argmax() == 2 * 5 + o_max and 0.45 < to_op2.max() < 0.5
+assert np.sort(to_op2, axis=None)[-2] < 0.1                # no other layer-2 reading
 
 # %% [markdown]
 # ## How `First`, `Second` and `Last` really work: cutting attention edges
@@ -1001,7 +885,9 @@ show_error(lambda: forward_with_knockout(model, batch.ids, batch.mask,
 # %% [markdown]
 # Five experiments, each on all 5,000 inputs. The masks are $(T, T)$ arrays with rows =
 # queries and columns = keys (positions: 0 operation, 1 `(`, 2–4 arguments, 5 `)`, 6 `[EOS]`);
-# the first one differs per input, so it is $(B, T, T)$.
+# the first one differs per input, so it is $(B, T, T)$. The heatmap after the code gives
+# the accuracy of each experiment (rows) on each operation (columns), the intact model on
+# top.
 #
 # | | experiment | what it tests |
 # |---|---|---|
@@ -1045,22 +931,32 @@ experiments = {
     "E: layer 1, arguments -/-> arguments": {0: edges(ARGS, ARGS)},
 }
 knockout = {}
-print(f"{'experiment':38}" + "".join(f"{op:>8}" for op in OPERATIONS))
 for name, blocked in experiments.items():
     out, _ = forward_with_knockout(model, batch.ids, batch.mask, blocked)
     knockout[name[0]] = accuracy_per_operation(everything, out.argmax(axis=1))
-    print(f"{name:38}" + "".join(f"{knockout[name[0]][op]:8.1%}" for op in OPERATIONS))
+# (6, 5): the intact model, then A..E
+knockout_accuracy = np.array([[results["all 5,000"][op] for op in OPERATIONS]]
+                             + [[knockout[name[0]][op] for op in OPERATIONS]
+                                for name in experiments])
+ax = plot_heatmap(knockout_accuracy, ["none (the trained model)", *experiments],
+                  OPERATIONS,
+                  title="Accuracy on all 5,000 inputs with attention edges cut",
+                  xlabel="operation", ylabel="experiment", cmap="viridis", vmin=0,
+                  vmax=1, fmt="{:.1%}", fontsize=10, colorbar_label="accuracy")
+ax.set_xticks(range(len(OPERATIONS)), OPERATIONS, rotation=0)
+ax.axhline(0.5, color="white", lw=3)
+ax.figure.set_size_inches(9, 3.8)
+plt.show()
 
 # %% [markdown]
 # The story "layer 1 reads the operation into `[EOS]`, layer 2 uses it" is **wrong** for
 # `First`, `Second` and `Last`, and the experiments say what happens instead:
 #
 # - **A**: without its edge to the answer's position in layer 2, `[EOS]` answers `First`,
-#   `Second` and `Last` correctly at most 22% of the time (`Second` and `Last` near the 10% of
-#   guessing, `First` 22%). The
-#   answer is copied from that position in layer 2. The same holds for `Max` (26%) and even
-#   more for `Min` (2%: blocked from the smallest digit, the model nearly always answers
-#   another digit).
+#   `Second` and `Last` correctly at most 22% of the time (`Second` and `Last` near the 10%
+#   of guessing, `First` 22%). The answer is copied from that position in layer 2. The same
+#   holds for `Max` (26%) and even more for `Min` (2%: blocked from the smallest digit, the
+#   model nearly always answers another digit).
 # - **B** and **C**: stopping `[EOS]` from reading the operation in layer 1, or from reading
 #   anything at all, leaves `First`, `Second` and `Last` (almost) untouched: 100% under B,
 #   at least 99% under C. After C, `[EOS]`'s vector entering layer 2 is *the same for every
@@ -1156,13 +1052,13 @@ plt.show()
 
 # %% [markdown]
 # Each head is a detector for a few tokens. Head 1's favourite token is the `Max` token: it
-# is the `Max` detector of pattern 2 above (its second favourite among the operations is
+# is the `Max` detector found above (its second favourite among the operations is
 # `Last`, hence the 0.45 there). Head 4 scores `Min`, `Last` and `First` above every digit
-# but not `Second`: it is the operation reader of pattern 3. Head 3 looks for a 9: its score
+# but not `Second`: it is the operation reader found above. Head 3 looks for a 9: its score
 # for the 9 beats every other token's by more than 5, so a softmax over its scores attends
 # to a 9 whenever there is one. On every input that holds a 9 it puts at least 0.95 of its
 # attention there, whatever the operation; without a 9, its attention goes mostly to `)`,
-# its second favourite token, which every puzzle has (pattern 4).
+# its second favourite token, which every puzzle has.
 #
 # For `Max`, a 9 is the answer in 27% of the inputs. This is as far as we trace `Max` here:
 # it needs both layer 2's copy (experiment A leaves it at 26%) and `[EOS]`'s reading in
@@ -1185,6 +1081,7 @@ assert OPERATIONS[second_op] == "Last"
 op_pref = dict(zip(OPERATIONS, pref[3, 10:15]))
 assert all(op_pref[op] > pref[3, :10].max() for op in ("First", "Last", "Min"))
 assert op_pref["Second"] < pref[3, :10].max()
+assert set(np.argsort(pref[1])[-2:]) == {7, 5}        # head 2: the digits 7 and 5
 assert nine_head == 2 and pref[2, :10].argmax() == 9 and nine_gap > 5
 assert pref[2, 9] - np.sort(pref[2])[-2] > 5                          # every token
 assert columns[int(np.argsort(pref[2])[-2])] == ")"
@@ -1198,6 +1095,96 @@ on_close = readout[0, ~has_nine, nine_head, 5]                        # no 9: ')
 print(f"without a 9: mean {on_close.mean():.2f} on ')'")
 assert on_close.mean() > 0.7
 assert matrices["Max"][9, 9] == 271                                   # 27% of Max
+
+# %% [markdown]
+# ### The circuit, as measured
+#
+# The diagram puts the findings together. Its head numbers are not typed in: they come from
+# the roles and shares measured above, and the code checks every kind of edge against the
+# knock-out that cuts it. Solid edges are needed for `First` and `Second` (the green ones)
+# or for every operation (the black ones); the dashed ones, `[EOS]`'s own reading in layer
+# 1, only `Max` needs.
+
+# %% tags=["hide-input"]
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch
+
+# the head numbers of every label, from the measurements
+named = {"First": "argument 1", "Second": "argument 2", "Last": "argument 3"}
+copy_all = [h for h in range(4)
+            if all((op, arg) in roles[(1, h)] for op, arg in named.items())]
+copy_some = {h: [op for op, arg in named.items() if (op, arg) in roles[(1, h)]]
+             for h in range(4) if h not in copy_all}
+(partial_head,) = [h for h, some in copy_some.items() if some]
+min_heads = [h for h in range(4) if smallest[h] > 0.85]
+op_reader = [h for h in range(4) if h != max_detector
+             and all(h + 1 in reading[op] for op in OPERATIONS if op != "Second")]
+assert copy_all == positional and copy_some == {3: ["First", "Last"]}
+assert min_heads == [0, 1, 3] and op_reader == [3] and nine_head == 2
+# every kind of edge against its knock-out
+assert all(knockout["A"][op] < 0.3 for op in OPERATIONS)              # layer-2 copy
+assert knockout["D"]["First"] < 0.15 and knockout["D"]["Second"] < 0.15  # args read op
+assert all(knockout["B"][op] == 1 and knockout["C"][op] >= 0.99 for op in FSL)
+assert knockout["C"]["Max"] < 0.25 and knockout["C"]["Min"] > 0.98    # Max only
+assert all(acc > 0.99 for acc in knockout["E"].values())              # residual path
+
+
+def numbers(hs_list) -> str:
+    return ", ".join(str(h + 1) for h in hs_list)
+
+
+def arrow(start, end, color, rad=0.0, style="-", lw=2.0):
+    ax.add_patch(FancyArrowPatch(start, end, connectionstyle=f"arc3,rad={rad}",
+                                 arrowstyle="-|>", mutation_scale=14, color=color,
+                                 lw=lw, ls=style, shrinkA=12, shrinkB=12))
+
+
+fig, ax = plt.subplots(figsize=(13, 5.6), constrained_layout=True)
+labels = ["Op", "(", "$a_1$", "$a_2$", "$a_3$", ")", "[EOS]"]
+levels = ["input\n(token + position)", "after layer 1", "after layer 2"]
+for y, level in enumerate(levels):
+    ax.text(-0.8, y, level, ha="right", va="center", fontsize=10)
+    for x, label in enumerate(labels):
+        ax.text(x, y, label, ha="center", va="center", fontsize=11, zorder=3,
+                bbox=dict(boxstyle="round", fc="lightyellow" if x == EOS else "white",
+                          ec="grey"))
+        if y < 2:
+            arrow((x, y), (x, y + 1), "lightgrey", lw=3)              # residual path
+for k in ARGS:
+    arrow((OP, 0), (k, 1), "tab:green")                               # layer 1
+    arrow((k, 0), (EOS, 1), "tab:orange", style="--", lw=1.2)
+    arrow((k, 1), (EOS, 2), "black", lw=2.5)                          # layer 2
+arrow((OP, 0), (EOS, 1), "tab:orange", rad=0.08, style="--", lw=1.5)
+arrow((EOS, 2), (EOS, 2.6), "black", lw=2.5)
+ax.text(EOS, 2.65, "answer (output layer)", ha="center", va="bottom", fontsize=11)
+ax.text(7.0, 1.55,
+        f"layer 2, [EOS]: heads {numbers(copy_all)} (head {partial_head + 1} for "
+        f"{' and '.join(copy_some[partial_head])})\n"
+        "copy the argument the operation names; its key\n"
+        "carries the operation, [EOS]'s query need not\n"
+        f"(knock-out C). Heads {numbers(min_heads)}: the smallest\n"
+        "digit, for Min. Max: no single head (at best "
+        f"{best_max:.2f}).", va="center", fontsize=9.5)
+ax.text(7.0, 0.5,
+        f"layer 1, [EOS]: head {max_detector + 1} reads the Max token,\n"
+        f"head {op_reader[0] + 1} every operation token but Second,\n"
+        f"head {nine_head + 1} a 9 wherever it stands. Only Max\n"
+        "needs this (knock-out C); cutting only the\n"
+        "operation edge (B) also misleads Min.", va="center", fontsize=9.5)
+ax.text(-0.3, 0.5, "layer 1: the arguments\nread the operation", ha="right",
+        va="center", fontsize=9.5, color="tab:green")
+edge_kinds = [
+    ("black", 2.5, "-", "the answer is copied to [EOS] (cut: A)"),
+    ("tab:green", 2, "-", "arguments read the operation (cut: D)"),
+    ("tab:orange", 1.5, "--", "[EOS] reads in layer 1, needed by Max only (cut: C)"),
+    ("lightgrey", 3, "-", "residual path: each digit stays at its position (E)")]
+ax.legend(handles=[Line2D([], [], color=c, lw=lw, ls=ls, label=label)
+                   for c, lw, ls, label in edge_kinds], loc="lower center",
+          bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=9.5, frameon=False)
+ax.set(xlim=(-2.3, 11.2), ylim=(-0.3, 2.9))
+ax.axis("off")
+ax.set_title("The circuit the measurements found in the reference model", fontsize=12)
+plt.show()
 
 # %% [markdown]
 # ## Does the model know that 3 < 7?
@@ -1220,17 +1207,8 @@ assert matrices["Max"][9, 9] == 271                                   # 27% of M
 
 # %% tags=["export"]
 def principal_components(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Project the rows of X on their first k principal components.
-
-    Parameters
-    ----------
-    X : (N, D) array, one point per row
-
-    Returns
-    -------
-    coords : (N, k) array, the centred points projected on the top-k directions
-    explained : (k,) share of the total variance along each direction
-    """
+    """Project the N rows of X (N, D) on their first k principal components: the
+    (N, k) coordinates of the centred points, and the (k,) shares of the variance."""
     Xc = np.asarray(X, dtype=np.float64)
     Xc = Xc - Xc.mean(axis=0)                                          # (N, D)
     _, s, Vt = np.linalg.svd(Xc, full_matrices=False)
@@ -1260,14 +1238,13 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
+# %% tags=["export", "hide-input"]
 def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
                       values: np.ndarray | None = None, ax: "plt.Axes | None" = None,
                       title: str | None = None, explained: np.ndarray | None = None,
                       colorbar_label: str = "digit value") -> "plt.Axes":
     """Scatter 2-D points, each written with its label and coloured by ``values``.
-
-    Returns the matplotlib Axes.
-    """
+    Returns the Axes."""
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4), constrained_layout=True)
@@ -1488,23 +1465,9 @@ assert (margins > 0).all() and p_answer.min() > 0.98
 # ### Outside the training distribution
 #
 # The model was trained on puzzles with exactly three arguments, always well formed. What does
-# it do with anything else? First, what the tokenizer and the grammar check refuse, before
-# the model ever sees it:
-
-# %%
-show_error(lambda: predict(model, "Mean(1, 2, 3)"), ValueError,
-           "unknown token 'Mean' at position 0")
-show_error(lambda: predict(model, "Max(5; 3; 9)"), ValueError,
-           "unknown token ';' at position 3")
-show_error(lambda: predict(model, "Max()"), ValueError,
-           "expected a digit 0–9 at position 2, got ')'")
-show_error(lambda: predict(model, "Max(5, 3, 9"), ValueError,
-           "expected ')' at position 7, got end of input")
-show_error(lambda: predict(model, "Max(5, 3, 9) 4"), ValueError,
-           "expected '[EOS]' or end of input at position 8")
-
-# %% [markdown]
-# The grammar allows one or more digits, so `Max(1, 2, 3, 4)` is a valid puzzle, only
+# it do with anything else? Input outside the language (`Mean(1, 2, 3)`, `Max()`, a
+# missing bracket) never reaches it: `encode` refuses it, as shown under `predict` above.
+# But the grammar allows one or more digits, so `Max(1, 2, 3, 4)` is a valid puzzle, only
 # longer than anything in training; and `strict=False` lets malformed input through. Here is
 # what the model answers:
 
@@ -1592,10 +1555,10 @@ print(f"the answer is argument 3 or argument 4 in {copies_3_or_4:.1%} of the "
 # their attention between argument 3 (the old "last" position) and argument 4 (the position
 # that `)` held in training), leaning to argument 4 (0.56 against 0.43); in any one puzzle,
 # like the one in the figure, most of the weight can sit on one of them. The answer is
-# always one of those two digits. The four-argument
-# confusion matrix of `Last` shows what such a failure looks like: the diagonal still holds
-# the largest entry in every row, because two times out of three the model copies the right
-# digit, and the rest is spread over the row.
+# always one of those two digits. The four-argument confusion matrix of `Last` shows what
+# such a failure looks like: the diagonal still holds the largest entry in every row,
+# because two times out of three the model copies the right digit, and the rest is spread
+# over the row.
 
 # %%
 last4_matrix = confusion_matrix(four_batch.targets[last4], pred4)
@@ -1627,28 +1590,24 @@ assert broken["no '('"]["Max"] == 1.0 and broken["no '('"]["Min"] == 1.0
 #    least confident inputs have rare answers (`Min(9, 9, 9)`, `Min(8, 9, 9)`,
 #    `Max(3, 2, 2)`), and on eight of the ten least confident the runner-up is another digit
 #    of the same puzzle (the list of least-sure inputs).
-# 3. **`First`, `Second` and `Last` are a two-step lookup.** In layer 1 the arguments read
-#    the operation token, so that in layer 2 each argument's key announces both its position
-#    and the operation. `[EOS]`'s query in layer 2 need not depend on the input at all
-#    (knock-out C); the key that fits wins, and the positional heads of layer 2 (heads 1, 2
-#    and 3) copy that argument's digit, which reached its position along the residual path
-#    (head scores; knock-outs A–E).
+# 3. **`First`, `Second` and `Last` are a two-step lookup** (the circuit diagram). In
+#    layer 1 the arguments read the operation token (knock-out D), so that in layer 2 each
+#    argument's key announces its position and the operation. `[EOS]`'s query need not
+#    depend on the input (C); layer 2's positional heads 1, 2 and 3 copy the digit of the
+#    key that fits (A), which stayed at its position on the residual path (E).
 # 4. **Its lookups are tied to positions, `Last` only partly.** With the `(` removed,
 #    `First` and `Second` fail (23% and 15%); `Last` holds at 95% there and at 99% with two
 #    arguments, but fails with four (67%), splitting its attention between arguments 3 and
 #    4. `Max` and `Min` do not care where the digits stand (out-of-distribution tables, the
 #    four-argument attention figure, exercise 1).
-# 5. **`Min` is a content lookup in layer 2**: two heads of layer 2 pass the 0.9 threshold
-#    as smallest-digit detectors (heads 1 and 4: 0.91, 0.92) and head 2 comes close
-#    (0.87), and cutting `[EOS]`'s edge to the smallest digit breaks `Min` completely (2% under knock-out A). It does not need `[EOS]` to read anything in layer 1
-#    (99% under C), but reading the digits without the operation misleads it (79% under B).
-# 6. **`Max` needs more than a copy.** In layer 1, `[EOS]`'s fixed query looks for
-#    particular tokens: head 1 for the `Max` token, head 3 for a 9 (whatever the operation),
-#    head 4 for the `Min`, `Last` and `First` tokens (head 2 prefers the digits 7 and 5; we
-#    leave it aside). `Max` breaks when `[EOS]` cannot read in layer 1
-#    (knock-outs B and C: 49% and 22%) and when it cannot copy in layer 2 (A: 26%), and no
-#    single head is a clean "largest digit" detector (at best 0.78). We have located `Max`,
-#    not fully explained it.
+# 5. **`Min` is a content lookup in layer 2**: heads 1, 2 and 4 put 0.87 to 0.92 of
+#    `[EOS]`'s attention on the smallest digit, and without that edge `Min` fails (2% under
+#    A). It needs nothing from `[EOS]`'s reading in layer 1 (99% under C), but reading the
+#    digits without the operation misleads it (79% under B).
+# 6. **`Max` needs more than a copy.** It breaks when `[EOS]` cannot read in layer 1, where
+#    fixed-query heads look for the `Max` token (head 1) and for a 9 (head 3) (B and C: 49%
+#    and 22%), and when it cannot copy in layer 2 (A: 26%); no single head is a clean
+#    "largest digit" detector (at best 0.78). We have located `Max`, not fully explained it.
 # 7. **The digits' order appears after layer 1.** Neither the digit embeddings nor the change
 #    training made to them show the order along their main direction ($|\rho| \leq 0.24$),
 #    but after layer 1 the digit order *is* the main direction of the digit vectors (the PCA
@@ -1660,12 +1619,10 @@ assert broken["no '('"]["Max"] == 1.0 and broken["no '('"]["Min"] == 1.0
 #
 # Two lessons reach beyond this toy. Average attention maps can mislead: the `Min` average
 # of every layer-2 head spreads over the three arguments (0.28 to 0.38 each), yet input by
-# input three of these heads put on average 0.87 to 0.92 of their attention on the
-# smallest digit; and
+# input three of these heads put 0.87 to 0.92 of their attention on the smallest digit; and
 # the `First(4, 9, 1)` picture (layer 1, head 4 reading the operation token at `[EOS]`)
-# suggested the wrong story about where the operation is read. And
-# attention says where information *could* flow; interventions such as the knock-outs say
-# where it *must*.
+# suggested the wrong story about where the operation is read. And attention says where
+# information *could* flow; interventions such as the knock-outs say where it *must*.
 #
 # ## Summary
 #
@@ -1720,8 +1677,8 @@ assert where[:3].sum() < 0.1
 # positions, `Max` and `Min` do not depend on positions at all.
 #
 # **2.** When the smallest digit occurs twice, as in `Min(3, 7, 3)`, how do the positional
-# heads of layer 2 share their attention between the two copies? Measure it over all `Min` puzzles
-# with exactly two copies of the minimum.
+# heads of layer 2 share their attention between the two copies? Measure it over all `Min`
+# puzzles with exactly two copies of the minimum.
 
 # %% tags=["hide-cell"]
 tied = [i for i, ex in enumerate(everything)
@@ -1745,8 +1702,8 @@ assert shares.sum(axis=1).mean() > 0.9
 # it. Both copies carry the same digit, so the split does not change what is copied.
 #
 # **3.** Heads can be redundant. *Ablate* a head by setting its rows of $W_o$ (rows
-# $h\,d_k$ to $(h+1)\,d_k$: its share of the concatenated heads) to zero, measure the accuracy per
-# operation on 1,000 random inputs, and restore the weights. How much does each single head
+# $h\,d_k$ to $(h+1)\,d_k$: its share of the concatenated heads) to zero, measure the
+# accuracy per operation on 1,000 random inputs, and restore the weights. How much does each single head
 # of layer 2 matter? What happens without the two strongest positional heads together?
 
 # %% tags=["hide-cell"]
@@ -1803,12 +1760,11 @@ assert 0.82 < both["Max"] < 0.83 and both["Max"] == min(both.values())
 # on every operation); removing head 2, 3 or 4 costs about 1% overall each, in different
 # operations. The largest loss from removing any one head is `Max` without head 3 (95%),
 # the head that, for `Max`, puts almost half of `[EOS]`'s attention on the operation token
-# (the head-score table).
+# (the head-score figure).
 #
 # Removing the two strongest positional heads, 1 and 2, together hurts more than removing
 # any single head: `Second` and `Last` drop to about 93%, while `First` barely moves. `Max`
 # loses most (83%): heads 1 and 2 are also its best *largest digit* heads (0.78 and 0.77).
 # Yet the remaining heads 3 (the weakest positional head) and 4 (positional for `First` and
-# `Last` only, see the head-score table) keep
-# most of the task alive. Redundancy is one more reason why looking at one head at a time
-# can mislead.
+# `Last` only, see the head-score figure) keep most of the task alive. Redundancy is one
+# more reason why looking at one head at a time can mislead.

@@ -22,46 +22,31 @@ def _pyplot():
     return plt
 
 
+# notebooks/06_evaluation.py, "Learning curves"
 def plot_training_curves(history: dict) -> "plt.Figure":
-    """Step loss, epoch losses and validation accuracy of a training run.
-
-    Parameters
-    ----------
-    history : dict
-        ``model.metadata["history"]`` (chapter 5): lists ``step_loss``, ``epoch``,
-        ``train_loss``, ``val_loss``, ``val_accuracy`` and the int ``best_epoch``.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
+    """Step loss, epoch losses and validation accuracy of a training run, from
+    ``model.metadata["history"]`` (chapter 5). Returns the matplotlib Figure."""
     plt = _pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6),
                                         constrained_layout=True)
-    steps = np.arange(1, len(history["step_loss"]) + 1)
-    ax1.plot(steps, history["step_loss"], lw=0.8, color="tab:blue")
-    steps_per_epoch = len(steps) / len(history["epoch"])
-    for e in history["epoch"][:-1]:
-        ax1.axvline(e * steps_per_epoch, color="grey", lw=0.5, ls=":")
+    epochs, steps = history["epoch"], np.arange(1, len(history["step_loss"]) + 1)
+    ax1.plot(steps, history["step_loss"], lw=0.8)
+    for e in epochs[:-1]:
+        ax1.axvline(e * len(steps) / len(epochs), color="grey", lw=0.5, ls=":")
     ax1.set(yscale="log", xlabel="optimisation step (dotted lines: epoch ends)",
             ylabel="cross-entropy loss", title="Loss of every training step")
-    ax2.plot(history["epoch"], history["train_loss"], "o-",
-             label="training (mean over the epoch)")
-    ax2.plot(history["epoch"], history["val_loss"], "s-",
-             label="validation (end of the epoch)")
+    ax2.plot(epochs, history["train_loss"], "o-", label="training (epoch mean)")
+    ax2.plot(epochs, history["val_loss"], "s-", label="validation (epoch end)")
     ax2.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss",
-            title="Loss per epoch")
+            title="Loss per epoch", xticks=epochs)
     ax2.legend()
-    ax3.plot(history["epoch"], np.asarray(history["val_accuracy"]) * 100, "s-",
-             color="tab:green")
-    best = history["best_epoch"]
-    ax3.plot([best], [history["val_accuracy"][best - 1] * 100], "*", ms=16,
-             color="tab:red", label=f"best epoch ({best}): the model we use")
+    best, val_acc = history["best_epoch"], np.asarray(history["val_accuracy"]) * 100
+    ax3.plot(epochs, val_acc, "s-", color="tab:green")
+    ax3.plot([best], [val_acc[best - 1]], "*", ms=16, color="tab:red",
+             label=f"best epoch ({best}): the model we use")
     ax3.set(xlabel="epoch", ylabel="validation accuracy (%)",
-            title="Validation accuracy")
+            title="Validation accuracy", xticks=epochs)
     ax3.legend(loc="lower right")
-    for ax in (ax2, ax3):
-        ax.set_xticks(history["epoch"])
     return fig
 
 
@@ -108,17 +93,8 @@ def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.n
 # notebooks/06_evaluation.py, "Accuracy per operation"
 def accuracy_per_operation(examples: Sequence[Example],
                            predicted_ids: np.ndarray) -> dict:
-    """Fraction of correct answers for each operation present in ``examples``.
-
-    Parameters
-    ----------
-    examples : sequence of B Examples
-    predicted_ids : (B,) predicted token ids (``logits.argmax(-1)``)
-
-    Returns
-    -------
-    dict operation -> accuracy, in the order of ``OPERATIONS``, plus ``"all"``
-    """
+    """Fraction of correct answers per operation present in the B ``examples``, in the
+    order of ``OPERATIONS``, plus ``"all"``; ``predicted_ids`` is (B,)."""
     predicted_ids = np.asarray(predicted_ids)
     if predicted_ids.shape != (len(examples),):
         raise ValueError(f"expected one prediction per example ({len(examples)}), "
@@ -134,18 +110,9 @@ def accuracy_per_operation(examples: Sequence[Example],
 # notebooks/06_evaluation.py, "Accuracy per operation"
 def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
                      classes: Sequence[int] = tuple(_DIGIT_IDS)) -> np.ndarray:
-    """Counts of (true answer, predicted answer) pairs.
-
-    Parameters
-    ----------
-    true_ids, predicted_ids : (B,) token ids
-    classes : the C token ids to count, default the digits ``0``..``9``
-
-    Returns
-    -------
-    (C, C + 1) int array: row = true class, column = predicted class; the last column
-    counts predictions outside ``classes``.
-    """
+    """Counts of (true answer, predicted answer) pairs of (B,) token ids: a (C, C + 1)
+    int array over the C ``classes`` (default the digits), row = true, column =
+    predicted; the last column counts predictions outside ``classes``."""
     true_ids, predicted_ids = np.asarray(true_ids), np.asarray(predicted_ids)
     lookup = {int(c): i for i, c in enumerate(classes)}
     C = len(classes)
@@ -157,6 +124,7 @@ def confusion_matrix(true_ids: np.ndarray, predicted_ids: np.ndarray,
     return np.bincount(rows * (C + 1) + cols, minlength=C * (C + 1)).reshape(C, C + 1)
 
 
+# notebooks/06_evaluation.py, "Accuracy per operation"
 def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
                  col_labels: Sequence[str], ax: "plt.Axes | None" = None,
                  title: str | None = None, xlabel: str = "", ylabel: str = "",
@@ -164,21 +132,11 @@ def plot_heatmap(values: np.ndarray, row_labels: Sequence[str],
                  vmin: float | None = None, vmax: float | None = None,
                  colorbar_label: str | None = None, fmt: str | None = None,
                  hide_below: float | None = None, fontsize: int = 8) -> "plt.Axes":
-    """A labelled heatmap: the building block of every matrix figure in this chapter.
-
-    Parameters
-    ----------
-    values : (R, C) array
-    row_labels, col_labels : R and C tick labels (tokens, operations, hypotheses, ...)
-    ax : Axes to draw on (default: a new figure)
-    colorbar_label : draw a colour bar with this label (None: no colour bar)
-    fmt : write each value into its cell with this format, e.g. ``"{:.2f}"``
-    hide_below : leave cells whose value is below this unwritten (e.g. the zeros)
-
-    Returns
-    -------
-    matplotlib Axes; the image is ``ax.images[0]``
-    """
+    """A labelled heatmap of an (R, C) array: the building block of every matrix
+    figure in this chapter. ``fmt`` (e.g. ``"{:.2f}"``) writes each value into its
+    cell, except values below ``hide_below``; ``colorbar_label`` adds a colour bar.
+    Draws on ``ax`` (default: a new figure) and returns it; the image is
+    ``ax.images[0]``."""
     plt = _pyplot()
     values = np.asarray(values)
     if values.shape != (len(row_labels), len(col_labels)):
@@ -212,10 +170,8 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str] = tuple("0123456789
                    ax: "plt.Axes | None" = None, title: str = "Confusion matrix",
                    extra_label: str = "other", vmax: float | None = None,
                    colorbar: bool = True) -> "plt.Axes":
-    """Heatmap of a ``confusion_matrix``: counts written in the non-empty cells, and
-    a colour bar unless ``colorbar=False`` (panels that share ``vmax`` need one).
-
-    Returns the matplotlib Axes (a new figure if ``ax`` is None).
+    """Heatmap of a ``confusion_matrix``, counts written in the non-empty cells; panels
+    that share ``vmax`` need one colour bar only (``colorbar=False``). Returns the Axes.
     """
     columns = [*labels, extra_label][:matrix.shape[1]]
     return plot_heatmap(matrix, labels, columns, ax=ax, title=title,
@@ -230,27 +186,10 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
             strict: bool = True) -> str | tuple[str, float] | list:
     """Answer puzzles: ``predict(model, "Max(5, 3, 9)")`` returns ``"9"``.
 
-    Parameters
-    ----------
-    model : Transformer
-    text : str or sequence of str
-        One puzzle, or a list of puzzles, written as ``encode`` accepts them
-        (``"Max(5, 3, 9)"``, ``"Max ( 5 3 9 )"``, ...).
-    return_probs : bool
-        Also return the probability the model gives its answer (a float in 0..1).
-    strict : bool
-        Passed to ``encode``: check the grammar first (default). ``False`` lets
-        malformed puzzles through, to see what the model makes of them.
-
-    Returns
-    -------
-    str, or (str, float) with ``return_probs``; a list of those for a list of texts.
-
-    Raises
-    ------
-    ValueError
-        The tokenizer's error for bad input (for a list, prefixed with the bad text's
-        index).
+    ``text`` is one puzzle or a list of them, as ``encode`` accepts them. Returns the
+    answer, or (answer, its probability) with ``return_probs``; a list for a list.
+    ``strict=False`` skips ``encode``'s grammar check. Bad input raises the tokenizer's
+    ``ValueError`` (for a list, prefixed with the bad text's index).
     """
     single = isinstance(text, str)
     if not single and not isinstance(text, (list, tuple)):
@@ -288,19 +227,9 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str],
                    highlight_row: int | None = None, xlabel: str = "key (attended to)",
                    ylabel: str = "query (attending from)",
                    fontsize: int = 9) -> "plt.Axes":
-    """Heatmap of one attention matrix, colour scale 0..1.
-
-    Parameters
-    ----------
-    weights : (R, C) array, row r = the attention distribution of query r over C keys
-    tokens : C labels of the keys (and of the queries unless ``row_labels`` is given)
-    ax : matplotlib Axes to draw on (default: a new figure)
-    highlight_row : index of a row to frame in red (e.g. the read-out position)
-
-    Returns
-    -------
-    matplotlib Axes; its image is ``ax.images[0]``
-    """
+    """Heatmap of one (R, C) attention matrix (row r: query r's distribution over the
+    C keys ``tokens``), colour scale 0..1; ``highlight_row`` is framed in red.
+    Returns the Axes; its image is ``ax.images[0]``."""
     plt = _pyplot()
     row_labels = tokens if row_labels is None else row_labels
     ax = plot_heatmap(weights, row_labels, tokens, ax=ax, title=title, xlabel=xlabel,
@@ -318,18 +247,9 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
                         highlight_row: int | None = None,
                         xlabel: str = "key (attended to)",
                         ylabel: str = "query") -> "plt.Figure":
-    """Every head of every layer, plus the mean over heads, with one shared colour bar.
-
-    Parameters
-    ----------
-    weights : (L, H, R, C) array, e.g. ``np.stack([a[i] for a in attention])``
-        for example i
-    tokens, row_labels, highlight_row : as in ``plot_attention``
-
-    Returns
-    -------
-    matplotlib Figure with L rows of H + 1 panels
-    """
+    """Every head of every layer of (L, H, R, C) ``weights``, plus the mean over the
+    heads: a Figure of L rows of H + 1 panels, one colour bar (arguments as in
+    ``plot_attention``)."""
     plt = _pyplot()
     weights = np.asarray(weights)
     L, H = weights.shape[:2]
@@ -363,20 +283,10 @@ class HeadScores(NamedTuple):
 
 
 def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
-    """Score each head's read-out attention against positional and content hypotheses.
-
-    Parameters
-    ----------
-    readout : (L, B, H, T) array from ``readout_attention``
-    examples : the B Examples, all with the same number n of arguments
-        (encoded as ``Op ( a_1 ... a_n ) [EOS]``: the operation at position 0,
-        argument k at position k + 1)
-
-    Returns
-    -------
-    HeadScores with hypotheses ``argument 1`` .. ``argument n``, ``largest digit``,
-    ``smallest digit``, ``operation token``
-    """
+    """Score each head's read-out attention (L, B, H, T), from ``readout_attention``,
+    against the hypotheses ``argument 1`` .. ``argument n``, ``largest digit``,
+    ``smallest digit`` and ``operation token``. The B ``examples`` must all have n
+    arguments (``Op ( a_1 ... a_n ) [EOS]``: argument k at position k + 1)."""
     n = len(examples[0].args)
     if any(len(ex.args) != n for ex in examples):
         raise ValueError("head_scores needs examples with the same number of arguments "
@@ -405,11 +315,10 @@ def head_scores(readout: np.ndarray, examples: Sequence[Example]) -> HeadScores:
     return HeadScores(scores, chance, present, hypotheses)
 
 
+# notebooks/06_evaluation.py, "What each head does: hypotheses, measured"
 def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
-    """One panel per operation: heads (rows) x hypotheses (columns), scores written in.
-
-    Returns the matplotlib Figure.
-    """
+    """One panel per operation: heads (rows) x hypotheses (columns), scores written
+    in. Returns the Figure."""
     plt = _pyplot()
     L, H, O, K = hs.scores.shape
     fig, axes = plt.subplots(1, O, figsize=(3.1 * O + 1, 0.42 * L * H + 2.4),
@@ -477,17 +386,8 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
 
 # notebooks/06_evaluation.py, "Does the model know that 3 < 7?"
 def principal_components(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Project the rows of X on their first k principal components.
-
-    Parameters
-    ----------
-    X : (N, D) array, one point per row
-
-    Returns
-    -------
-    coords : (N, k) array, the centred points projected on the top-k directions
-    explained : (k,) share of the total variance along each direction
-    """
+    """Project the N rows of X (N, D) on their first k principal components: the
+    (N, k) coordinates of the centred points, and the (k,) shares of the variance."""
     Xc = np.asarray(X, dtype=np.float64)
     Xc = Xc - Xc.mean(axis=0)                                          # (N, D)
     _, s, Vt = np.linalg.svd(Xc, full_matrices=False)
@@ -517,14 +417,13 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
+# notebooks/06_evaluation.py, "Does the model know that 3 < 7?"
 def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
                       values: np.ndarray | None = None, ax: "plt.Axes | None" = None,
                       title: str | None = None, explained: np.ndarray | None = None,
                       colorbar_label: str = "digit value") -> "plt.Axes":
     """Scatter 2-D points, each written with its label and coloured by ``values``.
-
-    Returns the matplotlib Axes.
-    """
+    Returns the Axes."""
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4), constrained_layout=True)
