@@ -595,7 +595,10 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     module.train()
     out = module(*inputs, **kwargs)
     G = np.random.default_rng(seed).normal(size=out.shape)  # random upstream gradient
-    f = lambda: float((module(*inputs, **kwargs) * G).sum())
+
+    def f() -> float:                              # the scalar L = sum(G * output)
+        return float((module(*inputs, **kwargs) * G).sum())
+
     module.zero_grad()
     module(*inputs, **kwargs)
     grad_in = module.backward(G)
@@ -1520,7 +1523,7 @@ assert np.allclose(y32.sum(axis=-1), 1.0, atol=1e-6)
 row = np.array([2.0, -1.0, 0.5, 0.0])
 y_row = softmax_layer(row)
 J = np.diag(y_row) - np.outer(y_row, y_row)                                # (T, T)
-J_numeric = np.stack([numerical_gradient(lambda: float(softmax_layer(row)[i]), row)
+J_numeric = np.stack([numerical_gradient(lambda i=i: float(softmax_layer(row)[i]), row)
                       for i in range(4)])
 print("Jacobian diag(y) - y y^T:\n", np.round(J, 4))
 assert relative_error(J, J_numeric) < TOLERANCE and np.allclose(J, J.T)

@@ -323,7 +323,7 @@ def scaled_dot_product_attention(
 # $\beta$.) In both demos the query is multiplied by $\sqrt{d_k}$ to cancel the scaling.
 
 # %%
-from transformer_lib.data import TOKEN_TO_ID, ID_TO_TOKEN, encode, detokenize
+from transformer_lib.data import ID_TO_TOKEN, detokenize, encode
 
 
 def digit_values(ids):

@@ -64,8 +64,8 @@ from transformer_lib.transformer import Transformer
 # %%
 import matplotlib.pyplot as plt
 
-from transformer_lib.data import (ID_TO_TOKEN, all_examples, create_batch,
-                                  generate_dataset, generate_example)
+from transformer_lib.data import (all_examples, create_batch, generate_dataset,
+                                  generate_example)
 from transformer_lib.data import show_error  # chapter 1: assert an error and print it
 from transformer_lib.layers import numerical_gradient, relative_error
 

@@ -94,7 +94,7 @@ assert sorted(ex.text for part in (train, val, test) for ex in part) == sorted(
 # folded away: it draws, it does not compute.
 
 # %% tags=["export"]
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
@@ -102,6 +102,9 @@ from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, PAD_ID, TOKEN_TO_ID, 
                                   encode, pad_sequences)
 from transformer_lib.layers import softmax
 from transformer_lib.transformer import Transformer, readout_positions
+
+if TYPE_CHECKING:                # for the annotations; plots import it when they run
+    import matplotlib.pyplot as plt
 
 _DIGIT_IDS = np.array([TOKEN_TO_ID[str(d)] for d in range(10)])
 
@@ -451,7 +454,7 @@ def predict(model: Transformer, text: str | Sequence[str], return_probs: bool = 
     best = logits.argmax(axis=-1)
     answers = [ID_TO_TOKEN[int(i)] for i in best]
     if return_probs:
-        out = [(a, float(p[i])) for a, p, i in zip(answers, probs, best)]
+        out = [(a, float(p[i])) for a, p, i in zip(answers, probs, best, strict=True)]
         return out[0] if single else out
     return answers[0] if single else answers
 
@@ -489,7 +492,7 @@ for bad, message in [
         ("Max()", "expected a digit 0–9 at position 2, got ')'"),
         ("Max(5, 3, 9", "expected ')' at position 7, got end of input"),
         ("Max(5, 3, 9) 4", "expected '[EOS]' or end of input at position 8")]:
-    show_error(lambda: predict(model, bad), ValueError, message)
+    show_error(lambda bad=bad: predict(model, bad), ValueError, message)
 show_error(lambda: predict(model, ["Max(1, 2, 3)", "Max(1, 2, 3"]), ValueError,
            "text 1 ('Max(1, 2, 3'): expected ')' at position 7, got end of input")
 show_error(lambda: predict(model, 42), ValueError,
@@ -543,15 +546,15 @@ def plot_attention_grid(weights: np.ndarray, tokens: Sequence[str], title: str =
     L, H = weights.shape[:2]
     fig, axes = plt.subplots(L, H + 1, figsize=(2.6 * (H + 1) + 1, 2.7 * L + 0.8),
                              constrained_layout=True, squeeze=False)
-    for l in range(L):
-        panels = [*weights[l], weights[l].mean(axis=0)]
+    for layer in range(L):
+        panels = [*weights[layer], weights[layer].mean(axis=0)]
         names = [f"head {h + 1}" for h in range(H)] + ["mean of the heads"]
-        for h, (w, name) in enumerate(zip(panels, names)):
-            ax = axes[l, h]
-            plot_attention(w, tokens, ax=ax, title=f"layer {l + 1}, {name}",
+        for h, (w, name) in enumerate(zip(panels, names, strict=True)):
+            ax = axes[layer, h]
+            plot_attention(w, tokens, ax=ax, title=f"layer {layer + 1}, {name}",
                            row_labels=row_labels, colorbar=False,
                            highlight_row=highlight_row, fontsize=10,
-                           xlabel=xlabel if l == L - 1 else "",
+                           xlabel=xlabel if layer == L - 1 else "",
                            ylabel=ylabel if h == 0 else "")
     fig.colorbar(axes[0, 0].images[0], ax=axes, shrink=0.8, label="attention weight")
     if title:
@@ -689,11 +692,11 @@ def plot_head_scores(hs: HeadScores, title: str = "") -> "plt.Figure":
     """One panel per operation: heads (rows) x hypotheses (columns), scores written
     in. Returns the Figure."""
     plt = _pyplot()
-    L, H, O, K = hs.scores.shape
-    fig, axes = plt.subplots(1, O, figsize=(3.1 * O + 1, 0.42 * L * H + 2.4),
+    L, H, n_ops, K = hs.scores.shape
+    fig, axes = plt.subplots(1, n_ops, figsize=(3.1 * n_ops + 1, 0.42 * L * H + 2.4),
                              constrained_layout=True, sharey=True)
     axes = np.atleast_1d(axes)
-    heads = [f"layer {l + 1} head {h + 1}" for l in range(L) for h in range(H)]
+    heads = [f"layer {layer + 1} head {h + 1}" for layer in range(L) for h in range(H)]
     for o, ax in enumerate(axes):
         plot_heatmap(hs.scores[:, :, o, :].reshape(L * H, K), heads, hs.hypotheses,
                      ax=ax, title=hs.operations[o], xlabel="[EOS] attends to ...",
@@ -861,15 +864,15 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
                          f"0..{len(model.blocks) - 1}")
     B, T = ids.shape
     attn_mask = {}
-    for l, cut in blocked.items():
+    for layer, cut in blocked.items():
         allowed = mask[:, None, :] & ~np.broadcast_to(np.asarray(cut, dtype=bool),
                                                       (B, T, T))       # (B, T, T)
         stranded = ~allowed.any(axis=-1) & mask                         # (B, T)
         if stranded.any():
             b, t = np.argwhere(stranded)[0]
-            raise ValueError(f"layer {l}: query {t} of input {b} "
+            raise ValueError(f"layer {layer}: query {t} of input {b} "
                              "may attend to no key at all")
-        attn_mask[l] = allowed[:, None]                   # (B, 1, T, T): every head
+        attn_mask[layer] = allowed[:, None]                   # (B, 1, T, T): every head
     return forward_with_attention(model, ids, mask, attn_mask)
 
 
@@ -1250,7 +1253,7 @@ def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
         _, ax = plt.subplots(figsize=(4.5, 4), constrained_layout=True)
     values = np.arange(len(coords)) if values is None else values
     sc = ax.scatter(coords[:, 0], coords[:, 1], c=values, cmap="viridis", s=170)
-    for (x, y), label, v in zip(coords, labels, values):
+    for (x, y), label, v in zip(coords, labels, values, strict=True):
         r, g, b, _ = sc.cmap(sc.norm(v))
         dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # text must contrast
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, weight="bold",
@@ -1258,7 +1261,7 @@ def plot_embedding_2d(coords: np.ndarray, labels: Sequence[str],
     pc = ["principal component 1", "principal component 2"]
     if explained is not None:
         pc = [f"{name} ({share:.0%} of the variance)"
-              for name, share in zip(pc, explained)]
+              for name, share in zip(pc, explained, strict=False)]
     ax.set(xlabel=pc[0], ylabel=pc[1])
     if title:
         ax.set_title(title, fontsize=10)

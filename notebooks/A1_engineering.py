@@ -176,7 +176,7 @@ steps = np.array([1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10])
 sweep = {}                                 # dtype -> relative error at each step
 for dtype in (np.float32, np.float64):
     p, Gd = points.astype(dtype), G_sin.astype(dtype)
-    f = lambda: float((Gd * np.sin(p)).sum())
+    f = lambda p=p, Gd=Gd: float((Gd * np.sin(p)).sum())   # bound now, not later
     sweep[dtype] = np.array([relative_error(exact, numerical_gradient(f, p, eps)
                                             .astype(np.float64)) for eps in steps])
 

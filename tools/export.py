@@ -58,7 +58,10 @@ def render_module(notebook: Path) -> tuple[str, list[str]] | None:
             section = f'"{headings[-1]}"' if headings else section
         elif "export" in c.metadata.get("tags", []):
             # where the code is explained: its notebook and section
-            cells.append(f"# notebooks/{notebook.name}, {section}\n{c.source.strip()}")
+            where = f"# notebooks/{notebook.name}, {section}"
+            if len(where) > 88:                           # a long section name: two lines
+                where = f"# notebooks/{notebook.name},\n# {section}"
+            cells.append(f"{where}\n{c.source.strip()}")
     if not cells:
         return None
     heading = next((c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown"), "")

@@ -372,7 +372,10 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     module.train()
     out = module(*inputs, **kwargs)
     G = np.random.default_rng(seed).normal(size=out.shape)  # random upstream gradient
-    f = lambda: float((module(*inputs, **kwargs) * G).sum())
+
+    def f() -> float:                              # the scalar L = sum(G * output)
+        return float((module(*inputs, **kwargs) * G).sum())
+
     module.zero_grad()
     module(*inputs, **kwargs)
     grad_in = module.backward(G)
