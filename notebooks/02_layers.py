@@ -10,26 +10,17 @@
 # # 2. Layers
 #
 # A transformer is a stack of a few small functions: matrix products, table look-ups, a
-# normalisation, two nonlinearities. NumPy has no automatic differentiation, so each of them
-# needs two halves written by hand: a *forward* pass that computes the output, and a *backward*
-# pass that turns the gradient of the loss with respect to the output into the gradient with
-# respect to the input and the parameters. A wrong backward pass does not crash. The model just
-# trains badly, and nothing says why. So in this chapter every backward pass is derived, written
-# down, and then checked numerically against the definition of a derivative.
+# normalisation, two nonlinearities. NumPy has no automatic differentiation, so each needs two
+# halves written by hand: a *forward* pass that computes the output, and a *backward* pass that
+# turns the gradient of the loss with respect to the output into gradients with respect to the
+# input and the parameters. A wrong backward pass does not crash; the model just trains badly.
+# So every backward pass here is derived, written down, and checked numerically.
 #
-# **In this chapter**
-#
-# - the *module protocol*: how a layer holds its parameters, what its forward pass caches and
-#   why, and how gradients flow (and add up) in its backward pass;
-# - a *gradient checker* (central differences, float64, a random upstream gradient, a relative
-#   error) and a demonstration that it catches real bugs;
-# - the six layers the model is built from (`Linear`, `Embedding`, `PositionalEncoding`,
-#   `LayerNorm`, `ReLU`, `Softmax`), each with its math, its code and its proof;
-# - why the softmax backward pass never builds the softmax Jacobian.
-#
-# Cells marked `export` become the module `transformer_lib.layers`, which later chapters import.
-# The engineering behind a few of them (why the checker needs float64, fast reductions over
-# short rows, what the Jacobian would cost) is measured in the appendix
+# **In this chapter:** the *module protocol* (parameters, caches, accumulating gradients); a
+# *gradient checker* and proof that it catches real bugs; and the six layers the model is built
+# from (`Linear`, `Embedding`, `PositionalEncoding`, `LayerNorm`, `ReLU`, `Softmax`), each with
+# its math, its code and its proof. Cells marked `export` become `transformer_lib.layers`. The
+# engineering behind a few of them is measured in the appendix
 # [Engineering notes](A1_engineering.ipynb).
 
 # %% tags=["export"]
@@ -56,18 +47,15 @@ DEFAULT_DTYPE = np.float32
 # $$
 #
 # It passes the first gradient down to the layer below and keeps the second. So every layer
-# is a pair of functions: `forward(x) -> y` and `backward(G) -> dL/dx`. The backward pass needs
-# values from the forward pass: `Linear` needs its input $x$, `Softmax` its output $y$. So the
-# forward pass *caches* them. Three rules make this work.
+# is a pair of functions, `forward(x) -> y` and `backward(G) -> dL/dx`, and the forward pass
+# *caches* what the backward pass needs (`Linear` its input $x$, `Softmax` its output $y$).
+# Three rules make this work.
 #
-# 1. **The forward pass caches only in training mode.** When we only want predictions (`eval()`
-#    mode), nothing calls backward, and keeping the cache would only hold memory. Calling
-#    backward in eval mode is therefore a mistake, and it raises a `RuntimeError` that says so.
-# 2. **The backward pass adds to `.grad`; it never overwrites it.** PyTorch does the same, and for
-#    the same reason. A parameter used in two places gets the *sum* of the two contributions,
-#    which is what the chain rule says for a shared variable. It also means gradients of several
-#    batches can be added up before one optimiser step. The price: call `zero_grad()` before each
-#    new backward pass.
+# 1. **The forward pass caches only in training mode.** In `eval()` mode nothing calls
+#    backward, so nothing is kept, and calling backward raises a `RuntimeError` that says so.
+# 2. **The backward pass adds to `.grad`; it never overwrites it** (as in PyTorch). A parameter
+#    used in two places gets the *sum* of the two contributions, which is what the chain rule
+#    says for a shared variable. The price: call `zero_grad()` before each new backward pass.
 # 3. **Parameters are found, not registered.** Any attribute that is a `Parameter` or a `Module`,
 #    or a list of them, is a child. `named_parameters()` builds dotted names from the attribute
 #    names (`blocks.0.attention.W_q.W`, as in PyTorch), so an error message or a checkpoint can
@@ -107,15 +95,12 @@ class Parameter:
 
 # %% [markdown]
 # `Module` is the base class of every layer and, in chapter 4, of the whole model. It finds its
-# children among its attributes (`_children`), and everything else (`named_parameters`,
-# `zero_grad`, `train`, `eval`, `to`) walks that tree. `_check_cache` is the guard that every
-# backward pass with a cache calls first: it turns "no cache" into an error that says what to do.
-#
-# Parameters are float32 by default: half the memory of float64, faster matrix products, and
-# precise enough for training. Checking gradients needs float64 (the next sections show why), so
-# `to(np.float64)` casts every parameter and every float buffer, for example the table of
-# positional encodings. It *replaces* the arrays, so call it before creating an optimiser:
-# chapter 5's optimisers turn the parameters into views of one flat buffer.
+# children among its attributes (`_children`); everything else (`named_parameters`,
+# `zero_grad`, `train`, `eval`, `to`) walks that tree. `_check_cache` is the guard every
+# backward pass with a cache calls first. Parameters are float32 by default; gradient checks
+# need float64, so `to(np.float64)` casts every parameter and float buffer. It *replaces* the
+# arrays, so call it before creating an optimiser (chapter 5's optimisers make the parameters
+# views of one flat buffer).
 
 # %% tags=["export"]
 class Module:
@@ -307,12 +292,9 @@ class Module:
 # $W \sim U(-a, a)$ with $a = \sqrt{6/(\text{in}+\text{out})}$, because a uniform distribution on
 # $(-a, a)$ has variance $a^2/3$. The bias starts at zero.
 #
-# **Speed.** The code flattens `(B, T, in)` to `(B·T, in)` (a free view), so that forward and
-# backward are each one matrix product over all positions; why, and what it saves, is in the
-# appendix [Engineering notes](A1_engineering.ipynb) ("One matrix product over all positions").
-#
-# **Validation.** A wrong last dimension is the most common mistake when wiring layers
-# together. The forward pass checks it (one tuple comparison) and names both sizes.
+# The code flattens `(B, T, in)` to `(B·T, in)` (a free view), so forward and backward are each
+# one matrix product over all positions (the appendix, "One matrix product over all positions",
+# measures why). The forward pass also checks the last dimension, the commonest wiring mistake.
 
 # %% tags=["export"]
 class Linear(Module):
@@ -410,14 +392,16 @@ class Linear(Module):
         return (g2 @ self.W.data.T).reshape(x.shape)   # (..., in)
 
 # %% [markdown]
-# **Proof.** Shapes first, then the forward pass against its definition written the slow, obvious
-# way (`einsum` over the batch), then the initialisation statistics. A 256 → 512 layer should
-# have weight variance $2/768$ and stay within its bound $a$. Fed unit-variance inputs, its
-# outputs should have variance $\text{in} \cdot \operatorname{Var}(W) = 256 \cdot 2/768 = 2/3$.
-# The variance checks allow a few percent for sampling noise: 131,072 weights and 512,000 outputs
-# put the sampling error near 0.5%.
+# **Proof.** Shapes; the forward pass against its definition written with `einsum`; the
+# initialisation statistics: a 256 → 512 layer should have weight variance $2/768$, stay within
+# $a$, and give unit-variance inputs outputs of variance $256 \cdot 2/768 = 2/3$ (within a few
+# percent: the sampling error is near 0.5%). Last, a wrong input size, through the helper
+# `show_error` (chapter 1), which asserts that a call raises the expected error with the
+# expected words and prints the message.
 
 # %%
+from transformer_lib.data import show_error
+
 rng = np.random.default_rng(0)
 layer = Linear(4, 3, rng)
 x = rng.normal(size=(2, 5, 4)).astype(np.float32)                   # (B, T, in)
@@ -428,10 +412,9 @@ assert layer.W.shape == (4, 3) and layer.b.shape == (3,)
 assert np.allclose(y, np.einsum("bti,ij->btj", x, layer.W.data) + layer.b.data,
                    atol=1e-6)
 
-g = rng.normal(size=y.shape).astype(np.float32)
-grad_x = layer.backward(g)
-assert grad_x.shape == x.shape
-assert layer.W.grad.shape == layer.W.shape and layer.b.grad.shape == (3,)
+grad_x = layer.backward(rng.normal(size=y.shape).astype(np.float32))
+assert grad_x.shape == x.shape and layer.W.grad.shape == (4, 3) == layer.W.shape
+assert layer.b.grad.shape == (3,)
 
 big = Linear(256, 512, np.random.default_rng(1))
 limit = np.sqrt(6 / (256 + 512))
@@ -445,14 +428,6 @@ print(f"Var(y) = {out_var:.3f} for unit-variance inputs "
 assert abs(W_var / expected_var - 1) < 0.02 and np.abs(big.W.data).max() <= limit
 assert abs(out_var / (256 * expected_var) - 1) < 0.03
 assert np.all(big.b.data == 0)
-
-# %% [markdown]
-# A wrong input size fails right away, with the two sizes in the message. The helper
-# `show_error` (from chapter 1) runs a call, asserts that it raises the expected error type
-# with the expected words, and prints the message.
-
-# %%
-from transformer_lib.data import show_error
 
 show_error(lambda: Linear(64, 16)(np.zeros((2, 5, 32), dtype=np.float32)), ValueError,
            "Linear expected input with last dimension 64, got 32")
@@ -469,21 +444,17 @@ show_error(lambda: Linear(64, 16)(np.zeros((2, 5, 32), dtype=np.float32)), Value
 # $$
 #
 # are accurate to $O(\varepsilon^2)$: the $\varepsilon^2$ terms of the two Taylor expansions
-# cancel. A one-sided difference is only accurate to $O(\varepsilon)$. Each entry costs two
-# forward passes, so we check *small* layers.
+# cancel (a one-sided difference is only $O(\varepsilon)$). Each entry costs two forward
+# passes, so we check *small* layers. Four choices make the check trustworthy.
 #
-# Four choices make the check trustworthy.
-#
-# - **float64.** Rounding adds an error of about $u/\varepsilon$ to the estimate, where $u$ is the
-#   machine precision: $10^{-16}$ in float64, but $6 \cdot 10^{-8}$ in float32. In float32 no
-#   $\varepsilon$ brings the estimate anywhere near our threshold (measured at the end of this
-#   section), so the checker refuses float32.
-# - **A scalar loss with a random upstream gradient.** A layer's output is an array, so we
-#   check the scalar $f = \sum_k y_k G_k$ with a fixed random $G$. Its gradient with respect to
-#   $y$ is exactly $G$, so `backward(G)` must return $\partial f / \partial x$. The obvious
-#   choice $f = \sum_k y_k$ ($G$ = all ones) is a trap. Every output position gets the same
-#   upstream gradient, so a backward pass that mixes up positions, or whose errors cancel in the
-#   sum, still passes. We show such a bug below.
+# - **float64.** Rounding adds an error of about $u/\varepsilon$, where the machine precision
+#   $u$ is $10^{-16}$ in float64 but $6 \cdot 10^{-8}$ in float32. In float32 no $\varepsilon$
+#   gets near our threshold, so the checker refuses float32.
+# - **A scalar loss with a random upstream gradient.** We check the scalar
+#   $f = \sum_k y_k G_k$ with a fixed random $G$. Its gradient with respect to $y$ is exactly
+#   $G$, so `backward(G)` must return $\partial f / \partial x$. The obvious choice
+#   $f = \sum_k y_k$ ($G$ = all ones) is a trap: every position gets the same upstream
+#   gradient, so a backward pass that mixes up positions still passes (shown below).
 # - **A relative error.** Gradients can be of any size, so we compare them with a scale-free
 #   number:
 #
@@ -610,16 +581,15 @@ def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
     return errors
 
 # %% [markdown]
-# A small helper (not exported) prints a table of errors and asserts the threshold. How it
-# prints an error depends on what the error is. For a correct backward pass, what remains is
-# the rounding noise of the central differences, and its digits can depend on your CPU and on
-# the order in which its libraries add numbers: they change from one machine to the next.
-# A correct gradient is therefore printed as the bound its error stays below, `< 1e-08`, and
-# only a wrong one, whose error the mathematics fixes, with its digits. An error between
-# $10^{-8}$ and the threshold would be neither, and fails the check. The `errors_by_layer`
-# dictionary collects every check in this chapter for the summary at the end.
+# A small helper (not exported) prints the errors and asserts the threshold. The error of a
+# correct backward pass is rounding noise whose digits change from one machine to the next, so
+# it is printed as the bound it stays below, `< 1e-08`; only a wrong gradient, whose error the
+# mathematics fixes, is printed with its digits. Anything in between fails. `errors_by_layer`
+# collects every check for the figure at the end. (The helper is folded in the book.) Then the
+# `Linear` layer, in float64, with a 3-D input so that the sum over all $B \cdot T$ rows is
+# exercised.
 
-# %%
+# %% tags=["hide-input"]
 TOLERANCE = 1e-6        # gradient_check passes at or below this
 ROUNDING_BOUND = 1e-8   # a correct float64 backward pass stays below this
 
@@ -647,10 +617,6 @@ def report(layer_name: str, errors: dict[str, float]) -> None:
     errors_by_layer[layer_name] = errors
 
 
-# %% [markdown]
-# Now the `Linear` layer, in float64, with a 3-D input so that the sum over all $B \cdot T$ rows
-# is exercised:
-
 # %%
 rng = np.random.default_rng(0)
 linear = Linear(4, 3, rng).to(np.float64)
@@ -663,13 +629,10 @@ report("Linear(bias=False)",
 # %% [markdown]
 # ### Can the check fail?
 #
-# A test that cannot fail proves nothing. Here are two realistic bugs, each in a small subclass
-# of `Linear`:
-#
-# - `MixedAxesLinear` flattens the upstream gradient in the wrong order: time-major
-#   (`swapaxes(0, 1)`) where the cached input is batch-major. Every row of $X$ is paired with the
-#   gradient of a different position.
-# - `MeanBiasLinear` uses the mean of the rows for the bias gradient instead of the sum.
+# A test that cannot fail proves nothing. Two realistic bugs, each a small subclass of `Linear`:
+# `MixedAxesLinear` flattens the upstream gradient time-major (`swapaxes(0, 1)`) where the
+# cached input is batch-major, so every row of $X$ meets the gradient of another position;
+# `MeanBiasLinear` takes the mean of the rows for the bias gradient instead of the sum.
 
 # %%
 class MixedAxesLinear(Linear):
@@ -693,29 +656,22 @@ class MeanBiasLinear(Linear):
         return (g2 @ self.W.data.T).reshape(x.shape)
 
 
-for buggy in (MixedAxesLinear, MeanBiasLinear):
-    errors = gradient_check(buggy(4, 3, np.random.default_rng(0)).to(np.float64), x)
-    print(f"{buggy.__name__:16}",
-          "  ".join(f"{k}: {shown(v)}" for k, v in errors.items()))
-    assert max(errors.values()) > 0.1                         # caught, by a wide margin
-
-mixed = gradient_check(
-    MixedAxesLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
-mean_bias = gradient_check(
-    MeanBiasLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
-assert mixed["input"] > 0.1 and mixed["W"] > 0.1
+mixed, mean_bias = (
+    gradient_check(buggy(4, 3, np.random.default_rng(0)).to(np.float64), x)
+    for buggy in (MixedAxesLinear, MeanBiasLinear))
+for name, errors in [("MixedAxesLinear", mixed), ("MeanBiasLinear", mean_bias)]:
+    print(f"{name:16}", "  ".join(f"{k}: {shown(v)}" for k, v in errors.items()))
+assert mixed["input"] > 0.1 and mixed["W"] > 0.1              # caught, by a wide margin
 assert mixed["b"] < TOLERANCE  # a sum over rows ignores their order
 assert (mean_bias["b"] > 0.1 and mean_bias["input"] < TOLERANCE
         and mean_bias["W"] < TOLERANCE)
 
 # %% [markdown]
-# Both bugs are caught, and the per-array errors point at the culprits. The mixed-up axes
-# corrupt the input and weight gradients, while the bias gradient, a sum over all rows in any
-# order, is still right. The mean only breaks `b`.
-#
-# Now the trap. Check `MixedAxesLinear` with the "obvious" scalar $f = \sum y$, that is, an
-# upstream gradient of all ones. Every position then receives the same gradient, so pairing
-# rows with the wrong positions changes nothing, and the bug passes:
+# Both bugs are caught, and the per-array errors point at the culprits: the mixed-up axes
+# corrupt the input and weight gradients (the bias gradient, a sum over rows in any order, is
+# still right); the mean only breaks `b`. Now the trap: with the "obvious" scalar
+# $f = \sum y$ (an upstream gradient of all ones), every position receives the same gradient,
+# so pairing rows with the wrong positions changes nothing, and `MixedAxesLinear` passes:
 
 # %%
 def check_with_sum(module: Module, x: np.ndarray) -> dict[str, float]:
@@ -733,17 +689,14 @@ hidden = check_with_sum(
     MixedAxesLinear(4, 3, np.random.default_rng(0)).to(np.float64), x)
 print("MixedAxesLinear checked with G = ones:",
       "  ".join(f"{k}: {shown(v)}" for k, v in hidden.items()))
-assert max(hidden.values()) < TOLERANCE        # the bug is invisible to a sum ...
-assert mixed["input"] > 0.1                    # ... and obvious with a random G
+assert max(hidden.values()) < TOLERANCE        # the bug is invisible to a sum
 
 # %% [markdown]
-# Finally, float32. Estimating a gradient whose exact value is known, for steps $\varepsilon$
-# from $10^{-1}$ to $10^{-10}$, shows the two errors that compete: truncation, which falls
-# like $\varepsilon^2$, and rounding, which grows like $u/\varepsilon$. In float64 the error
-# stays below $10^{-8}$ at `gradient_check`'s step $10^{-6}$; in float32 even the best step
-# stays more than ten times above the threshold. The appendix
-# [Engineering notes](A1_engineering.ipynb) ("Why the gradient check needs float64") plots
-# the sweep and asserts both claims. So `gradient_check` refuses float32:
+# Finally, float32. Two errors compete as $\varepsilon$ shrinks: truncation, falling like
+# $\varepsilon^2$, and rounding, growing like $u/\varepsilon$. In float64 the error stays below
+# $10^{-8}$ at the step $10^{-6}$; in float32 even the best step stays more than ten times
+# above the threshold (the appendix, "Why the gradient check needs float64", plots the sweep
+# and asserts both). So `gradient_check` refuses float32:
 
 # %%
 show_error(lambda: gradient_check(Linear(4, 3), x), ValueError,
@@ -752,11 +705,13 @@ show_error(lambda: gradient_check(Linear(4, 3), x), ValueError,
 # %% [markdown]
 # ## The protocol in action
 #
-# Now we can test the three rules of the module protocol on a real layer.
-#
-# **Eval mode keeps no cache, so backward refuses.** The same goes for a backward pass before
-# any forward pass. `with model.evaluating():` switches to eval mode for a block of code and
-# restores the previous mode afterwards; the later chapters evaluate that way.
+# Now the three rules of the module protocol, tested on a real layer. **Eval mode keeps no
+# cache, so backward refuses**, as it does before any forward pass. `with model.evaluating():`
+# runs a block in eval mode and then restores the previous mode, even after an error; the
+# later chapters evaluate that way. **Gradients accumulate:** two forward/backward passes
+# without `zero_grad()` leave twice the gradient in `.grad`; `zero_grad()` clears it.
+# **Dotted names:** in the second cell, a module with a list of layers and a named head shows
+# how `named_parameters` builds names from attributes and list positions; `to()` reaches them.
 
 # %%
 rng = np.random.default_rng(0)
@@ -772,7 +727,6 @@ show_error(lambda: Linear(3, 2).backward(g), RuntimeError, "before any forward p
 layer.train()
 assert np.array_equal(layer(x), y_eval)  # the mode changes caching, not the result
 
-# evaluating(): eval mode for a block, then the previous mode again, even after an error
 try:
     with layer.evaluating():
         assert not layer.training
@@ -781,11 +735,6 @@ except KeyboardInterrupt:
     pass
 assert layer.training                        # back in training mode
 
-# %% [markdown]
-# **Gradients accumulate.** Two forward/backward passes without `zero_grad()` leave twice the
-# gradient in `.grad`, as in PyTorch. `zero_grad()` clears it.
-
-# %%
 layer.zero_grad()
 layer(x)
 layer.backward(g)
@@ -798,15 +747,10 @@ layer.zero_grad()
 assert not layer.W.grad.any() and not layer.b.grad.any()
 print("after two backward passes: W.grad = 2 x (one pass); after zero_grad: all zeros")
 
-# %% [markdown]
-# **Dotted names.** A module that holds a list of layers and a named head shows how
-# `named_parameters` builds names from attribute names and list positions. `to()` reaches every
-# one of them.
 
 # %%
 class TinyStack(Module):
-    """Two hidden Linear layers in a list and a bias-free head
-    (only for naming; no forward)."""
+    """Two Linear layers in a list and a bias-free head (for naming; no forward)."""
 
     def __init__(self) -> None:
         rng = np.random.default_rng(0)
@@ -843,17 +787,14 @@ show_error(lambda: stack.to(np.int32), ValueError, "to() needs a floating dtype"
 # \frac{\partial L}{\partial W_v} = \sum_{(b,t)\,:\,\text{ids}_{bt} = v} G_{bt} .
 # $$
 #
-# A token that occurs three times in a batch gets three contributions. In `Max ( 5 5 9 )` the
-# digit 5 occurs twice, and `(`, `)` and `[EOS]` occur in every example. The ids are not
+# A token that occurs three times in a batch gets three contributions. The ids are not
 # differentiable, so backward returns `None`.
 #
-# **The obvious scatter-add is wrong.** `W.grad[ids] += G` looks right but is not.
-# NumPy evaluates it as `W.grad[ids] = W.grad[ids] + G`, and when an id repeats, the *last*
-# write wins, so contributions are lost. `np.add.at(W.grad, ids, G)` is correct but slower
-# (an unbuffered loop; the appendix [Engineering notes](A1_engineering.ipynb) times both).
-# We write the sum as a matrix product instead. With $O$ the one-hot
-# matrix of the ids, $O_{nv} = [\text{ids}_n = v]$ of shape $(N, V)$, the sum above is
-# $\partial L / \partial W = O^\top G$. That is one BLAS call, cheap because $V = 20$ is small.
+# **The obvious scatter-add is wrong.** NumPy evaluates `W.grad[ids] += G` as
+# `W.grad[ids] = W.grad[ids] + G`: when an id repeats, the *last* write wins and contributions
+# are lost. `np.add.at(W.grad, ids, G)` is correct but slower (the appendix times both). We
+# write the sum as a matrix product instead: with the one-hot matrix $O_{nv} = [\text{ids}_n = v]$
+# of shape $(N, V)$, $\partial L / \partial W = O^\top G$, one BLAS call, cheap for $V = 20$.
 
 # %% tags=["export"]
 class Embedding(Module):
@@ -929,10 +870,8 @@ class Embedding(Module):
         return None
 
 # %% [markdown]
-# **Proof.** Shapes, look-up, and the accumulation for repeated tokens. The reference is
-# `np.add.at`, the obvious correct scatter-add. Next to it we show the naive `grad[ids] += G`
-# losing updates. The sequence `Max ( 5 5 9 )` repeats the digit 5, and the batch repeats
-# everything.
+# **Proof.** Shapes, look-up, and the accumulation for repeated tokens, against `np.add.at`
+# and next to the naive `grad[ids] += G`. The digit 5 occurs three times in the batch.
 
 # %%
 from transformer_lib.data import TOKEN_TO_ID, VOCAB_SIZE, encode
@@ -965,9 +904,9 @@ assert not emb.W.grad[unused].any()                   # unused tokens get exactl
 report("Embedding", gradient_check(emb, ids))
 
 # %% [markdown]
-# Ids outside the table are the typical mistake: an id from a different vocabulary, or `-1`
-# used as padding. NumPy would quietly read row `V - 1` for `-1`, so the layer checks the range
-# and the dtype itself (the calls are hidden in the book; the messages are shown).
+# Ids outside the table are the typical mistake: an id from another vocabulary, or `-1` as
+# padding, for which NumPy would quietly read row `V - 1`. So the layer checks range and dtype
+# (the calls are hidden in the book; the messages are shown).
 
 # %% tags=["hide-input"]
 show_error(lambda: emb(np.array([[3, 20, 1]])), ValueError,
@@ -991,13 +930,11 @@ show_error(lambda: emb(np.array([[3.0, 1.0]])), ValueError,
 #
 # Each pair of dimensions is a clock hand turning at its own speed, from one radian per position
 # ($i = 0$) down to almost nothing. Together the hands give every position a distinct pattern,
-# all values lie in $[-1, 1]$ (the same scale as the embeddings), and there are no parameters to
-# learn.
+# all values lie in $[-1, 1]$, the scale of the embeddings, and nothing is learned.
 #
 # **Forward:** $y = x + PE_{0:T}$. **Backward:** the table is a constant, so
-# $\partial L / \partial x = G$. The gradient passes through unchanged and nothing needs
-# caching. The table is computed once for `max_len` positions. A longer sequence is an error,
-# not a silent wrap-around.
+# $\partial L / \partial x = G$ and nothing is cached. The table is computed once for
+# `max_len` positions; a longer sequence is an error, not a silent wrap-around.
 
 # %% tags=["export"]
 class PositionalEncoding(Module):
@@ -1057,30 +994,31 @@ class PositionalEncoding(Module):
         return grad_out
 
 # %% [markdown]
-# The figure shows the table for $d = 64$ and 64 positions. The left columns (fast clocks)
-# change from one position to the next. The right columns (slow clocks) barely move over 64
-# positions. Read across, each row is a distinct code.
+# The table for $d = 64$ and 64 positions (the plotting code is folded). The left columns
+# (fast clocks) change from one position to the next; the right ones (slow clocks) barely move.
+# Read across, each row is a distinct code.
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 
 pos_enc = PositionalEncoding(64, max_len=64)
 fig, ax = plt.subplots(figsize=(8, 5))
 image = ax.imshow(pos_enc.pe, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
-ax.set_xlabel("embedding dimension (even: sin, odd: cos)")
-ax.set_ylabel("position in the sequence")
-ax.set_title("Sinusoidal positional encoding, d_model = 64")
+ax.set(xlabel="embedding dimension (even: sin, odd: cos)",
+       ylabel="position in the sequence",
+       title="Sinusoidal positional encoding, d_model = 64")
 fig.colorbar(image, ax=ax, label="encoding value")
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **Proof.** The table values are bounded by 1. Positions are unique: the closest pair of rows
-# is still far apart. (All rows have the same length, $\sqrt{d/2}$, because each sin/cos pair
-# has $\sin^2 + \cos^2 = 1$, so they differ in direction, not in size.) Shape is preserved,
-# the forward pass adds exactly the table, and the gradient passes through.
+# **Proof.** The values are bounded by 1, the table matches the formula, and the closest pair
+# of rows is still far apart. (All rows have length $\sqrt{d/2}$, since $\sin^2 + \cos^2 = 1$
+# per pair: they differ in direction, not size.) The forward pass adds exactly the table, and
+# the gradient passes through.
 
 # %%
+# pos_enc = PositionalEncoding(64, max_len=64): the table plotted above
 pe = pos_enc.pe.astype(np.float64)                                   # (max_len, D)
 # (max_len, max_len)
 distances = np.linalg.norm(pe[:, None, :] - pe[None, :, :], axis=-1)
@@ -1090,16 +1028,13 @@ print(f"values in [{pe.min():.4f}, {pe.max():.4f}]; every row has norm "
       f"{np.linalg.norm(pe[0]):.3f} = sqrt(64/2)")
 print(f"closest pair of positions: ({p1}, {p2}), distance {distances.min():.3f}")
 assert np.abs(pe).max() <= 1.0
-# sin^2 + cos^2 = 1 per pair
-assert np.allclose(np.linalg.norm(pe, axis=1), np.sqrt(32))
-assert distances.min() > 0.5  # every position is distinct
-assert len({tuple(np.round(row, 6)) for row in pe}) == 64
+assert np.allclose(np.linalg.norm(pe, axis=1), np.sqrt(32))  # sin^2 + cos^2 = 1
+assert distances.min() > 0.5                                  # every position distinct
 assert np.allclose(pe[5, 0::2], np.sin(5 / 10000 ** (np.arange(0, 64, 2) / 64)))
 
 x = np.random.default_rng(0).normal(size=(2, 7, 64)).astype(np.float32)   # (B, T, D)
 y = pos_enc(x)
-assert y.shape == x.shape
-assert np.allclose(y - x, np.broadcast_to(pos_enc.pe[:7], x.shape), atol=1e-6)
+assert y.shape == x.shape and np.allclose(y - x, pos_enc.pe[:7], atol=1e-6)
 report("PositionalEncoding",
        gradient_check(PositionalEncoding(8, 16).to(np.float64),
                       np.random.default_rng(0).normal(size=(2, 5, 8))))
@@ -1109,15 +1044,12 @@ show_error(lambda: pos_enc(np.zeros((1, 65, 64))), ValueError,
 # %% [markdown]
 # ## Fast reductions over short rows
 #
-# LayerNorm and softmax need a sum or a maximum over the last axis, and in this model that axis
-# is short (softmax runs over at most about 10 keys). Two helpers compute them, with the last
-# axis kept at size 1 so that `x - row_max(x)` broadcasts: `row_max` takes `np.maximum` across
-# the columns, and `row_sum` multiplies by a column of ones, `x @ ones((T, 1))`. They return
-# what `x.max(axis=-1, keepdims=True)` and `x.sum(axis=-1, keepdims=True)` return (the sum up
-# to rounding), faster on short rows. Why NumPy's own reduction is slow there, the equality
-# checks and the measurement are in the appendix [Engineering notes](A1_engineering.ipynb)
-# ("Fast reductions over short rows"). They are exported because attention (chapter 3) uses
-# them too.
+# LayerNorm and softmax need a sum or a maximum over the last axis, which here is short
+# (softmax runs over at most about 10 keys). `row_max` takes `np.maximum` across the columns and
+# `row_sum` multiplies by a column of ones; both return what `x.max(axis=-1, keepdims=True)`
+# and `x.sum(axis=-1, keepdims=True)` return (the sum up to rounding), faster on short rows.
+# The appendix ("Fast reductions over short rows") checks and measures them; attention
+# (chapter 3) uses them too.
 
 # %% tags=["export"]
 def row_max(x: np.ndarray) -> np.ndarray:
@@ -1293,12 +1225,11 @@ class LayerNorm(Module):
         return rstd * (dxhat - row_sum(dxhat) / D - xhat * (row_sum(dxhat * xhat) / D))
 
 # %% [markdown]
-# **Proof.** Rows of very different offsets and scales come out with mean 0 and variance 1.
-# Strictly, the variance is $\sigma^2/(\sigma^2 + \varepsilon)$, just below 1. The output matches
-# the formula written directly with `np.mean` and `np.var` (which is biased by default). The
-# float32 forward pass agrees with float64. For the gradient check, $\gamma$ and $\beta$ are set to
-# random values first. At their initial values (ones and zeros) a backward pass that forgot to
-# multiply by $\gamma$ would pass.
+# **Proof.** Rows of very different offsets and scales come out with mean 0 and variance
+# $\sigma^2/(\sigma^2 + \varepsilon)$, just below 1; the output matches the formula written with
+# `np.mean` and `np.var` (biased by default), and float32 agrees with float64. Before the
+# gradient check, $\gamma$ and $\beta$ get random values: at ones and zeros, a backward pass
+# that forgot to multiply by $\gamma$ would pass.
 
 # %%
 rng = np.random.default_rng(0)
@@ -1316,7 +1247,6 @@ direct = ((x - x.mean(axis=-1, keepdims=True))
           / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-5))
 assert np.allclose(y, direct, rtol=1e-12, atol=1e-12)
 sigma2 = x.var(axis=-1)
-# sigma^2/(sigma^2+eps)
 assert np.allclose(y.var(axis=-1), sigma2 / (sigma2 + 1e-5), rtol=1e-12)
 assert np.allclose(LayerNorm(16)(x.astype(np.float32)), y, atol=1e-5)  # float32 agrees
 
@@ -1338,8 +1268,7 @@ show_error(lambda: norm(np.zeros((2, 3, 8))), ValueError,
 # $$
 #
 # The forward pass caches the boolean mask $[x > 0]$. At exactly $x = 0$ the derivative is
-# undefined; we use 0, as PyTorch does. This is also why the gradient check keeps its inputs
-# away from 0. A central difference that straddles the kink measures neither side's slope.
+# undefined; we use 0, as PyTorch does.
 
 # %% tags=["export"]
 class ReLU(Module):
@@ -1378,9 +1307,9 @@ class ReLU(Module):
         return grad_out * self._check_cache(self._mask)
 
 # %% [markdown]
-# **Proof.** ReLU matches `np.maximum(x, 0)` and never returns a negative value. The gradient is
-# the upstream gradient where $x > 0$ and exactly 0 elsewhere. Then the gradient check, on inputs
-# at least 0.1 away from the kink (with a step of $10^{-6}$, no difference straddles it).
+# **Proof.** ReLU matches `np.maximum(x, 0)`; its gradient is the upstream gradient where
+# $x > 0$ and exactly 0 elsewhere. The gradient check uses inputs at least 0.1 away from the
+# kink: a central difference that straddles it measures neither side's slope.
 
 # %%
 rng = np.random.default_rng(0)
@@ -1403,12 +1332,11 @@ report("ReLU", gradient_check(ReLU(), away_from_kink))
 # y_i = \frac{e^{x_i}}{\sum_j e^{x_j}} .
 # $$
 #
-# **Stability.** `np.exp(1000)` overflows to `inf`, and `inf / inf` is `nan`. Chapter 3 sets
-# the scores of padding keys to a huge negative number, and large logits happen. Softmax does not
-# change when a constant $c$ is added to every input: the factor $e^{c}$ cancels between
-# numerator and denominator. So we subtract the row maximum first. Then every exponent is
-# $\le 0$, so no $e^{x}$ overflows, and the largest term is exactly $e^0 = 1$, so the
-# denominator is at least 1 and never 0.
+# **Stability.** `np.exp(1000)` overflows to `inf`, and `inf / inf` is `nan`; chapter 3 sets
+# the scores of padding keys to a huge negative number, and large logits happen. Softmax does
+# not change when a constant $c$ is added to every input (the factor $e^{c}$ cancels), so we
+# subtract the row maximum first. Then no exponent is positive, so nothing overflows, and the
+# largest term is exactly $e^0 = 1$, so the denominator is at least 1.
 #
 # **Backward.** Differentiate $y_i$ with respect to $x_k$. The numerator gives $y_i$ when
 # $i = k$, and the denominator gives $-y_i y_k$:
@@ -1483,7 +1411,7 @@ class Softmax(Module):
 # %% [markdown]
 # **Proof of stability.** Rows like $(10^4, -10^4, 0)$ break the textbook formula but not ours.
 # Shifting a row by $10^4$ does not change ours either (in float32 even bit for bit, since
-# float32 stores $10^4 \pm 1$ exactly). Every row sums to 1.
+# float32 stores $10^4 \pm 1$ exactly). Every row sums to 1, also for large float32 scores.
 
 # %%
 softmax_layer = Softmax()
@@ -1500,10 +1428,8 @@ assert np.isfinite(ours).all() and np.allclose(ours.sum(axis=-1), 1.0)
 # a shift of 1e4 changes nothing, in float64 and in float32
 assert np.allclose(ours[1], softmax_layer(np.array([0.0, 1.0, -1.0])))
 shifted32 = softmax_layer(extreme[1].astype(np.float32))
-assert shifted32.dtype == np.float32
-# in float32 the shifted row gives bit for bit the same weights as the unshifted one
 unshifted32 = softmax_layer(np.array([0.0, 1.0, -1.0], dtype=np.float32))
-assert np.array_equal(shifted32, unshifted32)
+assert shifted32.dtype == np.float32 and np.array_equal(shifted32, unshifted32)
 assert np.allclose(ours[2], 1 / 3) and ours[0, 0] == 1.0
 
 x32 = (np.random.default_rng(0).normal(size=(32, 4, 8, 8)) * 1e4).astype(np.float32)
@@ -1513,11 +1439,10 @@ assert np.allclose(y32.sum(axis=-1), 1.0, atol=1e-6)
 
 # %% [markdown]
 # **Proof of the backward pass.** For one small row we build the full Jacobian
-# $\operatorname{diag}(y) - y y^\top$ and compare it, row by row, with central differences
-# of the forward pass. Then we check that `backward(G)` equals $J^\top G$. Then comes the usual
-# gradient check. The check with $G$ = all ones would be worthless here. The outputs always sum
-# to 1, so $\sum_i y_i$ is constant and its true gradient is exactly zero. A "backward pass" that
-# returns zeros would pass it.
+# $\operatorname{diag}(y) - y y^\top$, compare it with central differences of the forward pass,
+# and check that `backward(G)` equals $J^\top G$; then the usual gradient check. Here the check
+# with $G$ = all ones would be worthless: $\sum_i y_i = 1$ is constant, so its true gradient is
+# zero, and a "backward pass" that returns zeros would pass.
 
 # %%
 row = np.array([2.0, -1.0, 0.5, 0.0])
@@ -1537,34 +1462,29 @@ report("Softmax",
        gradient_check(Softmax(), np.random.default_rng(0).normal(size=(2, 3, 5))))
 
 # %% [markdown]
-# **Why we never build $J$.** Each row of scores has its own $T \times T$ Jacobian, so for
-# attention scores of shape `(B, H, T, T)` the Jacobians hold `B·H·T³` numbers: $T$ times the
-# memory of the scores, and $T$ times the work of the two-line vector-Jacobian product. At our $T \le 10$ that
-# would merely waste time; at the context length of a modern language model (thousands of
-# tokens), one head of one example would need tens of gigabytes. The appendix
-# [Engineering notes](A1_engineering.ipynb) ("The softmax Jacobian, materialised") builds all
-# of them for a small tensor, gets the vector-Jacobian product's result, and counts the bytes.
+# **Why we never build $J$.** For attention scores of shape `(B, H, T, T)` the Jacobians hold
+# `B·H·T³` numbers: $T$ times the memory of the scores and $T$ times the work of the
+# vector-Jacobian product. At our $T \le 10$ that merely wastes time; at thousands of tokens,
+# one head of one example would need tens of gigabytes. The appendix ("The softmax Jacobian,
+# materialised") builds them for a small tensor and counts the bytes.
 
 # %% [markdown]
 # ## Every layer, every parameter
 #
-# All the gradient checks of this chapter in one table, float64, random upstream gradient,
-# central differences with $\varepsilon = 10^{-6}$. The table prints the bound every error
-# stays below; the figure shows the errors as this run measured them, digits that another
-# machine reproduces only roughly:
+# Every gradient check of this chapter (float64, random upstream gradient, $\varepsilon =
+# 10^{-6}$): the worst error stays below the rounding bound. The figure (its code folded) shows
+# the errors as this run measured them, digits that another machine reproduces only roughly.
 
 # %%
-print(f"{'layer':22} {'array':8} {'relative error':>15}")
-for layer_name, errors in errors_by_layer.items():
-    for name, error in errors.items():
-        print(f"{layer_name:22} {name:8} {shown(error):>15}")
 worst = max(e for errors in errors_by_layer.values() for e in errors.values())
-print(f"worst: {shown(worst)} (threshold {TOLERANCE:.0e})")
+n_arrays = sum(len(errors) for errors in errors_by_layer.values())
+print(f"{n_arrays} arrays in {len(errors_by_layer)} checks; worst error {shown(worst)} "
+      f"(threshold {TOLERANCE:.0e})")
 assert set(errors_by_layer) == {"Linear", "Linear(bias=False)", "Embedding",
                                 "PositionalEncoding", "LayerNorm", "ReLU", "Softmax"}
 assert worst <= TOLERANCE and worst < ROUNDING_BOUND
 
-# the measured errors themselves, which differ from machine to machine
+# %% tags=["hide-input"]
 labels = [f"{layer_name} {name}" for layer_name, errors in errors_by_layer.items()
           for name in errors]
 values = [e for errors in errors_by_layer.values() for e in errors.values()]
@@ -1572,51 +1492,38 @@ fig, ax = plt.subplots(figsize=(7, 4))
 ax.barh(labels, values, color="tab:blue")
 ax.axvline(ROUNDING_BOUND, color="black", ls="--", lw=1, label="bound $10^{-8}$")
 ax.axvline(TOLERANCE, color="tab:red", lw=1, label="threshold $10^{-6}$")
-ax.set_xscale("log")
-ax.set_xlim(1e-12, 1e-5)
+ax.set(xscale="log", xlim=(1e-12, 1e-5),
+       xlabel="relative error (rounding noise; its digits vary between machines)",
+       title="The gradient checks of this chapter, as measured in this run")
 ax.invert_yaxis()
-ax.set_xlabel("relative error (rounding noise; its digits vary between machines)")
 ax.legend(fontsize=8, loc="lower right")
-ax.set_title("The gradient checks of this chapter, as measured in this run")
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
 # ## Summary
 #
-# - A layer is a `Module` with `forward` (which caches what the backward pass needs, in training
-#   mode only) and `backward(G)` (which returns $\partial L/\partial x$ and *adds*
-#   $\partial L/\partial\theta$ into `.grad`). Backward in eval mode raises an error. Gradients
-#   accumulate until `zero_grad()`. `named_parameters()` gives dotted names, and `to(np.float64)`
-#   prepares a model for checking.
+# - A `Module`'s `forward` caches what `backward(G)` needs (in training mode only);
+#   `backward` returns $\partial L/\partial x$ and *adds* $\partial L/\partial\theta$ into
+#   `.grad` until `zero_grad()`. `named_parameters()` gives dotted names.
 # - `Linear`: $\partial L/\partial W = X^\top G$, $\partial L/\partial b = \mathbf{1}^\top G$,
-#   $\partial L/\partial X = G W^\top$, with one 2-D matrix product over all positions and Xavier
-#   initialisation.
-# - `Embedding`: the gradient of a row is the sum over the positions holding that token. We
-#   compute it as a one-hot matrix product, never as `grad[ids] += G`, which drops repeated tokens.
-# - `PositionalEncoding`: fixed sinusoids, bounded by 1 and distinct per position. The gradient
-#   passes straight through.
-# - `LayerNorm`: $\partial L/\partial x = r\,(g - \bar{g} - \hat{x}\,\overline{g\hat{x}})$, two row
-#   means and no $D \times D$ matrix.
-# - `ReLU` masks the gradient. `Softmax` subtracts the row maximum for stability, and its backward
-#   pass is the vector-Jacobian product $y \odot (G - \langle G, y\rangle)$, $O(T)$ per row
-#   instead of $O(T^2)$.
-# - `gradient_check` compares every input and parameter gradient with central differences in
-#   float64 under a random upstream gradient. All errors here are at most $10^{-6}$ (in practice
-#   below $10^{-8}$), and the same checker catches mixed-up axes (which a plain sum misses)
-#   and a mean-for-sum bug.
+#   $\partial L/\partial X = G W^\top$; Xavier initialisation.
+# - `Embedding`: a row's gradient sums over the positions holding its token, as a one-hot
+#   matrix product (`grad[ids] += G` drops repeats). `PositionalEncoding` passes it through.
+# - `LayerNorm`: $\partial L/\partial x = r\,(g - \bar{g} - \hat{x}\,\overline{g\hat{x}})$, no
+#   $D \times D$ matrix. `ReLU` masks the gradient. `Softmax` subtracts the row maximum, and its
+#   backward pass is the vector-Jacobian product $y \odot (G - \langle G, y\rangle)$.
+# - `gradient_check` (float64, random upstream gradient) passes every layer below $10^{-8}$ and
+#   catches mixed-up axes (which a plain sum misses) and a mean-for-sum bug.
 #
-# Chapter 3 builds attention from `Linear`, `softmax` and `row_sum`, and its softmax backward
-# pass is the vector-Jacobian product derived here.
+# Chapter 3 builds attention from `Linear`, `softmax` and `row_sum`.
 
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (GELU).** Many transformers (BERT, GPT-2) use GELU instead of ReLU. Its common
-# approximation is
-# $\operatorname{GELU}(x) = \tfrac{1}{2}x\left(1 + \tanh u\right)$ with
-# $u = \sqrt{2/\pi}\,(x + 0.044715\,x^3)$.
-# Derive its derivative, implement a `GELU` module (forward caching what you need, backward),
+# **Exercise 1 (GELU).** BERT and GPT-2 use GELU instead of ReLU, commonly approximated as
+# $\operatorname{GELU}(x) = \tfrac{1}{2}x\left(1 + \tanh u\right)$,
+# $u = \sqrt{2/\pi}\,(x + 0.044715\,x^3)$. Derive its derivative, implement a `GELU` module,
 # and gradient-check it. How far is the approximation from the exact $x\,\Phi(x)$ on $[-5, 5]$?
 
 # %% tags=["hide-cell"]
@@ -1658,10 +1565,9 @@ assert gap < 1e-3
 # %% [markdown]
 # **Exercise 2 (LayerNorm without $\gamma$ and $\beta$).** Write a standalone function
 # `layer_norm_backward(x, g, eps)` that returns $\partial L/\partial x$ for
-# $y = (x - \mu)/\sqrt{\sigma^2 + \varepsilon}$, using the derivation above with $\gamma = 1$.
-# Check it against central differences and against `LayerNorm.backward`. Then show that each row
-# of the gradient sums to zero, and explain why that must be so. (Hint: what happens to $y$ if
-# you add the same number to every entry of $x$?)
+# $y = (x - \mu)/\sqrt{\sigma^2 + \varepsilon}$ (the derivation above with $\gamma = 1$). Check
+# it against central differences and `LayerNorm.backward`. Show that each row of the gradient
+# sums to zero, and explain why. (Hint: what happens to $y$ if you add a number to every $x_j$?)
 
 # %% tags=["hide-cell"]
 def layer_norm_backward(x: np.ndarray, g: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -1677,11 +1583,8 @@ def layer_norm_backward(x: np.ndarray, g: np.ndarray, eps: float = 1e-5) -> np.n
 
 rng = np.random.default_rng(0)
 x_ex, g_ex = rng.normal(size=(4, 10)), rng.normal(size=(4, 10))
-def plain_norm() -> np.ndarray:
-    return ((x_ex - x_ex.mean(-1, keepdims=True))
-            / np.sqrt(x_ex.var(-1, keepdims=True) + 1e-5))
-
-
+plain_norm = lambda: ((x_ex - x_ex.mean(-1, keepdims=True))                  # y(x_ex)
+                      / np.sqrt(x_ex.var(-1, keepdims=True) + 1e-5))
 numeric = numerical_gradient(lambda: float((plain_norm() * g_ex).sum()), x_ex)
 ours_ln = layer_norm_backward(x_ex, g_ex)
 ln = LayerNorm(10).to(np.float64)
