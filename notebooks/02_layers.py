@@ -517,11 +517,9 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray,
     return grad
 
 # %% [markdown]
-# `gradient_check` puts these together for any module. It runs forward once to learn the output
-# shape, draws $G$ from a seeded generator, runs backward, and compares the gradient of the
-# first input (if that input is a float array; token ids are not) and of every parameter with
-# central differences. Keyword arguments (for example an attention `mask`) are passed on to
-# `forward`. It leaves the module in training mode, with the analytic gradients in `.grad`.
+# `gradient_check` puts these together for any module: with $G$ from a seeded generator, it
+# checks the first input (if it is a float array; token ids are not) and every parameter, and
+# passes keyword arguments (an attention `mask`, say) on to `forward`.
 
 # %% tags=["export"]
 def gradient_check(module: Module, *inputs, seed: int = 0, eps: float = 1e-6,
