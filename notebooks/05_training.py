@@ -413,17 +413,22 @@ class Adam(Optimizer):
         lr = float(self.lr)           # every scalar a Python float: see the note above
         self.t += 1
         g, m, v, tmp = self.grad, self.m, self.v, self._tmp
-        # m = b1 m + (1-b1) g
-        m *= b1; np.multiply(g, 1 - b1, out=tmp); m += tmp
-        # v = b2 v + (1-b2) g^2
-        v *= b2; np.multiply(g, g, out=tmp); tmp *= 1 - b2; v += tmp
+        m *= b1                                     # m = b1 m + (1-b1) g
+        np.multiply(g, 1 - b1, out=tmp)
+        m += tmp
+        v *= b2                                     # v = b2 v + (1-b2) g^2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v += tmp
         if self.weight_decay:
             self.data *= 1 - lr * self.weight_decay                   # decoupled decay
         # p -= lr m_hat / (sqrt(v_hat) + eps),
         # m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
-        np.sqrt(v, out=tmp); tmp *= 1 / math.sqrt(1 - b2 ** self.t)   # sqrt(v_hat)
+        np.sqrt(v, out=tmp)
+        tmp *= 1 / math.sqrt(1 - b2 ** self.t)      # sqrt(v_hat)
         tmp += self.eps
-        np.divide(m, tmp, out=tmp); tmp *= lr / (1 - b1 ** self.t)    # lr m_hat / (...)
+        np.divide(m, tmp, out=tmp)
+        tmp *= lr / (1 - b1 ** self.t)              # lr m_hat / (sqrt(v_hat) + eps)
         self.data -= tmp
 
 

@@ -21,7 +21,8 @@ FIX = "edit notebooks/NN_x.py, then run: .venv/bin/python tools/execute.py noteb
 
 
 def test_ruff_passes():
-    """The hand-written Python files pass `ruff check` with the config in pyproject.toml."""
+    """Every Python file (hand-written, notebook sources, generated modules) passes `ruff
+    check` with the config in pyproject.toml."""
     if importlib.util.find_spec("ruff") is None:
         pytest.fail(f"ruff is not installed for {sys.executable}; install the pinned tools with: "
                     f"{sys.executable} -m pip install -r requirements.txt")
