@@ -213,14 +213,14 @@ def forward_with_attention(model: Transformer, ids: np.ndarray,
 
     Parameters
     ----------
-    ids : (B, T) int array of token ids
-    mask : (B, T) bool array, True for real tokens (default: ``ids != PAD_ID``)
+    ids : int array, shape (B, T), token ids
+    mask : bool array, shape (B, T), True for real tokens (default: ``ids != PAD_ID``)
     attn_mask : optional, passed on to ``Transformer.forward`` (attention edges cut)
 
     Returns
     -------
-    logits : (B, V) array
-    attention : list of (B, H, T, T) arrays, one per layer (copies)
+    logits : array, shape (B, V)
+    attention : list of arrays, shape (B, H, T, T), one per layer (copies)
     """
     with model.evaluating():
         logits = model(ids, mask, attn_mask)                          # (B, V)
@@ -232,12 +232,12 @@ def readout_attention(attention: Sequence[np.ndarray], mask: np.ndarray) -> np.n
 
     Parameters
     ----------
-    attention : list of L arrays (B, H, T, T), from ``forward_with_attention``
-    mask : (B, T) bool array
+    attention : list of L arrays, shape (B, H, T, T), from ``forward_with_attention``
+    mask : bool array, shape (B, T)
 
     Returns
     -------
-    (L, B, H, T) array: row ``readout_positions(mask)`` of each attention matrix
+    array, shape (L, B, H, T): row ``readout_positions(mask)`` of each attention matrix
     """
     last = readout_positions(mask)                                    # (B,)
     rows = np.arange(len(last))
@@ -839,15 +839,17 @@ def forward_with_knockout(model: Transformer, ids: np.ndarray,
 
     Parameters
     ----------
-    ids : (B, T) token ids;  mask : (B, T) bool, True for real tokens
+    ids : int array, shape (B, T), token ids
+    mask : bool array, shape (B, T), True for real tokens
     blocked : {layer index (from 0): bool array broadcastable to (B, T, T)}
         True at ``[b, t, s]``: in that layer, query ``t`` of input ``b`` may not attend
         to key ``s`` (in every head). The softmax renormalises over the allowed keys.
 
     Returns
     -------
-    logits : (B, V) array
-    attention : list of (B, H, T, T) weights actually used, one per layer
+    logits : array, shape (B, V)
+    attention : list of arrays, shape (B, H, T, T), the weights actually used, one per
+        layer
 
     Raises
     ------

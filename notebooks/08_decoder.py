@@ -456,13 +456,19 @@ class Decoder(Module):
         return [KVCache(B, mha.num_heads, max_len, mha.d_k, dtype) for _ in self.blocks]
 
     def forward(self, ids, mask=None, positions=None, caches=None) -> np.ndarray:
-        """Logits (B, T, V): row t scores the token that follows ids[:, t].
+        """Logits, shape (B, T, V): row t scores the token that follows ids[:, t].
 
-        ids : (B, T) int; mask : (B, T_k) bool, True for real tokens (default
-        ids != PAD_ID); with ``caches`` the keys are the cached tokens and then
-        these, T_k = cache length + T, and the mask must be given. positions :
-        (B, T) int, where each token sits in its sequence (default cache length +
-        0, 1, ..., T - 1).
+        Parameters
+        ----------
+        ids : int array, shape (B, T)
+        mask : bool array, shape (B, T_k), optional
+            True for real tokens (default ``ids != PAD_ID``). With ``caches`` the keys
+            are the cached tokens and then these, T_k = cache length + T, and the mask
+            must be given.
+        positions : int array, shape (B, T), optional
+            Where each token sits in its sequence (default cache length + 0, 1, ...,
+            T - 1).
+        caches : list of ``KVCache``, one per block, optional
         """
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
