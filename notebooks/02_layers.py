@@ -1419,10 +1419,9 @@ show_error(lambda: norm(np.zeros((2, 3, 8))), ValueError,
 # y = \max(0, x), \qquad \frac{\partial L}{\partial x} = G \odot [x > 0].
 # $$
 #
-# The forward pass caches the mask $[x > 0]$ as 1s and 0s of the input's dtype. At exactly
-# $x = 0$ the derivative is undefined; we use 0, as PyTorch does. This is also why the gradient
-# check keeps its inputs away from 0. A central difference that straddles the kink measures
-# neither side's slope.
+# The forward pass caches the boolean mask $[x > 0]$. At exactly $x = 0$ the derivative is
+# undefined; we use 0, as PyTorch does. This is also why the gradient check keeps its inputs
+# away from 0. A central difference that straddles the kink measures neither side's slope.
 
 # %% tags=["export"]
 class ReLU(Module):
@@ -1442,8 +1441,7 @@ class ReLU(Module):
         -------
         np.ndarray, same shape as x, negative entries replaced by 0
         """
-        # 1.0 where x > 0, else 0.0: a float mask multiplies faster than a boolean one
-        mask = (x > 0).astype(x.dtype)
+        mask = x > 0
         if self.training:
             self._mask = mask
         return x * mask
