@@ -1196,7 +1196,9 @@ class LayerNorm(Module):
         xhat = xc * rstd                                      # (..., D)
         if self.training:
             self._cache = (xhat, rstd)
-        return xhat * self.gamma.data + self.beta.data
+        y = xhat * self.gamma.data                            # (..., D)
+        y += self.beta.data                                   # in place: one copy fewer
+        return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         """Add dL/dgamma and dL/dbeta into the parameters' ``.grad``; return dL/dx.
@@ -1219,8 +1221,11 @@ class LayerNorm(Module):
         self.gamma.grad += (g2 * xhat.reshape(-1, D)).sum(axis=0)  # (D,)
         self.beta.grad += g2.sum(axis=0)                           # (D,)
         dxhat = grad_out * self.gamma.data                         # (..., D)
-        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        return rstd * (dxhat - row_sum(dxhat) / D - xhat * (row_sum(dxhat * xhat) / D))
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), in place
+        dx = dxhat - row_sum(dxhat) / D                            # (..., D)
+        dx -= xhat * (row_sum(dxhat * xhat) / D)
+        dx *= rstd
+        return dx
 
 # %% [markdown]
 # **Proof.** Rows of very different offsets and scales come out with mean 0 and variance

@@ -731,7 +731,8 @@ class MultiHeadAttention(Module):
         W = np.concatenate([self.W_q.W.data, self.W_k.W.data, self.W_v.W.data], axis=1)
         b_k = np.zeros_like(self.W_q.b.data)
         b = np.concatenate([self.W_q.b.data, b_k, self.W_v.b.data])     # (3D,)
-        qkv = x.reshape(B * T, D) @ W + b                               # (B*T, 3D)
+        qkv = x.reshape(B * T, D) @ W                                   # (B*T, 3D)
+        qkv += b                                      # in place: no second (B*T, 3D)
         # split into Q, K, V and heads; the transpose is a view, no copy
         # (B, H, T, d_k)
         Q, K, V = qkv.reshape(B, T, 3, H, d_k).transpose(2, 0, 3, 1, 4)
@@ -753,8 +754,12 @@ class MultiHeadAttention(Module):
         d_concat = self.W_o.backward(grad_out)                          # (B, T, D)
         d_heads = d_concat.reshape(B, T, H, d_k).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
         dQ, dK, dV = scaled_dot_product_attention_backward(d_heads, Q, K, V, weights)
-        # undo the split: 3 x (B, H, T, d_k) -> (B, T, 3, H, d_k) -> (B*T, 3D)
-        d_qkv = np.stack([dQ, dK, dV]).transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * D)
+        # undo the split: 3 x (B, H, T, d_k) -> (B, T, 3, H, d_k) -> (B*T, 3D), written
+        # in one copy (np.stack and then a transposed reshape would copy twice)
+        d_qkv = np.empty((B, T, 3, H, d_k), dtype=dQ.dtype)
+        for i, d in enumerate((dQ, dK, dV)):
+            d_qkv[:, :, i] = d.transpose(0, 2, 1, 3)                    # (B, T, H, d_k)
+        d_qkv = d_qkv.reshape(B * T, 3 * D)
         x2 = x.reshape(B * T, D)
         dW = x2.T @ d_qkv             # (D, 3D): the three weight gradients at once
         db = d_qkv.sum(axis=0)        # (3D,); its K part sums to 0 (no key bias)
