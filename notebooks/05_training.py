@@ -628,19 +628,39 @@ assert untrained.training and cached_activations(untrained) == []
 # ### One epoch
 #
 # An *epoch* is one pass over the training data. `train_one_epoch` shuffles it with the random
-# generator it is given, cuts it into mini-batches, and for each one does the five moves every
-# training loop makes:
+# generator it is given, cuts it into mini-batches, sets the learning rate from the schedule,
+# and hands each mini-batch to `train_step`, which makes the moves every training loop makes:
 #
-# 1. set the learning rate from the schedule and clear the gradients;
+# 1. clear the gradients;
 # 2. forward: logits $(B, V)$ and the loss;
 # 3. backward: the loss gradient $(B, V)$ back through the model, into every `.grad`;
 # 4. clip the gradient's global norm;
 # 5. let the optimiser update the parameters.
 #
-# An optional `on_step(step, loss, grad_norm)` is called after every update.
+# `train_step` is the book's only training step: every training run goes through it, and
+# `benchmarks/benchmark.py` times it. An optional `on_step(step, loss, grad_norm)` is called
+# after every update.
 
 # %% tags=["export"]
 StepCallback = Callable[[int, float, float], None]      # on_step(step, loss, grad_norm)
+
+
+def train_step(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Optimizer,
+               ids: np.ndarray, mask: np.ndarray, targets: np.ndarray,
+               clip: float | None = 1.0) -> tuple[float, float]:
+    """One update on one mini-batch (ids, mask and targets of B examples); returns the
+    loss and the gradient norm before clipping (clip: the max global norm, None: no
+    clipping)."""
+    optimizer.zero_grad()
+    logits = model(ids, mask)                                           # (B, V)
+    loss = loss_fn(logits, targets)
+    model.backward(loss_fn.backward())                     # fills every .grad
+    if clip:
+        grad_norm = clip_grad_norm(optimizer.grad, clip)
+    else:
+        grad_norm = float(np.sqrt(optimizer.grad @ optimizer.grad))
+    optimizer.step()
+    return loss, grad_norm
 
 
 def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Optimizer,
@@ -660,15 +680,8 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
         idx = order[start:start + batch_size]                           # (B,)
         if lr_at is not None:
             optimizer.lr = lr_at(step)
-        optimizer.zero_grad()
-        logits = model(data.ids[idx], data.mask[idx])                   # (B, V)
-        loss = loss_fn(logits, data.targets[idx])
-        model.backward(loss_fn.backward())                 # fills every .grad
-        if clip:
-            grad_norm = clip_grad_norm(optimizer.grad, clip)
-        else:
-            grad_norm = float(np.sqrt(optimizer.grad @ optimizer.grad))
-        optimizer.step()
+        loss, grad_norm = train_step(model, loss_fn, optimizer, data.ids[idx],
+                                     data.mask[idx], data.targets[idx], clip)
         losses.append(loss)
         if on_step is not None:
             on_step(step, loss, grad_norm)

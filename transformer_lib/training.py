@@ -253,6 +253,24 @@ def evaluate(model: Transformer, data: Batch | Sequence[Example],
 StepCallback = Callable[[int, float, float], None]      # on_step(step, loss, grad_norm)
 
 
+def train_step(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Optimizer,
+               ids: np.ndarray, mask: np.ndarray, targets: np.ndarray,
+               clip: float | None = 1.0) -> tuple[float, float]:
+    """One update on one mini-batch (ids, mask and targets of B examples); returns the
+    loss and the gradient norm before clipping (clip: the max global norm, None: no
+    clipping)."""
+    optimizer.zero_grad()
+    logits = model(ids, mask)                                           # (B, V)
+    loss = loss_fn(logits, targets)
+    model.backward(loss_fn.backward())                     # fills every .grad
+    if clip:
+        grad_norm = clip_grad_norm(optimizer.grad, clip)
+    else:
+        grad_norm = float(np.sqrt(optimizer.grad @ optimizer.grad))
+    optimizer.step()
+    return loss, grad_norm
+
+
 def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Optimizer,
                     data: Batch, batch_size: int, rng: np.random.Generator,
                     lr_at: Callable[[int], float] | None = None, step: int = 0,
@@ -270,15 +288,8 @@ def train_one_epoch(model: Transformer, loss_fn: CrossEntropyLoss, optimizer: Op
         idx = order[start:start + batch_size]                           # (B,)
         if lr_at is not None:
             optimizer.lr = lr_at(step)
-        optimizer.zero_grad()
-        logits = model(data.ids[idx], data.mask[idx])                   # (B, V)
-        loss = loss_fn(logits, data.targets[idx])
-        model.backward(loss_fn.backward())                 # fills every .grad
-        if clip:
-            grad_norm = clip_grad_norm(optimizer.grad, clip)
-        else:
-            grad_norm = float(np.sqrt(optimizer.grad @ optimizer.grad))
-        optimizer.step()
+        loss, grad_norm = train_step(model, loss_fn, optimizer, data.ids[idx],
+                                     data.mask[idx], data.targets[idx], clip)
         losses.append(loss)
         if on_step is not None:
             on_step(step, loss, grad_norm)
@@ -576,6 +587,7 @@ __all__ = [
     "clip_grad_norm",
     "warmup_cosine",
     "evaluate",
+    "train_step",
     "train_one_epoch",
     "train_steps",
     "History",
