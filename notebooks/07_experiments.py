@@ -37,11 +37,12 @@
 # floating-point sum: a different matrix kernel (a newer or older CPU), a different SIMD
 # level or number of threads rounds a few sums differently, and after a thousand steps the
 # same seed gives a different model. The experiments below were run on several such
-# machines (four kernel and SIMD combinations of one CPU, with one and two threads). What
-# this notebook prints and asserts is what held on all of them, at the precision it held:
-# counts such as "3 of 3 seeds reached 100%", bounds, and orderings. The figures show every
-# run's own numbers as they came out on the machine that ran the notebook; yours may differ
-# in the last digits, or by an input or two.
+# machines (six kernel and SIMD combinations of one CPU, from AVX-512 down to SSE4.2, with
+# one and two threads). What this notebook prints and asserts is what held on all of them,
+# at the precision it held: counts such as "3 of 3 seeds reached 100%", bounds, and
+# orderings. The figures show every run's own numbers as they came out on the machine that
+# ran the notebook (their code is folded away in the book; click to show it); yours may
+# differ in the last digits, or by an input or two.
 
 # %% [markdown]
 # ## A runner: config in, metrics out
@@ -55,6 +56,7 @@
 # %% tags=["export"]
 import dataclasses
 import functools
+import textwrap
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -112,7 +114,7 @@ class ExperimentConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
-                             f"{self.num_heads}; each head gets d_model // num_heads")
+                             f"{self.num_heads} (d_k = d_model / num_heads)")
 
     def but(self, **changes) -> "ExperimentConfig":
         """A copy with some fields changed: ``config.but(lr=1e-3, seed=2)``."""
@@ -120,7 +122,7 @@ class ExperimentConfig:
         unknown = sorted(set(changes) - set(names))
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}; "
-                             f"the fields are: {', '.join(names)}")
+                             "the fields are:\n" + textwrap.fill(", ".join(names), 80))
         return dataclasses.replace(self, **changes)
 
     def model(self) -> Transformer:
@@ -231,25 +233,11 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
                    progress: bool = False) -> ExperimentResult:
     """Train one model from scratch and measure it: config in, metrics out.
 
-    Parameters
-    ----------
-    config : ExperimentConfig
-    data : (train, val), two lists of Examples, optional
-        Default: the book's split, ``default_splits(0)``.
-    evaluate_on : list of Examples, optional
-        The inputs the model is judged on. Default: all 5,000 inputs; required with
-        ``data``.
-    stop_at_100 : bool
-        Stop at the first epoch end at which every evaluation input is answered
-        correctly.
-    progress : bool
-        Print one line per epoch.
-
-    Returns
-    -------
-    ExperimentResult
-        Including the trained model (``.model``) and the wrongly answered inputs
-        (``.wrong``).
+    ``data``: (train, val) lists of Examples (default: the book's split); then
+    ``evaluate_on``, the inputs to judge the model on, is required (default: all
+    5,000 inputs). ``stop_at_100``: stop at the first epoch end at which every
+    evaluation input is right. ``progress``: print one line per epoch. The result
+    includes the trained model (``.model``) and the wrong inputs (``.wrong``).
 
     The recipe is chapter 5's, as in ``fit`` (``train_steps``: Adam, warm-up then
     cosine decay over ``config.epochs``, gradient clipping), except that the model is
@@ -353,7 +341,7 @@ print(f"trained in {reference.seconds:.1f} s; "
 
 # %%
 print(f"{reference.num_parameters:,} parameters; accuracy on all 5,000 inputs "
-      f"{reference.accuracy:.0%} (held-out only: {reference.heldout_accuracy:.0%}); "
+      f"{reference.accuracy:.0%} (held-out only: {reference.heldout_accuracy:.0%});\n"
       "on every machine measured, 100% by the end of epoch 7 at the latest "
       "(step 882 of 1,008)")
 assert reference.accuracy == reference.heldout_accuracy == 1.0
@@ -387,20 +375,12 @@ show_error(lambda: ExperimentConfig(epochs=0),
 def run_grid(base: ExperimentConfig, variants: dict[str, dict],
              seeds: Sequence[int] = (0, 1, 2), cache: dict | None = None,
              **kwargs) -> dict[str, list[ExperimentResult]]:
-    """Run every named variant (a dict of config changes) once per seed.
+    """Run every named variant of ``base`` once per seed: {name: [result per seed]}.
 
-    Parameters
-    ----------
-    base : ExperimentConfig
-    variants : {name: changes}
-        For example ``{"lr 1e-3": {"lr": 1e-3}, "reference": {}}``.
-    seeds : sequence of int
-        More seeds show more of the spread (and cost proportionally more time).
-    cache : dict, optional
-        ``{config: result}``; results found there are reused, new ones are added.
-    **kwargs
-        Passed to ``run_experiment`` (not ``data``: cached results assume the book's
-        data).
+    ``variants``: {name: config changes}, e.g. ``{"lr 1e-3": {"lr": 1e-3}, "ref": {}}``.
+    ``cache``: {config: result}; results found there are reused, new ones are added.
+    ``kwargs`` go to ``run_experiment`` (not ``data``: the cache assumes the book's
+    data).
     """
     if "data" in kwargs and cache is not None:
         raise ValueError("run_grid: the cache assumes the book's data; "
@@ -488,7 +468,7 @@ print("every seed is right on all 5,000 inputs within the 8 epochs:",
 assert all(r.reached_100 and not r.wrong for r in reference_runs)
 
 
-# %%
+# %% tags=["hide-input"]
 def plot_grid(grid: dict, title: str, epochs: int = 8) -> None:
     """Left: accuracy on all inputs, one dot per seed. Right: epochs until 100%."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -529,12 +509,9 @@ plot_grid(seed_grid, "The reference config, three seeds (this machine's runs)")
 # this machine's runs). A difference of an epoch or two in "steps to
 # 100%" is therefore noise, not a finding.
 #
-# It was not always this clean. The first version of this book trained on a random split
-# of 10,000 random draws with a peak learning rate of $3 \cdot 10^{-3}$, and there the seed
-# decided whether a run reached exactly 100% at all: near-perfect runs kept missing one or
-# two rare inputs. Why, and what fixed it, is the subject of the section "The last 0.1%"
-# below; the README's seed table (`benchmarks/recipes.py`) compares the two recipes over
-# more seeds and machines.
+# It was not always this clean: in the first version of this book (another split and
+# recipe) the seed decided whether a run reached exactly 100% at all; "The last 0.1%"
+# below says why.
 #
 # The seed spread gives the yardstick for everything below: the reference reaches 100% with
 # all three seeds. A variant that also does cannot be ranked against it by that count, and
@@ -580,7 +557,8 @@ POSITIONAL = ("First", "Second", "Last")
 weakest = [min(r.accuracy_by_op[op] for op in POSITIONAL)
            for r in hyper_grid["lr 1e-2"]]
 print(f"lr 1e-2: weakest positional operation below 60% in "
-      f"{sum(w < 0.6 for w in weakest)} of 3 seeds; Max and Min on average above 95%: "
+      f"{sum(w < 0.6 for w in weakest)} of 3 seeds;\n"
+      "        Max and Min on average above 95%: "
       f"{min(hs['lr 1e-2']['by_op_mean'][op] for op in ('Max', 'Min')) > 0.95}")
 assert hs["lr 1e-2"]["accuracy_max"] < 0.95                      # all three seeds fail
 assert max(weakest) < 0.6
@@ -637,15 +615,15 @@ for name, changes in SIZES.items():
 size_grid = run_grid(REFERENCE, SIZES, SEEDS, cache)
 print_grid(size_grid)
 
-# %%
+# %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
 for name, runs in size_grid.items():
     s = summarize(runs)
     ms_per_step = 1000 * s["seconds_mean"] / s["steps_mean"]
-    print(f"{name:<22} {s['parameters']:>8,} parameters   {s['steps_mean']:5.0f} steps"
-          f"   {s['seconds_mean']:5.1f} s per run   {ms_per_step:5.1f} ms per step")
+    print(f"{name:<22} {s['parameters']:>8,} parameters {s['steps_mean']:5.0f} steps "
+          f"{s['seconds_mean']:5.1f} s per run {ms_per_step:5.1f} ms per step")
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(7, 4))
 for name, runs in size_grid.items():
     marker = "s" if runs[0].config.num_layers == 1 else "o"
@@ -682,8 +660,8 @@ print("one layer: First/Second/Last below 50% in every seed:",
       "; Max/Min above 99%:",
       min(r.accuracy_by_op[op] for r in one_layer for op in ("Max", "Min")) > 0.99)
 d16 = ss["d 16, 2 layers"]
-print("d 32: every seed reached 100%:", ss["d 32, 2 layers"]["reached_100"] == 3,
-      "; d 16: no seed reached 100%, every seed above 98%:",
+print("d 32: every seed reached 100%:", ss["d 32, 2 layers"]["reached_100"] == 3)
+print("d 16: no seed reached 100%, every seed above 98%:",
       d16["reached_100"] == 0 and d16["accuracy_min"] > 0.98)
 assert max(r.accuracy_by_op[op] for r in one_layer for op in POSITIONAL) < 0.5
 assert min(r.accuracy_by_op[op] for r in one_layer for op in ("Max", "Min")) > 0.99
@@ -765,8 +743,8 @@ for run in no_pos:
         assert ceiling - 0.02 < run.accuracy_by_op[op] <= ceiling + 1e-12, (
             op, run.accuracy_by_op[op])
     assert min(run.accuracy_by_op["Max"], run.accuracy_by_op["Min"]) > 0.99
-print("permuting the digits never changes the logits; in every seed First, Second and "
-      f"Last are within 2 points below the ceiling of {ceiling:.0%}, "
+print("permuting the digits never changes the logits;\nin every seed First, Second and "
+      f"Last are within 2 points below the ceiling of {ceiling:.0%},\n"
       "Max and Min above 99%")
 
 # %% [markdown]
@@ -826,42 +804,54 @@ print_grid({k: ablation_grid[k] for k in ("reference", "mean read-out")})
 # %% [markdown]
 # ### All ablations side by side
 
-# %%
+# %% tags=["hide-input"]
 def plot_by_operation(grid: dict, title: str) -> None:
-    """Grouped bars: mean accuracy per operation and variant; whiskers: min..max over
-    seeds."""
-    fig, ax = plt.subplots(figsize=(12, 4))
+    """Top: accuracy per operation and variant, one dot per seed on a bar at the mean.
+    Bottom: the same as wrong inputs per operation (of 1,000), where a spread of one
+    input is visible."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6.4), sharex=True)
     width = 0.8 / len(grid)
     for k, (name, runs) in enumerate(grid.items()):
         acc = np.array([[r.accuracy_by_op[op] for op in OPERATIONS]
-                        for r in runs]) * 100
-        mean = acc.mean(axis=0)
+                        for r in runs])                              # (seeds, ops)
         x = np.arange(len(OPERATIONS)) + (k - (len(grid) - 1) / 2) * width
-        ax.bar(x, mean, width, label=name,
-               yerr=[mean - acc.min(axis=0), acc.max(axis=0) - mean], capsize=2)
-    ax.axhline(100 * ceiling, color="gray", ls="--", lw=1,
-               label="order-blind ceiling (43%)")
-    ax.axhline(10, color="gray", ls=":", lw=1, label="random guess (10%)")
-    ax.set_xticks(range(len(OPERATIONS)), OPERATIONS)
-    ax.set_ylabel("accuracy on all inputs (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        bars = top.bar(x, 100 * acc.mean(axis=0), width, label=name, alpha=0.8)
+        colour = bars.patches[0].get_facecolor()
+        jitter = np.linspace(-0.25, 0.25, len(runs)) * width
+        for j, row in zip(jitter, acc):
+            top.scatter(x + j, 100 * row, s=8, color="k", zorder=3)
+            bottom.scatter(x + j, np.round(1000 * (1 - row)), s=18, color=colour,
+                           edgecolor="k", linewidth=0.5, zorder=3)
+    top.axhline(100 * ceiling, color="gray", ls="--", lw=1,
+                label="order-blind ceiling (43%)")
+    top.axhline(10, color="gray", ls=":", lw=1, label="random guess (10%)")
+    top.set_ylabel("accuracy on all inputs (%)")
+    top.set_ylim(0, 105)
+    top.set_title(title)
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    bottom.set_yscale("symlog", linthresh=1)
+    bottom.set_ylim(-0.3, 1000)
+    bottom.set_yticks([0, 1, 2, 5, 10, 100, 1000], ["0", "1", "2", "5", "10", "100",
+                                                     "1,000"])
+    bottom.set_ylabel("wrong inputs of 1,000\n(one dot per seed)")
+    bottom.set_xticks(range(len(OPERATIONS)), OPERATIONS)
+    for ax in (top, bottom):
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     plt.show()
 
 
-plot_by_operation(ablation_grid, "Ablations: mean accuracy per operation over the "
-                                 "seeds (whiskers: min to max; this machine's runs)")
-print_grid(ablation_grid)
+plot_by_operation(ablation_grid, "Ablations: accuracy per operation (bar: mean over "
+                                 "the seeds, dot: one seed; this machine's runs)")
 
 # %% [markdown]
 # Only one ablation breaks the model, and it breaks exactly what was predicted: without
 # positional encodings `First`, `Second` and `Last` fall to the order-blind ceiling while
-# `Max` and `Min` are untouched. The other four cost nothing that two seeds each can see at
-# this size: every one of their eight runs gets at least 99.9% of the inputs right, and all
-# of them but at most two reach exactly 100% (on the machines measured: eight, seven or six
-# of eight; a run that falls short misses one or two inputs). That cannot tell these four variants from the
+# `Max` and `Min` are untouched (the lower panel counts wrong inputs, so that a single
+# miss would show). The other four cost nothing that two seeds each can see at this size:
+# every one of their eight runs gets at least 99.9% of the inputs right, and all of them but
+# at most two reach exactly 100% (on the machines measured: eight, seven or six of eight; a
+# run that falls short misses one or two inputs). That cannot tell these four from the
 # reference; the place where two of them matter is depth, next.
 
 # %%
@@ -870,7 +860,7 @@ mild = [r for name in ("no residual", "no LayerNorm", "one head", "mean read-out
         for r in ablation_grid[name]]
 reached = sum(r.reached_100 for r in mild)
 print(f"the four mild ablations, {len(mild)} runs: every run's accuracy "
-      f"{accuracy_bound(mild)}; all but at most two reached 100%: "
+      f"{accuracy_bound(mild)};\nall but at most two reached 100%: "
       f"{reached >= len(mild) - 2}")
 assert min(r.accuracy for r in mild) >= 0.999             # nothing breaks at depth 2
 assert reached >= len(mild) - 2
@@ -895,31 +885,31 @@ deep_grid = run_grid(DEEP, {"6 blocks": {},
                      (0, 1), cache)
 print_grid(deep_grid)
 ds = {name: summarize(runs) for name, runs in deep_grid.items()}
-assert ds["6 blocks"]["accuracy_min"] > 0.95
+assert ds["6 blocks"]["accuracy_min"] >= 0.99
 worst_complete = ds["6 blocks"]["accuracy_min"]
 assert ds["6 blocks, no residual"]["accuracy_max"] < worst_complete - 0.15
-assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.15
+assert ds["6 blocks, no LayerNorm"]["accuracy_max"] < worst_complete - 0.10
 
 # %% [markdown]
-# With six blocks, removing the residual connections or LayerNorm leaves both seeds more than
-# 15 points below the worst seed of the complete six-block model, which gets more than 95%
-# in the same four epochs. Residual connections and LayerNorm are what make depth trainable;
-# a two-block model hardly needs them.
+# The complete six-block model gets at least 99% with both seeds in four epochs. Without
+# residual connections both seeds end more than 15 points below its worst seed, without
+# LayerNorm more than 10 points. (How far below moves with the machine: on the machines
+# measured, 32 to 49 points without residuals, 12 to 20 without LayerNorm.) Residual
+# connections and LayerNorm are what make depth trainable; a two-block model hardly needs
+# them.
 
 # %% [markdown]
 # ## The last 0.1%: which inputs do near-perfect models get wrong?
 #
 # In the first version of this book many runs of this chapter ended between 99.9% and 100%,
-# the reference's seeds among them, and their wrong answers were not spread over the
-# inputs: they piled up on a handful of rare ones, above all `Max ( 0 0 1 )`,
-# `Max ( 1 0 0 )` and `Max ( 0 1 0 )`, `Max` inputs whose answer is 1. Only 7 of the 1,000
-# `Max` inputs have the answer 1 (digits 0 and 1 only, at least one 1), and that book's
-# training split, a random split of 10,000 random draws (chapter 1), happened to contain
-# just one of them, `Max ( 1 1 0 )`. A model never saw what to do with `Max ( 0 0 1 )` and
-# had to get it right by generalising from other inputs; whether it did depended on the
-# seed. That part of the story is about data, so it can be checked here without training:
-# how many training examples each (operation, answer) pair gets under the old random split
-# and under chapter 1's stratified split, which this book now trains on.
+# the reference's seeds among them, and their wrong answers piled up on a handful of rare
+# inputs, above all `Max ( 0 0 1 )`, `Max ( 1 0 0 )` and `Max ( 0 1 0 )`. Only 7 of the
+# 1,000 `Max` inputs have the answer 1, and that book's training split (a random split of
+# 10,000 random draws, chapter 1) held just one of them, `Max ( 1 1 0 )`: whether a model
+# generalised to the other six depended on the seed. That is about data, so it can be
+# checked without training: how many training examples each (operation, answer) pair gets
+# under the old random split and under chapter 1's stratified split, which this book now
+# trains on.
 
 # %%
 from transformer_lib.data import generate_dataset, split_dataset
@@ -937,7 +927,7 @@ for op, answer in rarest:
 share_old = min(in_old[p] / n for p, n in exists.items())
 share_new = min(in_new[p] / n for p, n in exists.items())
 print(f"smallest share of a pair's inputs in training: old {share_old:.0%}, "
-      f"stratified {share_new:.0%} (all inputs: {len(old_train) / 5000:.0%} and "
+      f"stratified {share_new:.0%}\n(all inputs: {len(old_train) / 5000:.0%} and "
       f"{len(train_inputs) / 5000:.0%})")
 assert len(rarest) == 6 and sum(exists[p] for p in rarest) == 54
 assert in_old["Max", 1] == 1 and in_new["Max", 1] == 6 and exists["Max", 1] == 7
@@ -957,7 +947,7 @@ assert share_old < 0.15 < 0.75 < share_new
 # With the new split, which runs of this chapter still miss inputs, and which inputs? The
 # runs at 98% or more that still miss some inputs are mostly those of the models that are
 # too small for the budget or deep and short of epochs (the 16-wide model, and the 32-wide
-# six-block one, which at four epochs gets more than 95% but not always 100%). Their wrong
+# six-block one, which at four epochs gets at least 99% but not always 100%). Their wrong
 # answers are no longer piled on rare pairs, and most of them are on inputs the model
 # *trained on*:
 
@@ -966,17 +956,17 @@ near_perfect = [r for r in cache.values() if 0.98 <= r.accuracy < 1.0]
 wrong = [ex for r in near_perfect for ex in r.wrong]
 seen = sum((ex.op, ex.args) in train_inputs for ex in wrong) / len(wrong)
 rare = sum((ex.op, ex.answer) in rarest for ex in wrong) / len(wrong)
-print("of the wrong answers of the runs at 98% or more but below 100%, more than half "
-      f"are on training inputs: {seen > 0.5}; fewer than a quarter are on the 54 "
-      f"inputs of the six rarest pairs: {rare < 0.25}")
+print("of the wrong answers of the runs at 98% or more but below 100%,\n"
+      f"  more than half are on training inputs: {seen > 0.5}\n"
+      f"  fewer than a quarter on the 54 inputs of the six rarest pairs: {rare < 0.25}")
 assert seen > 0.5 and rare < 0.25
 assert {(16, 2), (32, 6)} <= {(r.config.d_model, r.config.num_layers)
                               for r in near_perfect}
 wide = [r for r in cache.values() if (r.config.d_model, r.config.num_layers) == (64, 2)
         and r.config.lr <= 2e-3 and r.config.positional]
 print(f"two-layer, 64-wide runs with lr at most 2e-3 and positional encodings: "
-      f"{len(wide)}; all at 99.9% or more: {min(r.accuracy for r in wide) >= 0.999}; "
-      "all but at most two at 100%: "
+      f"{len(wide)}\n  all at 99.9% or more: {min(r.accuracy for r in wide) >= 0.999}\n"
+      "  all but at most two at 100%: "
       f"{sum(r.reached_100 for r in wide) >= len(wide) - 2}")
 assert min(r.accuracy for r in wide) >= 0.999
 assert sum(r.reached_100 for r in wide) >= len(wide) - 2
@@ -1052,12 +1042,13 @@ for run in length_runs:
 test_lengths = Counter(len(ex.args) for ex in length_runs[0]["test"])
 test_groups = Counter((len(ex.args), ex.op) for ex in length_runs[0]["test"])
 two_args = [test_groups[(2, op)] for op in OPERATIONS]
-print("in-distribution test inputs per length:",
+print("in-distribution test inputs per length:\n ",
       ", ".join(f"{k} arguments {test_lengths[k]}" for k in sorted(test_lengths)),
-      f"(with 2 arguments, {min(two_args)} to {max(two_args)} per operation)")
+      f"\n  (with 2 arguments, {min(two_args)} to {max(two_args)} per operation)")
 table = np.array([[[run["accuracy"][(k, op)] for k in lengths] for op in OPERATIONS]
                   for run in length_runs])                       # (seeds, ops, lengths)
 
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(7, 3.4))
 image = ax.imshow(100 * table.mean(axis=0), cmap="viridis", vmin=0, vmax=100,
                   aspect="auto")
@@ -1083,8 +1074,9 @@ plt.show()
 # predicted: below 30% at 7 and 8 arguments, not far from the 10% of random guessing.
 #
 # The surprise is `Second`, which the prediction got wrong. Its position is fixed, and at 6
-# arguments it still holds (95% or more), but from 7 arguments on it drops, and at 8 it is
-# below 70% (the heatmap shows by how much, on this machine). Something else moves with the length:
+# arguments it still holds (90% or more), but from 7 arguments on it drops, and at 8 it is
+# below 70% (by how much differs a lot between machines; the heatmap shows this machine's
+# run). Something else moves with the length:
 # the read-out position. `[EOS]` sits at position $k + 3$ for $k$ arguments, so at 6 to 8
 # arguments the model reads its answer from positions it never read from in training.
 # `First`, `Max` and `Min` survive that; `Second`, apparently, only one step beyond.
@@ -1101,7 +1093,7 @@ assert all(len({(ex.op, ex.args) for ex in run["test"]}) == len(run["test"])
            for run in length_runs)                # the test inputs are distinct
 for op in ("First", "Max", "Min"):
     assert table[:, OP[op], 4:].min() >= 0.95, op
-assert table[:, OP["Second"], 4].min() >= 0.95                 # 6 arguments
+assert table[:, OP["Second"], 4].min() >= 0.9                  # 6 arguments
 assert table[:, OP["Second"], 6].max() < 0.7                   # 8 arguments
 assert table[:, OP["Last"], 5:].max() < 0.3
 
@@ -1110,8 +1102,8 @@ for run in length_runs:
     # id -> digit
     answers = predictions(run["result"].model, create_batch(last_long)) - 2
     is_last = np.mean([a == ex.args[-1] for a, ex in zip(answers, last_long)])
-    print(f"seed {run['result'].config.seed}: Last with 7-8 arguments answers the real "
-          f"last argument less than 30% of the time: {is_last < 0.3}")
+    print(f"seed {run['result'].config.seed}: Last with 7-8 arguments answers the "
+          f"real last argument\nless than 30% of the time: {is_last < 0.3}")
     assert is_last < 0.3
 
 # %% [markdown]
@@ -1414,7 +1406,7 @@ two_digit = two_digit_experiment(progress=True)      # progress digits vary by m
 
 # %%
 print("held-out accuracy at least 99% (the original project: 83.7%): "
-      f"{two_digit.heldout_accuracy >= 0.99}; every operation at least 98%: "
+      f"{two_digit.heldout_accuracy >= 0.99}\nevery operation at least 98%: "
       f"{min(two_digit.heldout_by_op.values()) >= 0.98}")
 assert two_digit.heldout_accuracy >= 0.99
 assert min(two_digit.heldout_by_op.values()) >= 0.98
@@ -1431,20 +1423,28 @@ assert 64 * two_digit.steps > 3 * max(examples_seen)                   # batches
 print(f"{two_digit.num_parameters:,} parameters, {two_digit.steps} steps "
       f"in {two_digit.seconds:.1f} s")
 
-# %%
-fig, ax = plt.subplots(figsize=(7, 3.5))
-for op in OPERATIONS:
-    ax.plot([c["step"] for c in two_digit.curve],
-            [100 * c["heldout_by_op"][op] for c in two_digit.curve],
-            marker="o", label=op)
-ax.axhline(83.7, color="gray", ls="--", lw=1)
-ax.text(two_digit.curve[0]["step"], 85, "original project (83.7%)", color="gray",
-        fontsize=8)
-ax.set_xlabel("training step")
-ax.set_ylabel("held-out accuracy (%)")
-ax.set_title("Numbers 0-99: held-out accuracy per operation after each epoch")
-ax.legend(fontsize=8)
-ax.grid(alpha=0.3)
+# %% tags=["hide-input"]
+# one panel per operation: three of the five lines lie on top of each other at 100%
+fig, axes = plt.subplots(1, 5, figsize=(12, 2.8), sharey=True)
+steps = [c["step"] for c in two_digit.curve]
+for ax, op, colour in zip(axes, OPERATIONS, plt.rcParams["axes.prop_cycle"].by_key()
+                          ["color"]):
+    values = [100 * c["heldout_by_op"][op] for c in two_digit.curve]
+    ax.plot(steps, values, marker="o", color=colour)
+    for x, y in zip(steps, values):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5),
+                    ha="center", fontsize=7)
+    ax.axhline(83.7, color="gray", ls="--", lw=1)
+    ax.set_title(op)
+    ax.set_xticks(steps)
+    ax.margins(x=0.15)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+axes[0].text(steps[0], 85, "original project (83.7%)", color="gray", fontsize=7)
+axes[0].set_ylabel("held-out accuracy (%)")
+axes[0].set_ylim(top=104)
+fig.suptitle("Numbers 0-99: held-out accuracy per operation after each epoch "
+             "(this machine's run)")
 fig.tight_layout()
 plt.show()
 
@@ -1472,15 +1472,15 @@ answered = 10 * (pred[:, 0] - 2) + (pred[:, 1] - 2)                     # (N,)
 mixed = wrong & ~(test.numbers == answered[:, None]).any(axis=1)  # none of the numbers
 print("Max/Min puzzles whose two best candidates differ by at most 2: "
       f"{close.sum()} of {compare.sum()}")
-print(f"every wrong answer is on Max or Min: {wrong.sum() == (wrong & compare).sum()}; "
-      f"close puzzles go wrong more than 5 times as often as the others: "
-      f"{rate_close > 5 * rate_other}; some wrong answers are none of the puzzle's "
-      f"numbers: {mixed.any()}")
+print(f"every wrong answer is on Max or Min: {wrong.sum() == (wrong & compare).sum()}\n"
+      "close puzzles go wrong more than 5 times as often as the others: "
+      f"{rate_close > 5 * rate_other}\n"
+      f"some wrong answers are none of the puzzle's numbers: {mixed.any()}")
 assert wrong.sum() == (wrong & compare).sum() > 0
 assert rate_close > 5 * rate_other and mixed.any()
 assert close.sum() == 158 and compare.sum() == 1_965
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(7, 2.8))
 ax.axis("off")
 lines = [f"{test.text(i):30} answer {test.answers[i]:2d}, model {answered[i]:2d}"
@@ -1557,7 +1557,7 @@ HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
 #    not get past 50% on the positional operations.
 # 4. **Residual connections and LayerNorm are about depth.** At two blocks removing them costs
 #    nothing two seeds can see; at six blocks, removing either one leaves the model more
-#    than 15 points short in the same four-epoch budget.
+#    than 10 points short in the same four-epoch budget (without residuals, more than 15).
 # 5. **The last 0.1% was about data.** In the first version of this book, with the old
 #    random split, near-perfect runs failed mostly on a few rare inputs that the training
 #    split did not contain; the stratified
@@ -1569,13 +1569,13 @@ HTML("<table>\n<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
 # 7. **Numbers 0–99 are learnable with 20 tokens**: two digit tokens per number and two
 #    output heads reach more than 99% on held-out puzzles.
 
-# %%
+# %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
 total = time.perf_counter() - notebook_start
 trained = (sum(r.seconds for r in cache.values())
            + sum(r["result"].seconds for r in length_runs) + two_digit.seconds)
 print(f"{len(cache)} runs in the cache; this notebook ran for {total:.0f} s "
-      f"({time.process_time():.0f} s of CPU time), {trained:.0f} s of it training:")
+      f"({time.process_time():.0f} s of CPU time),\n{trained:.0f} s of it training:")
 counted = set()
 for name, grid in [("seeds", seed_grid), ("hyperparameters", hyper_grid),
                    ("sizes", size_grid), ("ablations", ablation_grid),
@@ -1592,19 +1592,12 @@ print(f"  {'numbers 0-99':16} {two_digit.seconds:5.1f} s")
 # - `ExperimentConfig` + `run_experiment` turn a config into measurements: accuracy per
 #   operation on all 5,000 inputs, held-out accuracy, steps and seconds to 100%, parameter
 #   count. `run_grid` runs variants for several seeds and reuses runs through a cache.
-# - Every seed of the reference reaches 100% in eight epochs; when it does varies by seed
-#   and by machine. Learning rates of $10^{-3}$ and $2 \cdot 10^{-3}$ both reach 100%,
-#   $10^{-2}$ breaks the positional operations.
-# - Two layers are necessary (one layer fails at width 64); width can shrink to 32 with no
-#   loss and to 16 with little.
-# - Without positional encodings, `First`/`Second`/`Last` hit the order-blind ceiling of 43%;
-#   without residuals or LayerNorm a two-block model is fine but a six-block one is not.
-# - The misses of near-perfect models on the old random split were rare (operation,
-#   answer) pairs with almost no training examples (the first version's measurements); with
-#   the stratified split, fewer than a quarter of the remaining misses are on those pairs.
-# - Trained on 2–5 arguments, the model keeps `First`, `Max` and `Min` up to 8 arguments,
-#   but `Last` collapses and `Second` fails at 8 arguments: it learned absolute positions.
-# - With two digit tokens per number and two output heads, numbers 0–99 reach more than 99%.
+# - `length_experiment` trains on some lengths and tests on others;
+#   `TwoDigitTransformer`, `TwoTokenLoss` and `two_digit_experiment` extend the task to
+#   numbers 0–99 with two digit tokens per number and two output heads.
+# - What the experiments found is the list under "Findings" above: above all, look at the
+#   spread over seeds (and machines) before comparing settings, and test each claim with an
+#   ablation whose outcome you predicted.
 #
 # ## Exercises
 #
@@ -1641,9 +1634,9 @@ for run in no_pos:
     answers = predictions(run.model, create_batch(positional_ops)) - 2
     in_args = np.mean([a in ex.args for a, ex in zip(answers, positional_ops)])
     picks_pair = np.mean(answers[pairs] == mode[pairs])
-    print(f"seed {run.config.seed}: answers one of the digits more than 99% of the "
-          f"time: {in_args > 0.99}; the repeated digit of a pair more than half the "
-          f"time: {picks_pair > 0.5}")
+    print(f"seed {run.config.seed}: one of the input's digits more than 99% of the "
+          f"time: {in_args > 0.99}\n        the repeated digit of a pair more than "
+          f"half the time: {picks_pair > 0.5}")
     assert in_args > 0.99 and picks_pair > 0.5
 
 # %% [markdown]
@@ -1656,7 +1649,7 @@ for run in no_pos:
 # distinct puzzles.
 space = 5 * 100**3
 fraction = 50_000 / space
-print(f"{space:,} inputs; the model trained on {fraction:.1%} of them, "
-      "and the test puzzles were drawn from the other 99%: "
+print(f"{space:,} inputs; the model trained on {fraction:.1%} of them,\n"
+      "and the test puzzles were drawn from the other 99%:\n"
       "it has to generalise, memorising cannot help")
 assert space == 5_000_000 and fraction == 0.01

@@ -6,7 +6,8 @@ Three knobs change the last bits of floating-point results without changing the 
 - OPENBLAS_CORETYPE picks OpenBLAS's matrix kernel. Older kernels (Haswell: AVX2,
   Sandybridge: AVX, Nehalem: SSE) run on newer CPUs, so one machine can imitate older ones.
   OPENBLAS_L2_SIZE, set on some machines, is removed together with it.
-- NPY_DISABLE_CPU_FEATURES lowers the SIMD level of NumPy's own loops (exp, sum, ...).
+- NPY_DISABLE_CPU_FEATURES lowers the SIMD level of NumPy's own loops (exp, sum, ...): one
+  level below the CPU's highest, or down to X86_V2 (SSE4.2, the baseline of NumPy's wheels).
 - OPENBLAS_NUM_THREADS: 1 (what the tests use) or 2 (a reader's default on 2 cores).
 """
 
@@ -45,6 +46,17 @@ def top_simd_disable() -> str:
     return ""
 
 
+def v2_simd_disable() -> str:
+    """NPY_DISABLE_CPU_FEATURES value that lowers NumPy to X86_V2 (its baseline): the
+    AVX-512 levels and X86_V3 off (e.g. "AVX512_ICL X86_V4 X86_V3"); "" if the CPU has no
+    level above X86_V2.
+    """
+    found = npy_features()
+    if not found.get("X86_V3"):
+        return ""
+    return " ".join([*(name for name in _AVX512_LEVELS if found.get(name)), "X86_V3"])
+
+
 def base_env() -> dict[str, str]:
     """This process's environment without the three knobs."""
     env = dict(os.environ)
@@ -59,8 +71,10 @@ def environments() -> dict[str, dict[str, str]]:
 
     The default portability matrix: native with 1 and 2 threads, and the Haswell and
     Sandybridge kernels with NumPy's highest SIMD level switched off, with 1 and 2 threads;
-    Nehalem (SSE only) as an extra. (NumPy lowered further, to its X86_V2 baseline, is not
-    in the matrix yet: two of chapter 7's bounds fail there; see the README.)
+    Nehalem (SSE only) as an extra. Then NumPy lowered to X86_V2, as on a CPU without AVX2
+    (`-v2` in the name): with the Sandybridge kernel and 2 threads, and with Nehalem and 1
+    thread (a machine from before AVX). On a CPU whose highest level is already X86_V3 the
+    first group is at X86_V2 and the `-v2` environments would repeat it, so they are left out.
     """
     envs = {"native-1t": {"OPENBLAS_NUM_THREADS": "1"},
             "native-2t": {"OPENBLAS_NUM_THREADS": "2"}}
@@ -77,6 +91,14 @@ def environments() -> dict[str, dict[str, str]]:
             if runs:
                 envs[f"{kernel.lower()}-{threads}t"] = {
                     "OPENBLAS_CORETYPE": kernel, "OPENBLAS_NUM_THREADS": threads, **extra}
+    v2 = v2_simd_disable()
+    if v2 and v2 != simd:
+        for kernel, threads, runs in (("Sandybridge", "2", found.get("AVX")),
+                                      ("Nehalem", "1", found.get("SSE42"))):
+            if runs:
+                envs[f"{kernel.lower()}-v2-{threads}t"] = {
+                    "OPENBLAS_CORETYPE": kernel, "OPENBLAS_NUM_THREADS": threads,
+                    "NPY_DISABLE_CPU_FEATURES": v2}
     return envs
 
 

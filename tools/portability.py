@@ -91,7 +91,7 @@ def main() -> int:
     a = p.parse_args()
     if a.list:
         for name, variables in numenv.environments().items():
-            print(f"{name:15} {numenv.describe(numenv.env_for(name))}   {variables}")
+            print(f"{name:17} {numenv.describe(numenv.env_for(name))}   {variables}")
         return 0
     notebooks = ([str(Path(n).resolve()) for n in a.notebooks] or
                  sorted(str(q) for q in (ROOT / "notebooks").glob("*.ipynb")))
@@ -101,7 +101,7 @@ def main() -> int:
     names = a.envs.split(",")
     for name in names:
         numenv.env_for(name)                                   # fails early on a typo
-        print(f"{name:15} {numenv.describe(numenv.env_for(name))}", flush=True)
+        print(f"{name:17} {numenv.describe(numenv.env_for(name))}", flush=True)
     print(f"running {len(notebooks)} notebook(s) in {len(names)} environment(s), "
           f"at most {a.jobs} BLAS thread(s) at once ...", flush=True)
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@
 # notebooks/07_experiments.py, "A runner: config in, metrics out"
 import dataclasses
 import functools
+import textwrap
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ class ExperimentConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
-                             f"{self.num_heads}; each head gets d_model // num_heads")
+                             f"{self.num_heads} (d_k = d_model / num_heads)")
 
     def but(self, **changes) -> "ExperimentConfig":
         """A copy with some fields changed: ``config.but(lr=1e-3, seed=2)``."""
@@ -70,7 +71,7 @@ class ExperimentConfig:
         unknown = sorted(set(changes) - set(names))
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}; "
-                             f"the fields are: {', '.join(names)}")
+                             "the fields are:\n" + textwrap.fill(", ".join(names), 80))
         return dataclasses.replace(self, **changes)
 
     def model(self) -> Transformer:
@@ -168,25 +169,11 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
                    progress: bool = False) -> ExperimentResult:
     """Train one model from scratch and measure it: config in, metrics out.
 
-    Parameters
-    ----------
-    config : ExperimentConfig
-    data : (train, val), two lists of Examples, optional
-        Default: the book's split, ``default_splits(0)``.
-    evaluate_on : list of Examples, optional
-        The inputs the model is judged on. Default: all 5,000 inputs; required with
-        ``data``.
-    stop_at_100 : bool
-        Stop at the first epoch end at which every evaluation input is answered
-        correctly.
-    progress : bool
-        Print one line per epoch.
-
-    Returns
-    -------
-    ExperimentResult
-        Including the trained model (``.model``) and the wrongly answered inputs
-        (``.wrong``).
+    ``data``: (train, val) lists of Examples (default: the book's split); then
+    ``evaluate_on``, the inputs to judge the model on, is required (default: all
+    5,000 inputs). ``stop_at_100``: stop at the first epoch end at which every
+    evaluation input is right. ``progress``: print one line per epoch. The result
+    includes the trained model (``.model``) and the wrong inputs (``.wrong``).
 
     The recipe is chapter 5's, as in ``fit`` (``train_steps``: Adam, warm-up then
     cosine decay over ``config.epochs``, gradient clipping), except that the model is
@@ -265,20 +252,12 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
 def run_grid(base: ExperimentConfig, variants: dict[str, dict],
              seeds: Sequence[int] = (0, 1, 2), cache: dict | None = None,
              **kwargs) -> dict[str, list[ExperimentResult]]:
-    """Run every named variant (a dict of config changes) once per seed.
+    """Run every named variant of ``base`` once per seed: {name: [result per seed]}.
 
-    Parameters
-    ----------
-    base : ExperimentConfig
-    variants : {name: changes}
-        For example ``{"lr 1e-3": {"lr": 1e-3}, "reference": {}}``.
-    seeds : sequence of int
-        More seeds show more of the spread (and cost proportionally more time).
-    cache : dict, optional
-        ``{config: result}``; results found there are reused, new ones are added.
-    **kwargs
-        Passed to ``run_experiment`` (not ``data``: cached results assume the book's
-        data).
+    ``variants``: {name: config changes}, e.g. ``{"lr 1e-3": {"lr": 1e-3}, "ref": {}}``.
+    ``cache``: {config: result}; results found there are reused, new ones are added.
+    ``kwargs`` go to ``run_experiment`` (not ``data``: the cache assumes the book's
+    data).
     """
     if "data" in kwargs and cache is not None:
         raise ValueError("run_grid: the cache assumes the book's data; "
