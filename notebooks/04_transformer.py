@@ -843,11 +843,11 @@ show_error(lambda: model.backward(np.ones((4, 21))), ValueError,
 # embedding and output together are under 3%. The formula, written once as code, must equal what
 # the model actually holds:
 
-# %%
+# %% tags=["export"]
 def parameters_by_formula(vocab_size: int, d_model: int, num_layers: int,
                           d_ff: int) -> int:
     """Number of parameters of Transformer(...) with residual and layer norms, by
-    formula."""
+    formula (the table above); ``model.num_parameters()`` counts them."""
     V, D, F = vocab_size, d_model, d_ff
     attention = 3 * (D * D + D) + D * D        # W_q, W_v, W_o with bias; W_k without
     norms = 2 * (2 * D)                        # norm1 and norm2: gamma and beta
@@ -855,6 +855,7 @@ def parameters_by_formula(vocab_size: int, d_model: int, num_layers: int,
     return V * D + num_layers * (attention + norms + ffn) + (D * V + V)
 
 
+# %%
 def print_parameters(model: Transformer) -> None:
     """One line per parameter of the embedding, block 0 and the output; later blocks
     summed."""

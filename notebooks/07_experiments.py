@@ -67,6 +67,7 @@ import numpy as np
 from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, Batch, Example,
                                   all_examples, create_batch, generate_dataset,
                                   split_dataset)
+from transformer_lib.evaluation import accuracy_per_operation
 from transformer_lib.layers import Linear
 from transformer_lib.training import (CrossEntropyLoss, default_splits, evaluate,
                                       train_steps)
@@ -133,10 +134,6 @@ class ExperimentConfig:
             residual=self.residual, layer_norm=self.layer_norm, seed=self.seed)
 
 
-def parameter_count(model) -> int:
-    """Number of trainable numbers in a model."""
-    return sum(p.data.size for p in model.parameters())
-
 
 # %% [markdown]
 # What the runner measures is what the questions need. A model is judged on **all 5,000
@@ -176,7 +173,7 @@ def accuracy_by(model, examples: Sequence[Example],
     batch = create_batch(list(examples))
     correct = predictions(model, batch) == batch.targets          # (N,)
     groups: dict = {}
-    for ex, ok in zip(examples, correct):
+    for ex, ok in zip(examples, correct, strict=True):
         groups.setdefault(key(ex), []).append(ok)
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
@@ -294,21 +291,22 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
                            on_epoch=after_epoch))
     seconds = time.perf_counter() - start
 
-    correct = predictions(model, eval_batch) == eval_batch.targets      # (N,)
-    ops = np.array([ex.op for ex in evaluate_on])
+    predicted = predictions(model, eval_batch)                         # (N,)
+    correct = predicted == eval_batch.targets                          # (N,)
+    by_op = accuracy_per_operation(evaluate_on, predicted)             # chapter 6
+    del by_op["all"]
     seen = {(ex.op, ex.args) for ex in train}
     unseen = np.array([(ex.op, ex.args) not in seen for ex in evaluate_on])
     step_100, epoch_100, seconds_100 = first_100 or (None, None, None)
     return ExperimentResult(
-        config=config, num_parameters=parameter_count(model),
+        config=config, num_parameters=model.num_parameters(),
         accuracy=float(correct.mean()),
-        accuracy_by_op={op: float(correct[ops == op].mean())
-                        for op in OPERATIONS if (ops == op).any()},
+        accuracy_by_op=by_op,
         heldout_accuracy=(float(correct[unseen].mean()) if unseen.any()
                           else float("nan")),
         steps=step, steps_to_100=step_100, epochs_to_100=epoch_100, seconds=seconds,
         seconds_to_100=seconds_100,
-        wrong=[ex for ex, ok in zip(evaluate_on, correct) if not ok],
+        wrong=[ex for ex, ok in zip(evaluate_on, correct, strict=True) if not ok],
         curve=curve, model=model)
 
 
@@ -322,8 +320,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from transformer_lib.data import OPERATIONS, all_examples, create_batch
-from transformer_lib.experiments import (ExperimentConfig, accuracy_by, parameter_count,
-                                         predictions, run_experiment)
+from transformer_lib.experiments import (ExperimentConfig, accuracy_by, predictions,
+                                         run_experiment)
+from transformer_lib.transformer import parameters_by_formula   # chapter 4
 from transformer_lib.training import default_splits
 
 notebook_start = time.perf_counter()
@@ -581,12 +580,6 @@ for name in ("lr 1e-3", "lr 2e-3 (reference)"):
 # the output layer ($d V + V$), with $V = 20$. The formula matches the models exactly:
 
 # %%
-def expected_parameters(d_model, num_layers, d_ff, vocab=20, layer_norm=True):
-    block = 4 * d_model**2 + 3 * d_model + 2 * d_model * d_ff + d_ff + d_model
-    block += 4 * d_model if layer_norm else 0
-    return vocab * d_model + num_layers * block + d_model * vocab + vocab
-
-
 SIZES = {
     "d 64, 2 layers (ref.)": {},
     "d 64, 1 layer": {"num_layers": 1},
@@ -596,9 +589,9 @@ SIZES = {
 }
 for name, changes in SIZES.items():
     config = REFERENCE.but(**changes)
-    n = parameter_count(config.model())
-    assert n == expected_parameters(config.d_model, config.num_layers,
-                                    config.d_ff), name
+    n = config.model().num_parameters()
+    assert n == parameters_by_formula(20, config.d_model, config.num_layers,
+                                      config.d_ff), name
     print(f"{name:<22} {n:>8,} parameters")
 
 # %% [markdown]
@@ -1268,7 +1261,7 @@ def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
     while len(ops) < n:
         draw_ops = rng.choice(len(OPERATIONS), size=2 * n, p=op_weights)
         draw_numbers = rng.integers(0, 100, size=(2 * n, num_args))
-        for o, nums in zip(draw_ops, draw_numbers):
+        for o, nums in zip(draw_ops, draw_numbers, strict=True):
             key = (OPERATIONS[o], tuple(nums.tolist()))
             if key not in keys and key not in exclude:
                 keys.add(key)
@@ -1282,7 +1275,8 @@ def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
 def two_digit_keys(data: TwoDigitData) -> set:
     """The set of (op, numbers tuple) of a data set, to exclude it from another."""
     return {(op, tuple(nums))
-            for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
+            for op, nums in zip(data.ops.tolist(), data.numbers.tolist(),
+                                strict=True)}
 
 
 # %% [markdown]
@@ -1344,7 +1338,7 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
                 on_epoch=after_epoch)
     last = curve[-1]
     return TwoDigitResult(last["heldout_accuracy"], last["heldout_by_op"], curve,
-                          parameter_count(model), last["step"],
+                          model.num_parameters(), last["step"],
                           time.perf_counter() - start, model, test)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from transformer_lib.data import (ID_TO_TOKEN, OPERATIONS, TOKEN_TO_ID, Batch, Example,
                                   all_examples, create_batch, generate_dataset,
                                   split_dataset)
+from transformer_lib.evaluation import accuracy_per_operation
 from transformer_lib.layers import Linear
 from transformer_lib.training import (CrossEntropyLoss, default_splits, evaluate,
                                       train_steps)
@@ -82,11 +83,6 @@ class ExperimentConfig:
             residual=self.residual, layer_norm=self.layer_norm, seed=self.seed)
 
 
-def parameter_count(model) -> int:
-    """Number of trainable numbers in a model."""
-    return sum(p.data.size for p in model.parameters())
-
-
 # notebooks/07_experiments.py, "A runner: config in, metrics out"
 def predictions(model, batch: Batch, chunk: int = 4096) -> np.ndarray:
     """The model's answer (argmax of the logits) for every row of a batch, in eval mode.
@@ -112,7 +108,7 @@ def accuracy_by(model, examples: Sequence[Example],
     batch = create_batch(list(examples))
     correct = predictions(model, batch) == batch.targets          # (N,)
     groups: dict = {}
-    for ex, ok in zip(examples, correct):
+    for ex, ok in zip(examples, correct, strict=True):
         groups.setdefault(key(ex), []).append(ok)
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
@@ -230,21 +226,22 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *,
                            on_epoch=after_epoch))
     seconds = time.perf_counter() - start
 
-    correct = predictions(model, eval_batch) == eval_batch.targets      # (N,)
-    ops = np.array([ex.op for ex in evaluate_on])
+    predicted = predictions(model, eval_batch)                         # (N,)
+    correct = predicted == eval_batch.targets                          # (N,)
+    by_op = accuracy_per_operation(evaluate_on, predicted)             # chapter 6
+    del by_op["all"]
     seen = {(ex.op, ex.args) for ex in train}
     unseen = np.array([(ex.op, ex.args) not in seen for ex in evaluate_on])
     step_100, epoch_100, seconds_100 = first_100 or (None, None, None)
     return ExperimentResult(
-        config=config, num_parameters=parameter_count(model),
+        config=config, num_parameters=model.num_parameters(),
         accuracy=float(correct.mean()),
-        accuracy_by_op={op: float(correct[ops == op].mean())
-                        for op in OPERATIONS if (ops == op).any()},
+        accuracy_by_op=by_op,
         heldout_accuracy=(float(correct[unseen].mean()) if unseen.any()
                           else float("nan")),
         steps=step, steps_to_100=step_100, epochs_to_100=epoch_100, seconds=seconds,
         seconds_to_100=seconds_100,
-        wrong=[ex for ex, ok in zip(evaluate_on, correct) if not ok],
+        wrong=[ex for ex, ok in zip(evaluate_on, correct, strict=True) if not ok],
         curve=curve, model=model)
 
 
@@ -451,7 +448,7 @@ def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
     while len(ops) < n:
         draw_ops = rng.choice(len(OPERATIONS), size=2 * n, p=op_weights)
         draw_numbers = rng.integers(0, 100, size=(2 * n, num_args))
-        for o, nums in zip(draw_ops, draw_numbers):
+        for o, nums in zip(draw_ops, draw_numbers, strict=True):
             key = (OPERATIONS[o], tuple(nums.tolist()))
             if key not in keys and key not in exclude:
                 keys.add(key)
@@ -465,7 +462,8 @@ def generate_two_digit(n: int, seed: int, num_args: int = 3, op_weights=None,
 def two_digit_keys(data: TwoDigitData) -> set:
     """The set of (op, numbers tuple) of a data set, to exclude it from another."""
     return {(op, tuple(nums))
-            for op, nums in zip(data.ops.tolist(), data.numbers.tolist())}
+            for op, nums in zip(data.ops.tolist(), data.numbers.tolist(),
+                                strict=True)}
 
 
 # notebooks/07_experiments.py, "Harder variant 2: numbers from 0 to 99"
@@ -519,13 +517,12 @@ def two_digit_experiment(n_train: int = 50_000, epochs: int = 3, batch_size: int
                 on_epoch=after_epoch)
     last = curve[-1]
     return TwoDigitResult(last["heldout_accuracy"], last["heldout_by_op"], curve,
-                          parameter_count(model), last["step"],
+                          model.num_parameters(), last["step"],
                           time.perf_counter() - start, model, test)
 
 
 __all__ = [
     "ExperimentConfig",
-    "parameter_count",
     "predictions",
     "accuracy_by",
     "ExperimentResult",

@@ -316,10 +316,23 @@ class Transformer(Module):
         return None
 
 
+# notebooks/04_transformer.py, "Counting the parameters"
+def parameters_by_formula(vocab_size: int, d_model: int, num_layers: int,
+                          d_ff: int) -> int:
+    """Number of parameters of Transformer(...) with residual and layer norms, by
+    formula (the table above); ``model.num_parameters()`` counts them."""
+    V, D, F = vocab_size, d_model, d_ff
+    attention = 3 * (D * D + D) + D * D        # W_q, W_v, W_o with bias; W_k without
+    norms = 2 * (2 * D)                        # norm1 and norm2: gamma and beta
+    ffn = (D * F + F) + (F * D + D)            # linear1, linear2
+    return V * D + num_layers * (attention + norms + ffn) + (D * V + V)
+
+
 __all__ = [
     "READOUTS",
     "FeedForward",
     "TransformerBlock",
     "readout_positions",
     "Transformer",
+    "parameters_by_formula",
 ]
