@@ -125,8 +125,8 @@ assert saturation["scaled"][2] > 3 * saturation["unscaled"][2]
 # random $q$ and $k$ with unit-variance entries, as above). Left: the largest weight of each
 # row, its median and the band in which 80% of the rows lie; right: the share of rows that
 # are already one-hot (largest weight above 0.99). Unscaled, the softmax saturates more and
-# more as $d_k$ grows; scaled, the distribution stays where it is for every head size. (At
-# $d_k = 1$ the two coincide: $\sqrt{1} = 1$.)
+# more as $d_k$ grows; scaled, the distribution stays almost where it is (its median between
+# 0.25 and 0.4 for every head size). (At $d_k = 1$ the two coincide: $\sqrt{1} = 1$.)
 
 # %%
 import matplotlib.pyplot as plt
@@ -217,7 +217,7 @@ assert (tops["scaled"] > 0.99).mean(axis=1).max() < 0.005   # scaled: almost nev
 # single head `(B, T, d_k)` and many heads at once `(B, H, T, d_k)`. `_key_mask` reshapes the
 # `(B, T)` mask to `(B, 1, ..., 1, T)` so that it broadcasts over heads and over queries.
 #
-# Three details are there for speed, because attention runs on tiny arrays (T ≤ 10) many
+# Two details are there for speed, because attention runs on tiny arrays (T ≤ 10) many
 # thousands of times during training:
 #
 # - the softmax is chapter 2's `softmax`: it uses `row_max` and `row_sum` instead of `.max(-1)`

@@ -888,7 +888,7 @@ assert model.blocks[0].attention.W_k.b is None
 # %% [markdown]
 # ## The testing checklist
 #
-# Our testing checklist: the shape tests are done (the table above).
+# Our testing checklist: the shape tests are done (the walk-through in "Following the shapes").
 # Here come the gradient tests, then padding.
 #
 # ### Every parameter gets a gradient, and a reasonable one

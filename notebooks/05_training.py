@@ -736,7 +736,8 @@ def train_steps(model, loss_fn: CrossEntropyLoss, data: Batch, *, epochs: int,
 # the same lines *on the same machine*. On another machine the last digits differ. A matrix
 # product adds its terms in an order its library (OpenBLAS, here) chooses for the processor,
 # and floating-point addition is not associative, so two processors can round the same
-# product differently in the last bit (the appendix shows it on a sum). Training feeds each
+# product differently in the last bit ([Engineering notes](A1_engineering.ipynb), "Why the
+# same seed trains differently on another machine", shows it on a sum). Training feeds each
 # step into the next and amplifies such differences until the printed losses differ; for the
 # book's recipe and seed the final answers stay the same. So the tests do not compare training
 # progress (nor times, kept in `History.seconds`), and the book asserts what holds everywhere.

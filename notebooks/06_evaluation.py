@@ -1104,16 +1104,14 @@ assert matrices["Max"][9, 9] == 271                                   # 27% of M
 # %% [markdown]
 # ### The circuit, as measured
 #
-# The diagram puts the findings together. Its head numbers are not typed in: they come from
-# the roles and shares measured above, and the code checks every kind of edge against the
-# knock-out that cuts it. Solid edges are needed for `First` and `Second` (the green ones)
+# The diagram puts the findings together. Its head numbers are not typed in: the cell below
+# takes them from the roles and shares measured above, and checks every kind of edge against
+# the knock-out that cuts it. Solid edges are needed for `First` and `Second` (the green ones)
 # or for every operation (the black ones); the dashed ones, `[EOS]`'s own reading in layer
-# 1, only `Max` needs.
+# 1, only `Max` needs (knock-out C), though cutting just the operation edge (B) also costs
+# `Min`. The drawing's code is folded.
 
-# %% tags=["hide-input"]
-from matplotlib.lines import Line2D
-from matplotlib.patches import FancyArrowPatch
-
+# %%
 # the head numbers of every label, from the measurements
 named = {"First": "argument 1", "Second": "argument 2", "Last": "argument 3"}
 copy_all = [h for h in range(4)
@@ -1132,6 +1130,13 @@ assert knockout["D"]["First"] < 0.15 and knockout["D"]["Second"] < 0.15  # args 
 assert all(knockout["B"][op] == 1 and knockout["C"][op] >= 0.99 for op in FSL)
 assert knockout["C"]["Max"] < 0.25 and knockout["C"]["Min"] > 0.98    # Max only
 assert all(acc > 0.99 for acc in knockout["E"].values())              # residual path
+print(f"layer 2 copy heads {[h + 1 for h in copy_all]} (and {partial_head + 1} for "
+      f"{' and '.join(copy_some[partial_head])}), Min heads {[h + 1 for h in min_heads]}, "
+      f"layer 1 operation reader {op_reader[0] + 1}")
+
+# %% tags=["hide-input"]
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch
 
 
 def numbers(hs_list) -> str:

@@ -269,8 +269,8 @@ for label, plain, ours in pairs:
 # $\operatorname{diag}(y) - y y^\top$. For attention scores of shape `(B, H, T, T)` that makes
 # `B·H·T` Jacobians, `B·H·T³` numbers: $T$ times the memory of the scores, and $T$ times the
 # work of the two-line vector-Jacobian product (VJP) that `Softmax.backward` computes. Below we
-# build all of them for a small attention-sized tensor. The result is identical, and the
-# memory is $T$ times larger.
+# build all of them for a small attention-sized tensor. The result is the same up to rounding,
+# and the memory is $T$ times larger.
 
 # %%
 softmax_layer = Softmax()
