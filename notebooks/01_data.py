@@ -221,16 +221,22 @@ def show_error(call: Callable[[], object], error_type: type[Exception],
     """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its
     message.
 
-    Prints the message, so the book shows the error a reader would see; fails
-    (AssertionError) if nothing is raised or the message is different. ``hide`` replaces
-    a varying part of the message (e.g. a temporary path) with ``<tmp>``.
+    Prints the message, so the book shows the error a reader would see, wrapped to
+    the book's 88-column code column (continuation lines indented); fails
+    (AssertionError) if nothing is raised or the message is different. ``hide``
+    replaces a varying part of the message (e.g. a temporary path) with ``<tmp>``.
     """
+    import textwrap
+
     try:
         call()
     except error_type as error:
         message = str(error) if hide is None else str(error).replace(hide, "<tmp>")
         assert expected_words in message, f"unexpected message: {message}"
-        print(f"{type(error).__name__}: {message}")
+        shown = f"{type(error).__name__}: {message}"
+        print("\n".join(textwrap.fill(line, width=88, subsequent_indent="    ",
+                                      break_long_words=False, break_on_hyphens=False)
+                        for line in shown.splitlines()))
     else:
         raise AssertionError(
             f"expected {error_type.__name__} mentioning {expected_words!r}")
@@ -559,8 +565,8 @@ dataset = generate_dataset(10_000, seed=0)
 distinct = {(ex.op, ex.args) for ex in dataset}
 # each input is missed by all 10,000 draws with probability (1 - 1/5000)^10000
 expected = 5000 * (1 - (1 - 1 / 5000) ** 10_000)
-print(f"{len(dataset):,} random examples contain {len(distinct):,} distinct inputs "
-      f"(expected about {expected:,.0f} of the 5,000 possible)")
+print(f"{len(dataset):,} random examples contain {len(distinct):,} distinct inputs")
+print(f"    (expected about {expected:,.0f} of the 5,000 possible)")
 assert len(all_examples()) == 5000 and 4200 < len(distinct) < 4450
 
 # %% [markdown]
@@ -825,9 +831,11 @@ show_error(lambda: pad_sequences([]), ValueError,
 # chapters can start with `from transformer_lib.data import create_batch, split_dataset`:
 
 # %%
+import textwrap
+
 import transformer_lib.data
 
-print(", ".join(transformer_lib.data.__all__))
+print(textwrap.fill(", ".join(transformer_lib.data.__all__), width=88))
 
 # %% [markdown]
 # Chapter 2 builds the layers the model is made of, each with its forward and backward pass

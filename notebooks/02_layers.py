@@ -1625,15 +1625,17 @@ class Sequential(Module):
         return grad_out
 
 
+from pprint import pprint
+
 rng = np.random.default_rng(0)
 mlp = Sequential(Linear(6, 12, rng), ReLU(), Linear(12, 6, rng),
                  LayerNorm(6)).to(np.float64)
 names = [name for name, _ in mlp.named_parameters()]
-print(names)
+pprint(names, width=88, compact=True)
 assert names == ["layers.0.W", "layers.0.b", "layers.2.W", "layers.2.b",
                  "layers.3.gamma", "layers.3.beta"]
 mlp_errors = gradient_check(mlp, rng.normal(size=(2, 4, 6)))
-print({k: shown(v) for k, v in mlp_errors.items()})
+pprint({k: shown(v) for k, v in mlp_errors.items()}, width=88, sort_dicts=False)
 assert set(mlp_errors) == {"input", *names} and max(mlp_errors.values()) <= TOLERANCE
 # The checker only uses the protocol (forward, backward, named_parameters),
 # which Sequential inherits.

@@ -101,14 +101,15 @@ k = rng.normal(size=(n, T, d_k))                     # 8 keys per row
 dots = (q @ k.swapaxes(1, 2))[:, 0]                  # (n, T)
 G = rng.normal(size=(n, T))                          # a random upstream gradient dL/dP
 saturation = {}
+print(f"{'':9} {'mean largest weight':>19}   {'rows with one weight > 0.99':>27}   "
+      f"{'mean |dL/dscore|':>16}")
 for name, scores in (("unscaled", dots), ("scaled", dots / np.sqrt(d_k))):
     P = softmax(scores)
     dS = P * (G - (G * P).sum(axis=1, keepdims=True))   # gradient reaching the scores
     largest = P.max(axis=1)                               # the top weight of each row
     saturation[name] = (largest.mean(), (largest > 0.99).mean(), np.abs(dS).mean())
-    print(f"{name:9} mean largest weight {saturation[name][0]:.2f}   "
-          f"rows with one weight > 0.99: {saturation[name][1]:5.1%}   "
-          f"mean |dL/dscore| {saturation[name][2]:.3f}")
+    print(f"{name:9} {saturation[name][0]:19.2f}   {saturation[name][1]:27.1%}   "
+          f"{saturation[name][2]:16.3f}")
 
 assert saturation["unscaled"][0] > 0.8 and saturation["scaled"][0] < 0.5
 assert saturation["unscaled"][1] > 0.3 and saturation["scaled"][1] == 0
@@ -914,7 +915,8 @@ y_long = mha(x_long, mask_long)
 real = mask  # (B, T) real positions
 assert np.allclose(y_long[:, :T][real], y[real], rtol=1e-5, atol=1e-6)
 print(f"outputs at the {real.sum()} real positions, padded to {T} vs {T_long}: "
-      "equal to float32 rounding (rtol 1e-5, atol 1e-6)")
+      "equal to float32 rounding")
+print("    (rtol 1e-5, atol 1e-6)")
 # the same in float64, where rounding is half a billion times (2**29) smaller
 y64_long = mha64(x_long.astype(np.float64), mask_long)
 y64 = mha64(x64, mask)

@@ -923,8 +923,8 @@ for name, p in model.named_parameters():
     names.append(name)
     grad_norms.append(np.linalg.norm(p.grad))
 grad_norms = np.array(grad_norms)
-print(f"{len(names)} parameters, all with finite, non-zero gradients; "
-      f"norms from {grad_norms.min():.1e} ({names[grad_norms.argmin()]}) "
+print(f"{len(names)} parameters, all with finite, non-zero gradients;")
+print(f"    norms from {grad_norms.min():.1e} ({names[grad_norms.argmin()]}) "
       f"to {grad_norms.max():.1e} ({names[grad_norms.argmax()]})")
 assert 1e-4 < grad_norms.min() and grad_norms.max() < 10
 
@@ -976,8 +976,8 @@ for residual in (True, False):
     m.zero_grad()
     m.backward(loss_gradient(m(big_batch.ids, big_batch.mask), big_batch.targets))
     emb_grad = np.linalg.norm(m.embedding.W.grad)
-    print(f"residual={residual!s:5}  sub-layers zeroed in both blocks: "
-          f"|gradient reaching the embedding| = {emb_grad:.3e}")
+    print(f"residual={residual!s:5}  sub-layers zeroed in both blocks:")
+    print(f"    |gradient reaching the embedding| = {emb_grad:.3e}")
     if residual:
         assert emb_grad > 1e-3 and np.all(np.isfinite(m.embedding.W.grad))
     else:
@@ -1006,8 +1006,8 @@ configs = [                                   # (configuration, bound of its err
     (dict(d_model=8, d_ff=16, residual=False), 1e-6),
     (dict(d_model=8, d_ff=16, layer_norm=False), 1e-7),
 ]
-table = [f"{'configuration':48} {'parameters':>10} {'min |grad|':>10}  "
-         "largest relative error"]
+table = [f"{'configuration':46} {'parameters':>10} {'min |grad|':>10}  "
+         "max relative error"]
 worst_errors, min_grads = [], {}
 for cfg, bound in configs:
     small = (Transformer(num_heads=4, num_layers=2, max_len=16, seed=1, **cfg)
@@ -1019,7 +1019,7 @@ for cfg, bound in configs:
     # the smallest gradient (gradient_check leaves the analytic ones in .grad)
     min_grads[str(cfg)] = min(np.linalg.norm(p.grad) for p in small.parameters())
     assert max(errors.values()) < bound, (cfg, errors)
-    table.append(f"{str(cfg):48} {n_params:>10,} {min_grads[str(cfg)]:>10.1e}  "
+    table.append(f"{str(cfg):46} {n_params:>10,} {min_grads[str(cfg)]:>10.1e}  "
                  f"< {bound:.0e}")
     worst_errors.append(max(errors.values()))
 print("\n".join(table))
@@ -1059,7 +1059,8 @@ for readout in READOUTS:
         alone = batch.ids[b][batch.mask[b]][None]    # (1, n_b), no padding
         np.testing.assert_allclose(m(alone)[0], logits[b], rtol=1e-5, atol=1e-5)
     print(f"readout={readout!r}: same logits with {extra} extra padding tokens and "
-          "for each sequence alone, to float32 rounding (rtol = atol = 1e-5)")
+          "for each sequence alone,")
+    print("    to float32 rounding (rtol = atol = 1e-5)")
 
 # %% [markdown]
 # And the mask is what makes this true. If we lie to the model and call the padding real, the
@@ -1166,8 +1167,8 @@ for readout in READOUTS:
     with_pos = Transformer(positional=True, readout=readout)(a_b)
     np.testing.assert_allclose(no_pos[0], no_pos[1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(with_pos[0], with_pos[1], rtol=1e-3, atol=1e-3)
-    print(f"readout={readout!r}: without positions the same logits to float32 rounding "
-          "(rtol = atol = 1e-5); with positions they differ by up to "
+    print(f"readout={readout!r}: without positions the same logits to float32 rounding")
+    print("    (rtol = atol = 1e-5); with positions they differ by up to "
           f"{np.abs(with_pos[0] - with_pos[1]).max():.1e}")
 # Without positional encoding, attention sees a *set* of tokens: permuting the digits
 # permutes the positions' vectors and leaves the [EOS] vector (and the mean) unchanged.

@@ -55,6 +55,9 @@
 # validation and test inputs, so every input is in exactly one of the three splits.
 
 # %%
+import textwrap
+from pprint import pprint
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -68,7 +71,7 @@ model = load_or_train_reference()
 history = model.metadata["history"]
 train, val, test = default_splits(seed=0)
 everything = all_examples()
-print(model.config)
+pprint(model.config, width=88, sort_dicts=False)
 print("trained on:", model.metadata["trained_on"].split(", SIMD")[0])  # and SIMD level
 print(f"train {len(train):,}   val {len(val):,}   test {len(test):,}   "
       f"all inputs {len(everything):,}")
@@ -620,8 +623,8 @@ for op, answer_pos in [("First", 2), ("Second", 3), ("Last", 4), ("Max", 3),
     assert (on_answer > 0.9).sum() >= 2
     assert readout[0, i, 2, 3] > 0.95          # layer 1, head 3: the 9
     assert readout[0, i, 3, 0] > 0.5           # layer 1, head 4: the operation token
-print("layer 1, head 3, [EOS]'s attention on the 9:",
-      [f"{op} {readout[0, index[(op, (4, 9, 1))], 2, 3]:.2f}" for op in OPERATIONS])
+print("layer 1, head 3, [EOS]'s attention on the 9:")
+print([f"{op} {readout[0, index[(op, (4, 9, 1))], 2, 3]:.2f}" for op in OPERATIONS])
 assert readout[0, index[("Max", (4, 9, 1))], 0, 0] > 0.9   # head 1: the Max token
 
 # %% [markdown]
@@ -730,8 +733,9 @@ roles = {(l, h): [(op, hs.hypotheses[k]) for o, op in enumerate(hs.operations)
                   for k in range(K) if hs.scores[l, h, o, k] >= THRESHOLD]
          for l in range(2) for h in range(4)}
 for (l, h), passed in roles.items():
-    print(f"layer {l + 1} head {h + 1}: "
-          + ("; ".join(f"{op}: {name}" for op, name in passed) or "(none)"))
+    found = "; ".join(f"{op}: {name}" for op, name in passed) or "(none)"
+    print(textwrap.fill(f"layer {l + 1} head {h + 1}: {found}", width=88,
+                        subsequent_indent="    "))
 print("chance (args/largest/smallest):", hs.chance[0, :5].round(3))
 # 1/3 per argument; 0.385 for the largest (and the smallest) digit, ties counted
 assert np.allclose(hs.chance[:, :5], [1 / 3, 1 / 3, 1 / 3, 0.385, 0.385])
@@ -799,16 +803,17 @@ assert largest.argmax() == 0 and np.sort(largest)[-2] == largest[1] > 0.75
 to_op = S[0, :, :, hyp["operation token"]]                  # (H, O): layer 1
 max_detector = int(to_op[:, o_max].argmax())
 others = np.delete(to_op[max_detector], o_max)
-print(f"layer 1, head {max_detector + 1} -> operation token:",
-      dict(zip(OPERATIONS, to_op[max_detector].round(2).tolist())))
+print(f"layer 1, head {max_detector + 1} -> operation token:")
+pprint(dict(zip(OPERATIONS, to_op[max_detector].round(2).tolist())), width=88,
+       sort_dicts=False)
 assert max_detector == 0 and to_op[0, o_max] > 0.9
 assert others.max() < to_op[0, o_max] / 2 and np.sort(others)[-2] < 0.12
 on_itself = [readout[0, ops == op, 0, 6].mean() for op in ("First", "Second", "Min")]
 assert min(on_itself) > 0.5                                 # ... at [EOS] (position 6)
 reading = {op: [h + 1 for h in range(4) if to_op[h, op_index[op]] > 0.5]
            for op in OPERATIONS}
-print("layer 1, heads with more than half of [EOS]'s attention on the operation token:",
-      reading)
+print("layer 1, heads with more than half of [EOS]'s attention on the operation token:")
+pprint(reading, width=88, sort_dicts=False)
 assert all(4 in reading[op] for op in OPERATIONS if op != "Second")
 assert reading["Second"] == [] and 0.3 < to_op[3, op_index["Second"]] < 0.4
 to_op2 = S[1, :, :, hyp["operation token"]]                  # (H, O): layer 2
@@ -1005,8 +1010,9 @@ assert 0.45 < knockout["B"]["Max"] < 0.55 and 0.2 < knockout["C"]["Max"] < 0.25
 assert 0.75 < knockout["B"]["Min"] < 0.8 and knockout["C"]["Min"] > 0.98
 args_to_op = {op: float(attention[0][ops == op][:, :, 2:5, 0].mean())
               for op in OPERATIONS}
-print("layer 1, arguments -> operation token (mean over heads and arguments):",
-      {op: round(share, 2) for op, share in args_to_op.items()})
+print("layer 1, arguments -> operation token (mean over heads and arguments):")
+pprint({op: round(share, 2) for op, share in args_to_op.items()}, width=88,
+       sort_dicts=False)
 # above an even spread
 assert all(share > 1 / 7 + 0.05 for share in args_to_op.values())
 
@@ -1076,8 +1082,8 @@ max_head = int(pref[:, 10 + OPERATIONS.index("Max")].argmax())
 nine_head = int(pref[:, 9].argmax())
 nine_gap = pref[nine_head, 9] - np.sort(pref[nine_head, :10])[-2]
 print(f"the Max-token head: head {max_head + 1};  the 9 head: head {nine_head + 1} "
-      f"(9 beats the next digit by {nine_gap:.1f});  "
-      f"position changes a score by at most {spread:.2f}")
+      f"(9 beats the next digit by {nine_gap:.1f});")
+print(f"    position changes a score by at most {spread:.2f}")
 assert spread < 0.5   # position barely matters
 assert (pref[max_head].argmax() == 10 + OPERATIONS.index("Max")
         and max_head == max_detector == 0)
@@ -1092,9 +1098,10 @@ assert pref[2, 9] - np.sort(pref[2])[-2] > 5                          # every to
 assert columns[int(np.argsort(pref[2])[-2])] == ")"
 has_nine = (args == 9).any(axis=1)                                     # (5000,)
 on_nine = (readout[0, :, nine_head, 2:5] * (args == 9)).sum(axis=1)    # (5000,)
-print("the 9 head's attention on the 9(s), inputs that hold a 9, per operation:",
-      {op: f"mean {on_nine[has_nine & (ops == op)].mean():.2f}, "
-           f"min {on_nine[has_nine & (ops == op)].min():.2f}" for op in OPERATIONS})
+print("the 9 head's attention on the 9(s), inputs that hold a 9, per operation:")
+pprint({op: f"mean {on_nine[has_nine & (ops == op)].mean():.2f}, "
+            f"min {on_nine[has_nine & (ops == op)].min():.2f}" for op in OPERATIONS},
+       width=88, sort_dicts=False)
 assert all(on_nine[has_nine & (ops == op)].min() >= 0.95 for op in OPERATIONS)
 on_close = readout[0, ~has_nine, nine_head, 5]                        # no 9: ')'
 print(f"without a 9: mean {on_close.mean():.2f} on ')'")
@@ -1344,9 +1351,10 @@ rho_random = 1 - 6 * ((perms - np.arange(10)) ** 2).sum(axis=1) / (10 * (10 ** 2
 # with a random order a tie, whatever the last bits of the SVD
 share_random = {name: np.mean(np.abs(rho_random) >= abs(r) - 1e-9)
                 for name, r in rho.items()}
-print({name: round(r, 2) for name, r in rho.items()})
-print("share of random orders with |ρ| at least as large:",
-      {name: f"{share:.4f}" for name, share in share_random.items()})
+pprint({name: round(r, 2) for name, r in rho.items()}, width=88, sort_dicts=False)
+print("share of random orders with |ρ| at least as large:")
+pprint({name: f"{share:.4f}" for name, share in share_random.items()}, width=88,
+       sort_dicts=False)
 print(f"share of random orders with |ρ| >= 0.8: "
       f"{np.mean(np.abs(rho_random) >= 0.8):.4f}")
 
@@ -1452,8 +1460,8 @@ runner_up_in_puzzle = [int(ID_TO_TOKEN[int(np.argsort(probs[i])[-2])])
                        in everything[i].args for i in least_sure]
 p_answer = probs[np.arange(len(everything)), batch.targets]
 print(f"the runner-up is a digit of the puzzle in {sum(runner_up_in_puzzle)} "
-      f"of the 10; the answer is rare (under 5% of its operation's answers) "
-      f"in {sum(rare)}, "
+      "of the 10; the answer is rare")
+print(f"    (under 5% of its operation's answers) in {sum(rare)}, "
       f"among them the {rare.index(False)} least sure")
 print(f"smallest p(answer) over all 5,000 inputs: {p_answer.min():.3f}")
 assert sum(runner_up_in_puzzle) == 8
@@ -1489,7 +1497,7 @@ for text in ["Max(1, 8, 3, 4)", "Min(6, 2, 7, 5)", "First(4, 5, 6, 7)",
     print(f"{text:20} -> {answer}  (p = {p:.2f})")
 for text in ["Max ( 5 3 9", "Max 5 3 9 )", "Max 5 3 9", "First 5 3 9 )", "5 3 9"]:
     answer, p = predict(model, text, return_probs=True, strict=False)
-    print(f"{text:20} -> {answer}  (p = {p:.2f})   strict=False; the model sees "
+    print(f"{text:20} -> {answer}  (p = {p:.2f}) strict=False; the model sees "
           f"{detokenize(encode(text, strict=False))!r}")
 
 # %% [markdown]
@@ -1663,14 +1671,15 @@ two = all_examples(num_args=2)
 two_batch = create_batch(two)
 two_logits, two_attention = forward_with_attention(model, two_batch.ids, two_batch.mask)
 two_acc = accuracy_per_operation(two, two_logits.argmax(axis=1))
-print({op: f"{acc:.0%}" for op, acc in two_acc.items()})
+pprint({op: f"{acc:.0%}" for op, acc in two_acc.items()}, width=88, sort_dicts=False)
 is_last = np.array([ex.op == "Last" for ex in two])
 where = (readout_attention(two_attention, two_batch.mask)[1, is_last][:, positional]
          .mean(axis=(0, 1)))
 # (T,) = 6 positions: Op ( a b ) [EOS]
-print("layer 2, positional heads, Last:",
-      {name: round(float(w), 2) for name, w in zip(
-          ["operation", "(", "argument 1", "argument 2", ")", "[EOS]"], where)})
+print("layer 2, positional heads, Last:")
+pprint({name: round(float(w), 2) for name, w in zip(
+            ["operation", "(", "argument 1", "argument 2", ")", "[EOS]"], where)},
+       width=88, sort_dicts=False)
 assert two_acc["Last"] == 0.99 and all(two_acc[op] == 1.0
                                        for op in ("First", "Second", "Max", "Min"))
 assert where[3] > where[5] > 0.2 > where[4]   # the real last argument, [EOS], then ')'
@@ -1743,8 +1752,9 @@ ablations = {f"layer 2 head {h + 1}": ablated_accuracy([(1, h)]) for h in range(
 # First/Second/Last on their argument
 strongest = sorted(positional, key=lambda h: -np.trace(S[1, h, :3, :3]))[:2]
 ablations["two positional heads"] = ablated_accuracy([(1, h) for h in strongest])
+print(f"{'':21}" + "".join(f"{op:>8}" for op in ablations["layer 2 head 1"]))
 for name, acc in ablations.items():
-    print(f"{name:21}" + "".join(f"{op} {a:5.1%}  " for op, a in acc.items()))
+    print(f"{name:21}" + "".join(f"{a:8.1%}" for a in acc.values()))
 # restored
 assert ablated_accuracy([]) == accuracy_per_operation(sample, predicted[sample_rows])
 print("the two strongest positional heads:", [f"head {h + 1}" for h in strongest])

@@ -549,7 +549,8 @@ print("logits shape (B, T, V):", logits.shape)
 same_later = np.abs(after[:, :8] - logits[:, :8]).max()
 same_prefix = np.abs(prefix - logits[:, :8]).max()
 print(f"positions 0-7 after changing positions 8-: differ by < 1e-12: "
-      f"{same_later < 1e-12}; fed alone: differ by < 1e-12: {same_prefix < 1e-12}")
+      f"{same_later < 1e-12};")
+print(f"    fed alone: differ by < 1e-12: {same_prefix < 1e-12}")
 assert logits.shape == (6, batch.ids.shape[1], DECODER_VOCAB_SIZE)
 assert same_later < 1e-12 and same_prefix < 1e-12
 assert np.abs(after[:, 8:] - logits[:, 8:]).max() > 1e-3         # later ones do change
@@ -739,8 +740,8 @@ for p, w in zip(asks, greedy.tokens):
     print(f"{' '.join(p.prompt):28} {' '.join(w)}")
 assert [tuple(w) for w in greedy.tokens] == [p.answer for p in asks]
 hot = generate(numbers_model, [asks[0].prompt] * 6, temperature=3.0, seed=0)
-print("Max ( 5 7 , 3 , 9 9 ) at temperature 3:",
-      " | ".join(" ".join(w) for w in hot.tokens))
+print("Max ( 5 7 , 3 , 9 9 ) at temperature 3:")
+print("   ", " | ".join(" ".join(w) for w in hot.tokens))
 assert hot.tokens == generate(numbers_model, [asks[0].prompt] * 6, temperature=3.0,
                               seed=0).tokens                      # seeded
 assert all("[PAD]" not in w for w in hot.tokens)                  # never written
@@ -983,7 +984,8 @@ decoder_right = exact_match(small_decoder, test_numbers)
 classifier_right = classifier_exact_match(small_classifier.eval(), test_numbers)
 gap = decoder_right.mean() - classifier_right.mean()
 print(f"held-out exact match after 3 epochs on 20,000 puzzles: decoder at least 90%: "
-      f"{decoder_right.mean() >= 0.9}; classifier below 85%: "
+      f"{decoder_right.mean() >= 0.9};")
+print(f"    classifier below 85%: "
       f"{classifier_right.mean() < 0.85}; decoder ahead by more than 10 points: "
       f"{gap > 0.1}")
 assert decoder_right.mean() >= 0.9 and classifier_right.mean() < 0.85 and gap > 0.1
@@ -1013,8 +1015,8 @@ print(f"held-out exact match at least 99.5%: {right.mean() >= 0.995} "
       f"(wrong: at most {int(0.005 * len(right))} of {len(right):,})")
 assert right.mean() >= 0.995
 mixed_widths = np.array([min(p.args) < 10 <= max(p.args) for p in test_numbers])
-print(f"{mixed_widths.sum()} held-out puzzles mix one- and two-digit numbers; every "
-      f"wrong answer is among them: {bool(mixed_widths[~right].all())}")
+print(f"{mixed_widths.sum()} held-out puzzles mix one- and two-digit numbers;")
+print(f"    every wrong answer is among them: {bool(mixed_widths[~right].all())}")
 assert mixed_widths[~right].all()
 for op in OPERATIONS:
     of_op = np.array([p.op == op for p in test_numbers])
@@ -1064,8 +1066,8 @@ plain_right = exact_match(nested_model, test_nested)
 scratch_right = exact_match(scratch_model, test_scratch)   # scratchpad included
 print(f"answer only:     exact match at least 99%: {plain_right.mean() >= 0.99}, "
       f"below 100%: {plain_right.mean() < 1}")
-print(f"with scratchpad: every one of the {len(scratch_right):,} answers exactly right "
-      f"(scratchpad included): {bool(scratch_right.all())}")
+print(f"with scratchpad: every one of the {len(scratch_right):,} answers exactly right")
+print(f"    (scratchpad included): {bool(scratch_right.all())}")
 assert 0.99 <= plain_right.mean() < 1 and scratch_right.all()
 curves = {name: load_decoder(shipped_decoder_path(name)).metadata["exact_match"]
           for name in ("nested", "scratchpad")}
@@ -1264,8 +1266,9 @@ for tau in (1, 2, 4, 8):
     sampled = generate(numbers_model, prompts, temperature=tau, seed=1).tokens
     rates.append(np.mean([tuple(w) == a for w, a in zip(sampled, answers)]))
 print(f"temperatures 1, 2, 4, 8: exact match never rises: "
-      f"{rates == sorted(rates, reverse=True)}; at least 95% at 1, below 50% at 4, "
-      f"at most 20% at 8: {rates[0] >= 0.95 and rates[2] < 0.5 and rates[3] <= 0.2}")
+      f"{rates == sorted(rates, reverse=True)};")
+print("    at least 95% at 1, below 50% at 4, at most 20% at 8: "
+      f"{rates[0] >= 0.95 and rates[2] < 0.5 and rates[3] <= 0.2}")
 assert rates == sorted(rates, reverse=True)
 assert rates[0] >= 0.95 and rates[2] < 0.5 and rates[3] <= 0.2
 # the model is sure of itself: at temperature 1 it still writes (nearly) only right

@@ -405,7 +405,8 @@ ulps = np.abs(weak - strong) / np.spacing(np.abs(strong))
 print(f"float32 array * Python float: {weak.dtype}; * NumPy float64: "
       f"{(a32 * np.float64(scale)).dtype}")
 print(f"the two disagree in the last bit for {differ.mean():.0%} of the "
-      f"{a32.size:,} numbers, by at most 1 unit in the last place")
+      f"{a32.size:,} numbers,")
+print("    by at most 1 unit in the last place")
 assert differ.any() and ulps.max() <= 1
 
 # %% [markdown]
@@ -416,8 +417,8 @@ assert differ.any() and ulps.max() <= 1
 # NBVAL_IGNORE_OUTPUT
 t_strong = microseconds(lambda: a32.__imul__(np.float64(1.0)), 200)
 t_weak = microseconds(lambda: a32.__imul__(1.0), 200)
-print(f"float32 array of {a32.size:,} numbers *= NumPy float64: {t_strong:5.0f} us; "
-      f"*= Python float: {t_weak:5.0f} us ({t_strong / t_weak:.0f}x)")
+print(f"float32 array of {a32.size:,} numbers *= NumPy float64: {t_strong:5.0f} us;")
+print(f"    *= Python float: {t_weak:5.0f} us ({t_strong / t_weak:.0f}x)")
 
 # %% [markdown]
 # ## Why the same seed trains differently on another machine
@@ -442,8 +443,8 @@ for v in values[::-1]:
 exact = math.fsum(values.astype(np.float64))
 print(f"(1e8 - 1e8) + 1 = {(big + -big) + one}, "
       f"1e8 + (-1e8 + 1) = {big + (-big + one)}")
-print(f"10,000 float32 numbers summed first to last: {forwards:.6f}; last to first: "
-      f"{backwards:.6f}; exactly: {exact:.6f}")
+print(f"10,000 float32 numbers summed first to last: {forwards:.6f};")
+print(f"    last to first: {backwards:.6f}; exactly: {exact:.6f}")
 assert forwards != backwards
 assert abs(forwards - exact) < 1e-3 and abs(backwards - exact) < 1e-3
 

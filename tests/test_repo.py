@@ -103,6 +103,30 @@ def test_code_lines_fit_the_book_column(source):
                       f"characters scroll sideways in the book ({shown}); wrap them")
 
 
+def output_lines(output):
+    """The lines a stored output shows in the book: printed text, a value's text/plain
+    form, a traceback."""
+    if output.output_type == "stream":
+        return output.text.splitlines()
+    if output.output_type == "error":
+        return [line for entry in output.traceback for line in entry.splitlines()]
+    return output.get("data", {}).get("text/plain", "").splitlines()
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_output_lines_fit_the_book_column(ipynb):
+    """Printed lines wider than the code column scroll sideways too."""
+    long = [(i, line) for i, cell in enumerate(nbformat.read(ipynb, as_version=4).cells)
+            if cell.cell_type == "code" for output in cell.outputs
+            for line in output_lines(output) if len(line) > MAX_CODE_LINE]
+    shown = "; ".join(f"cell {i}: {line.strip()[:50]!r}..." for i, line in long[:3])
+    assert not long, (f"{ipynb.name}: {len(long)} output lines longer than {MAX_CODE_LINE} "
+                      f"characters scroll sideways in the book ({shown}); make the print "
+                      f"wrap them (pprint.pprint(..., width={MAX_CODE_LINE}), "
+                      f"textwrap.fill, or two prints), then run: .venv/bin/python "
+                      f"tools/execute.py notebooks/{ipynb.stem}.py")
+
+
 def test_toc_lists_every_notebook_in_order():
     """The chapters in order, then the appendix notebooks, under the "Appendix" caption."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())

@@ -122,16 +122,22 @@ def show_error(call: Callable[[], object], error_type: type[Exception],
     """Run ``call()``; assert it raises ``error_type`` with ``expected_words`` in its
     message.
 
-    Prints the message, so the book shows the error a reader would see; fails
-    (AssertionError) if nothing is raised or the message is different. ``hide`` replaces
-    a varying part of the message (e.g. a temporary path) with ``<tmp>``.
+    Prints the message, so the book shows the error a reader would see, wrapped to
+    the book's 88-column code column (continuation lines indented); fails
+    (AssertionError) if nothing is raised or the message is different. ``hide``
+    replaces a varying part of the message (e.g. a temporary path) with ``<tmp>``.
     """
+    import textwrap
+
     try:
         call()
     except error_type as error:
         message = str(error) if hide is None else str(error).replace(hide, "<tmp>")
         assert expected_words in message, f"unexpected message: {message}"
-        print(f"{type(error).__name__}: {message}")
+        shown = f"{type(error).__name__}: {message}"
+        print("\n".join(textwrap.fill(line, width=88, subsequent_indent="    ",
+                                      break_long_words=False, break_on_hyphens=False)
+                        for line in shown.splitlines()))
     else:
         raise AssertionError(
             f"expected {error_type.__name__} mentioning {expected_words!r}")
