@@ -1137,17 +1137,21 @@ assert knockout["D"]["First"] < 0.15 and knockout["D"]["Second"] < 0.15  # args 
 assert all(knockout["B"][op] == 1 and knockout["C"][op] >= 0.99 for op in FSL)
 assert knockout["C"]["Max"] < 0.25 and knockout["C"]["Min"] > 0.98    # Max only
 assert all(acc > 0.99 for acc in knockout["E"].values())              # residual path
-print(f"layer 2 copy heads {[h + 1 for h in copy_all]} (and {partial_head + 1} for "
-      f"{' and '.join(copy_some[partial_head])}), Min heads {[h + 1 for h in min_heads]}, "
-      f"layer 1 operation reader {op_reader[0] + 1}")
-
-# %% tags=["hide-input"]
-from matplotlib.lines import Line2D
-from matplotlib.patches import FancyArrowPatch
 
 
 def numbers(hs_list) -> str:
     return ", ".join(str(h + 1) for h in hs_list)
+
+
+print(f"layer 2: copy heads {numbers(copy_all)} (and {partial_head + 1} for "
+      f"{' and '.join(copy_some[partial_head])}), Min heads {numbers(min_heads)}")
+print(f"layer 1: Max detector {max_detector + 1}, operation reader {op_reader[0] + 1}, "
+      f"9 detector {nine_head + 1}")
+print("every kind of edge holds against the knock-out that cuts it")
+
+# %% tags=["hide-input"]
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch
 
 
 def arrow(start, end, color, rad=0.0, style="-", lw=2.0):
