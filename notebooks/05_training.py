@@ -1060,8 +1060,8 @@ plt.show()
 # third, while the model works out what the puzzles mean; then its median falls by three
 # orders of magnitude, and clipping acts only on a few spikes. What clipping prevents is such
 # a spike flooding Adam's running averages; the early clipped steps cost little, since Adam
-# divides by the gradient's running scale anyway. The bounds below are what seven imitated
-# machines measured, with some margin:
+# divides by the gradient's running scale anyway. The bounds below hold, with some margin, in
+# every environment the portability check runs (nine on the book's machine):
 
 # %%
 grad_norms = np.array(history.step_grad_norm).reshape(8, 126)         # (epoch, step)
